@@ -25,7 +25,7 @@ SERVER_FILTER = 'server=~"$server"'
 # its live pressure when the node reports one and NaN (drawn without a stat) when it does
 # not, so an edge never points at a node missing from the nodes frame.
 NODES_EXPR = (
-    'label_replace(label_replace(max by (server) (treewave_node_pressure) '
+    "label_replace(label_replace(max by (server) (treewave_node_pressure) "
     "or on (server) (max by (server) (treewave_topology_server_info) * NaN), "
     '"id", "$1", "server", "(.+)"), "title", "$1", "server", "(.+)")'
 )

@@ -6,6 +6,7 @@ deterministic, so the committed default files can be checked for drift byte for 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jinja2
@@ -17,6 +18,13 @@ COMPOSE_TEMPLATE_NAME = "compose.template.yml"
 COMPOSE_FILE = Path("compose.yml")
 PROMETHEUS_FILE = Path("prometheus/prometheus.yml")
 DASHBOARD_FILE = Path("grafana/dashboards/treewave.json")
+DATASOURCE_PROVISIONING_FILE = Path("grafana/provisioning/datasources/prometheus.yml")
+DASHBOARD_PROVISIONING_FILE = Path("grafana/provisioning/dashboards/treewave.yml")
+# Static files the compose file mounts, copied so a rendered directory is self-contained.
+STATIC_FILES = {
+    DATASOURCE_PROVISIONING_FILE: "grafana-datasource.yml",
+    DASHBOARD_PROVISIONING_FILE: "grafana-dashboards.yml",
+}
 PACKAGE_TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +45,18 @@ def find_compose_template(topology_path: Path, explicit: Path | None = None) -> 
         if candidate.is_file():
             return candidate
     tried = ", ".join(str(c) for c in candidates)
-    raise TemplateNotFoundError(f"no {COMPOSE_TEMPLATE_NAME} found (tried {tried}); pass --template")
+    raise TemplateNotFoundError(
+        f"no {COMPOSE_TEMPLATE_NAME} found (tried {tried}); pass --template"
+    )
+
+
+def default_build_context(compose_template: Path, out_dir: Path) -> str:
+    """The image's build context as the rendered compose file sees it: the source tree the
+    template sits in (it holds docker/Dockerfile), relative to `out_dir`; else "."."""
+    source_tree = compose_template.resolve().parent
+    if not (source_tree / "docker" / "Dockerfile").is_file():
+        return "."
+    return Path(os.path.relpath(source_tree, out_dir.resolve())).as_posix()
 
 
 def _environment(search_path: Path) -> jinja2.Environment:
@@ -65,22 +84,24 @@ def render_texts(
     build_context: str = ".",
 ) -> dict[Path, str]:
     """The rendered files' texts keyed by their path relative to the output directory."""
+    source = topology_file_name if topology_file_name.startswith(".") else f"./{topology_file_name}"
     context = {
         "topology": topology,
         "topology_file": topology_file_name,
+        "topology_source": source,
         "build_context": build_context,
     }
-    compose = (
-        _environment(compose_template.parent)
-        .get_template(compose_template.name)
-        .render(context)
-    )
+    compose_env = _environment(compose_template.parent)
+    compose = compose_env.get_template(compose_template.name).render(context)
     prometheus = _environment(PACKAGE_TEMPLATES).get_template("prometheus.yml.j2").render(context)
-    return {
+    texts = {
         COMPOSE_FILE: compose,
         PROMETHEUS_FILE: prometheus,
         DASHBOARD_FILE: dashboard_json(topology),
     }
+    for rel, name in STATIC_FILES.items():
+        texts[rel] = (PACKAGE_TEMPLATES / name).read_text(encoding="utf-8")
+    return texts
 
 
 def render(
@@ -89,17 +110,20 @@ def render(
     out_dir: Path,
     *,
     template: Path | None = None,
-    build_context: str = ".",
+    build_context: str | None = None,
 ) -> list[Path]:
-    """Write `compose.yml`, `prometheus/prometheus.yml` and `grafana/dashboards/treewave.json`
-    into `out_dir`; return their paths.
+    """Write `compose.yml`, `prometheus/prometheus.yml`, `grafana/dashboards/treewave.json`
+    and the Grafana provisioning files into `out_dir`; return their paths.
 
     `topology_file_name` is the topology file's path relative to `out_dir` (the compose file
-    bind-mounts it); `build_context` is the repository root as the compose file should see
-    it (relative to `out_dir`, or absolute).
+    bind-mounts it); `build_context` is the source tree to build the image from, as the
+    compose file sees it (relative to `out_dir`, or absolute); by default the tree holding
+    the compose template.
     """
     if Path(topology_file_name).is_absolute():
         raise ValueError("topology_file_name must be relative to out_dir (portable files)")
     compose_template = find_compose_template(out_dir / topology_file_name, template)
+    if build_context is None:
+        build_context = default_build_context(compose_template, out_dir)
     texts = render_texts(topology, topology_file_name, compose_template, build_context)
     return [_write(out_dir / rel, text) for rel, text in texts.items()]
