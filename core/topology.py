@@ -1,0 +1,326 @@
+"""The topology file: the one source of truth for servers, links and settings.
+
+Loading validates everything and reports *every* problem at once, each naming the server
+and the field, so a bad file gives a readable list instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+BALANCER = "balancer"
+"""Name the balancer goes by in waves; reserved, like the other compose service names."""
+
+RESERVED_NAMES = frozenset({BALANCER, "prometheus", "grafana"})
+DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class TopologyError(ValueError):
+    """A topology file that cannot be used; `problems` lists every reason."""
+
+    def __init__(self, problems: Iterable[str], source: str = "topology") -> None:
+        self.problems = list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source} is not a valid topology:\n{lines}")
+
+
+class Settings(BaseModel):
+    """Cluster-wide settings. The lab's names (`task_time`, `rebalance_interval`, `max_cpu`)
+    are accepted as aliases."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    task_time_s: float = Field(default=2.0, gt=0, le=3600, alias="task_time")
+    rebalance_interval_s: float = Field(default=5.0, ge=0, le=86400, alias="rebalance_interval")
+    overload_percent: float = Field(default=100.0, gt=0, le=1000, alias="max_cpu")
+    wave_timeout_s: float = Field(default=5.0, gt=0, le=600)
+
+
+class ServerSpec(BaseModel):
+    """One server of the tree."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    cpus: int = Field(ge=1, le=1024)
+    tasks: int = Field(default=0, ge=0, le=100_000)
+    children: tuple[str, ...] = ()
+
+
+class TopologyFile(BaseModel):
+    """The raw file shape, before graph checks."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    settings: Settings = Settings()
+    servers: tuple[ServerSpec, ...] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A validated rooted DAG of servers. Build with `Topology.parse` or `load_topology`."""
+
+    settings: Settings
+    servers: tuple[ServerSpec, ...]
+    root: str
+    _by_name: Mapping[str, ServerSpec] = field(repr=False)
+    _parents: Mapping[str, tuple[str, ...]] = field(repr=False)
+
+    @classmethod
+    def parse(cls, data: Any, source: str = "topology") -> Topology:
+        try:
+            raw = TopologyFile.model_validate(data)
+        except ValidationError as exc:
+            raise TopologyError(_describe_validation(exc, data), source) from None
+        return cls._from_file(raw, source)
+
+    @classmethod
+    def from_servers(
+        cls, servers: Iterable[ServerSpec], settings: Settings | None = None
+    ) -> Topology:
+        raw = TopologyFile(settings=settings or Settings(), servers=tuple(servers))
+        return cls._from_file(raw, "topology")
+
+    @classmethod
+    def _from_file(cls, raw: TopologyFile, source: str) -> Topology:
+        problems: list[str] = []
+        by_name: dict[str, ServerSpec] = {}
+        for i, s in enumerate(raw.servers):
+            where = f"servers[{i}] ({s.name!r})"
+            if not DNS_LABEL.match(s.name):
+                problems.append(
+                    f"{where}.name: {s.name!r} is not DNS-safe (lowercase letters, digits and "
+                    "inner hyphens, 1-63 characters)"
+                )
+            if s.name in RESERVED_NAMES:
+                problems.append(f"{where}.name: {s.name!r} is reserved for a service")
+            if s.name in by_name:
+                problems.append(f"{where}.name: duplicate server name {s.name!r}")
+            by_name.setdefault(s.name, s)
+        parents: dict[str, list[str]] = {name: [] for name in by_name}
+        for s in raw.servers:
+            seen: set[str] = set()
+            for child in s.children:
+                if child not in by_name:
+                    problems.append(f"server {s.name!r}.children: unknown child {child!r}")
+                elif child == s.name:
+                    problems.append(f"server {s.name!r}.children: a server cannot be its own child")
+                elif child in seen:
+                    problems.append(f"server {s.name!r}.children: child {child!r} listed twice")
+                else:
+                    parents[child].append(s.name)
+                seen.add(child)
+        if problems:
+            raise TopologyError(problems, source)
+        roots = [name for name, ps in parents.items() if not ps]
+        if not roots:
+            problems.append("no root: every server is somebody's child (the graph has a cycle)")
+        elif len(roots) > 1:
+            problems.append(
+                f"several roots ({', '.join(sorted(roots))}): exactly one server may be "
+                "nobody's child"
+            )
+        cycle = _find_cycle(by_name)
+        if cycle:
+            problems.append(f"cycle: {' -> '.join(cycle)}")
+        if len(roots) == 1 and not cycle:
+            reached = _reachable(roots[0], by_name)
+            lost = [name for name in by_name if name not in reached]
+            if lost:
+                problems.append(
+                    f"unreachable from the root {roots[0]!r}: {', '.join(sorted(lost))}"
+                )
+        if problems:
+            raise TopologyError(problems, source)
+        return cls(
+            settings=raw.settings,
+            servers=raw.servers,
+            root=roots[0],
+            _by_name=by_name,
+            _parents={k: tuple(v) for k, v in parents.items()},
+        )
+
+    # --- queries -------------------------------------------------------------------------
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.servers)
+
+    def server(self, name: str) -> ServerSpec:
+        return self._by_name[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self.servers)
+
+    def children(self, name: str) -> tuple[str, ...]:
+        return self._by_name[name].children
+
+    def parents(self, name: str) -> tuple[str, ...]:
+        return self._parents[name]
+
+    @cached_property
+    def edges(self) -> tuple[tuple[str, str], ...]:
+        """Directed parent -> child edges, in file order."""
+        return tuple((s.name, c) for s in self.servers for c in s.children)
+
+    @cached_property
+    def leaves(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.servers if not s.children)
+
+    def echo_neighbours(self, name: str) -> tuple[str, ...]:
+        """Undirected neighbours for Echo; the root is also linked to the balancer."""
+        extra = (BALANCER,) if name == self.root else ()
+        return extra + self.parents(name) + self.children(name)
+
+    def finn_in(self, name: str) -> tuple[str, ...]:
+        """Finn in-neighbours: the parents, or the balancer (the source) for the root."""
+        return (BALANCER,) if name == self.root else self.parents(name)
+
+    def finn_out(self, name: str) -> tuple[str, ...]:
+        """Finn out-neighbours: the children, or the balancer (the sink) for a leaf."""
+        return self.children(name) or (BALANCER,)
+
+    @property
+    def echo_edge_count(self) -> int:
+        """Links Echo runs on: every topology edge plus the balancer's link to the root."""
+        return len(self.edges) + 1
+
+    @property
+    def finn_edge_count(self) -> int:
+        """Directed edges Finn runs on: topology edges, balancer -> root, leaves -> balancer."""
+        return len(self.edges) + 1 + len(self.leaves)
+
+    @cached_property
+    def depth(self) -> int:
+        """Longest root-to-leaf path, in edges."""
+        order = _topological_order(self.root, self._by_name)
+        longest = {self.root: 0}
+        for name in order:
+            for c in self.children(name):
+                longest[c] = max(longest.get(c, 0), longest[name] + 1)
+        return max(longest.values())
+
+    @property
+    def total_cpus(self) -> int:
+        return sum(s.cpus for s in self.servers)
+
+    def to_json_data(self) -> dict[str, Any]:
+        return TopologyFile(settings=self.settings, servers=self.servers).model_dump(mode="json")
+
+    def dumps(self) -> str:
+        """Canonical JSON text (stable key order, two-space indent, trailing newline)."""
+        return json.dumps(self.to_json_data(), indent=2) + "\n"
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and validate a topology file; every failure is a `TopologyError`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TopologyError([f"cannot read the file: {exc.strerror or exc}"], str(p)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TopologyError(
+            [f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"], str(p)
+        ) from None
+    return Topology.parse(data, str(p))
+
+
+def _describe_validation(exc: ValidationError, data: Any) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = err["loc"]
+        where = ".".join(str(x) for x in loc) or "file"
+        if len(loc) >= 2 and loc[0] == "servers" and isinstance(loc[1], int):
+            name = _server_name_at(data, loc[1])
+            rest = ".".join(str(x) for x in loc[2:])
+            where = (
+                f"servers[{loc[1]}]"
+                + (f" ({name!r})" if name else "")
+                + (f".{rest}" if rest else "")
+            )
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        problems.append(f"{where}: {msg}")
+    return problems
+
+
+def _server_name_at(data: Any, index: int) -> str | None:
+    try:
+        name = data["servers"][index]["name"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _find_cycle(by_name: Mapping[str, ServerSpec]) -> list[str] | None:
+    """Iterative DFS; returns one cycle as a path, or None."""
+    white, grey, black = 0, 1, 2
+    colour = dict.fromkeys(by_name, white)
+    for start in by_name:
+        if colour[start] != white:
+            continue
+        stack: list[tuple[str, int]] = [(start, 0)]
+        path: list[str] = [start]
+        colour[start] = grey
+        while stack:
+            name, i = stack[-1]
+            kids = by_name[name].children
+            if i < len(kids):
+                stack[-1] = (name, i + 1)
+                c = kids[i]
+                if colour[c] == grey:
+                    return [*path[path.index(c) :], c]
+                if colour[c] == white:
+                    colour[c] = grey
+                    stack.append((c, 0))
+                    path.append(c)
+            else:
+                colour[name] = black
+                stack.pop()
+                path.pop()
+    return None
+
+
+def _reachable(root: str, by_name: Mapping[str, ServerSpec]) -> set[str]:
+    seen = {root}
+    todo = deque([root])
+    while todo:
+        for c in by_name[todo.popleft()].children:
+            if c not in seen:
+                seen.add(c)
+                todo.append(c)
+    return seen
+
+
+def _topological_order(root: str, by_name: Mapping[str, ServerSpec]) -> list[str]:
+    indegree: dict[str, int] = dict.fromkeys(by_name, 0)
+    for s in by_name.values():
+        for c in s.children:
+            indegree[c] += 1
+    order: list[str] = []
+    todo = deque([root])
+    while todo:
+        name = todo.popleft()
+        order.append(name)
+        for c in by_name[name].children:
+            indegree[c] -= 1
+            if indegree[c] == 0:
+                todo.append(c)
+    return order
