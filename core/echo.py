@@ -132,7 +132,10 @@ class EchoInitiator:
             raise LocalProtocolError(f"echo wave {self.wave} already started")
         self.phase = InitiatorPhase.WAITING
         self.deadline = now + budget_s
-        return [Send(self.root, EchoExplore(wave=self.wave, sender=BALANCER, budget_s=budget_s))]
+        # The root gets a shorter budget, like every other hop, so that when it has to
+        # give up on a child it still answers before the initiator's own deadline.
+        root_budget = budget_s * CHILD_BUDGET_FACTOR
+        return [Send(self.root, EchoExplore(wave=self.wave, sender=BALANCER, budget_s=root_budget))]
 
     def receive(self, msg: EchoExplore | EchoReply) -> EchoResult:
         if self.phase is InitiatorPhase.DECIDED:

@@ -49,6 +49,22 @@ class FinnKnowledge:
                 reason="not_neighbour",
             )
 
+    def check_message(self, wave: str, msg: FinnSets) -> None:
+        """The sender must be an in-neighbour and its sets well-formed (sender in inc,
+        ninc within inc, dec within ninc with positive counts): `ready()` compares sizes,
+        so one malformed message could otherwise make a server decide early."""
+        self.check_sender(wave, msg.sender)
+        if (
+            msg.sender not in msg.inc
+            or not msg.ninc <= msg.inc
+            or not msg.dec.keys() <= msg.ninc
+            or any(sent < 1 for sent in msg.dec.values())
+        ):
+            raise RemoteProtocolError(
+                f"finn wave {wave}: {msg.sender!r} sent inconsistent sets",
+                reason="invalid_fields",
+            )
+
     def merge(self, msg: FinnSets) -> bool:
         """Fold a message in; True when any set grew."""
         before = (len(self.inc), len(self.ninc), len(self.dec))
@@ -87,7 +103,7 @@ class FinnNodeWave:
     ) -> None:
         self.wave = wave
         self.sets = FinnKnowledge(name, in_neighbours)
-        self.sets.check_sender(wave, first.sender)
+        self.sets.check_message(wave, first)
         self.out = out_neighbours
         self.work = first.work
         self.budget_s = first.budget_s
@@ -99,7 +115,7 @@ class FinnNodeWave:
         return self.sets.phase
 
     def receive(self, msg: FinnSets) -> list[Send | FinnDecided]:
-        self.sets.check_sender(self.wave, msg.sender)
+        self.sets.check_message(self.wave, msg)
         if msg.work != self.work:
             raise RemoteProtocolError(
                 f"finn wave {self.wave}: {msg.sender!r} sent different work",
@@ -174,7 +190,7 @@ class FinnInitiator:
             raise LocalProtocolError(f"finn wave {self.wave} not started")
         if self.result is not None:
             raise StaleMessage(f"finn wave {self.wave} already decided")
-        self.sets.check_sender(self.wave, msg.sender)
+        self.sets.check_message(self.wave, msg)
         if not msg.inc <= self.known:
             raise RemoteProtocolError(
                 f"finn wave {self.wave}: {msg.sender!r} names unknown servers",

@@ -52,8 +52,9 @@ class ServerSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    cpus: int = Field(ge=1, le=1024)
-    tasks: int = Field(default=0, ge=0, le=100_000)
+    # Strict: JSON `true` or `"4"` is a wrong type, not 1 or 4.
+    cpus: int = Field(ge=1, le=1024, strict=True)
+    tasks: int = Field(default=0, ge=0, le=100_000, strict=True)
     children: tuple[str, ...] = ()
 
 
@@ -133,7 +134,8 @@ class Topology:
         cycle = _find_cycle(by_name)
         if cycle:
             problems.append(f"cycle: {' -> '.join(cycle)}")
-        if len(roots) == 1 and not cycle:
+        if len(roots) == 1:
+            # With one root, a server it cannot reach sits in a cycle of its own.
             reached = _reachable(roots[0], by_name)
             lost = [name for name in by_name if name not in reached]
             if lost:
@@ -232,12 +234,16 @@ def load_topology(path: str | Path) -> Topology:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise TopologyError([f"cannot read the file: {exc.strerror or exc}"], str(p)) from None
+    except UnicodeDecodeError as exc:
+        raise TopologyError([f"not UTF-8 text: {exc.reason} at byte {exc.start}"], str(p)) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise TopologyError(
             [f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"], str(p)
         ) from None
+    except RecursionError:
+        raise TopologyError(["malformed JSON: nested too deeply"], str(p)) from None
     return Topology.parse(data, str(p))
 
 

@@ -1,0 +1,34 @@
+"""`treewave node` and `treewave balancer`: run one service in the foreground
+(the container commands; `treewave run` starts them as child processes)."""
+
+from __future__ import annotations
+
+import argparse
+
+import balancer.main
+import node.main
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "node",
+        help="run one server",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run one server of the topology: its task queue, CPU slots, links and "
+        "metrics. Settings also come from TREEWAVE_* variables.",
+        epilog="example:\n  treewave node --name aurora --topology topology.json --port 8000 \\\n"
+        "      --peer-url-template 'ws://127.0.0.1:8000/ws'",
+    )
+    node.main.build_parser(p)
+    p.set_defaults(handler=node.main.serve)
+    b = sub.add_parser(
+        "balancer",
+        help="run the balancer (API, status page, waves, rebalancing)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the balancer: it links to every server, runs Echo and Finn waves, "
+        "rebalances queued tasks and serves the HTTP API and the status page.",
+        epilog="example:\n  treewave balancer --topology topology.json --port 7999 \\\n"
+        "      --peer-url-template 'ws://{name}:8000/ws'",
+    )
+    balancer.main.build_parser(b)
+    b.set_defaults(handler=balancer.main.serve)

@@ -1,0 +1,2 @@
+"""The WebSocket link layer shared by the node and balancer shells: dial with backoff,
+introduce yourself, one reader per socket, send by peer name. No protocol logic here."""
