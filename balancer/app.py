@@ -49,6 +49,8 @@ from core.messages import (
     TransferOutcome,
     TransferPrepare,
     TransferPrepared,
+    TransferQuery,
+    TransferReservations,
     TransferSettled,
     describe_errors,
     parse_message,
@@ -132,6 +134,7 @@ class Balancer:
         self.last_rebalance_at: float | None = None
         self.rebalance_lock = asyncio.Lock()
         self.listeners: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._resolving: set[str] = set()
         self._settled: dict[str, bool] = {}
         """Recently settled transfers and whether the tasks moved."""
         self._ids = itertools.count(1)
@@ -182,6 +185,12 @@ class Balancer:
             if fut is None or fut.done():
                 raise StaleMessage(f"unexpected {msg.type} for transfer {msg.transfer}")
             fut.set_result(msg)
+            return
+        if isinstance(msg, TransferReservations):
+            for r in msg.reservations:
+                if r.transfer not in self.in_doubt and r.target in self.names:
+                    log.info("transfer %s held by %s is in doubt; resolving", r.transfer, peer)
+                    self._doubt(r.transfer, InDoubt(peer, r.target))
             return
         if isinstance(msg, ErrorReply):
             log.warning("%s reported an error: %s", peer, msg.error)
@@ -335,7 +344,16 @@ class Balancer:
         """Settle an in-doubt transfer: learn the recipient's verdict if still unknown (a
         `cancel` is answered `accepted` if it already has the tasks, else pins the refusal),
         then tell the donor to commit or abort. Safe to repeat; retried until it sticks."""
-        record = self.in_doubt[tid]
+        record = self.in_doubt.get(tid)
+        if record is None or tid in self._resolving:
+            return
+        self._resolving.add(tid)
+        try:
+            await self._resolve(tid, record)
+        finally:
+            self._resolving.discard(tid)
+
+    async def _resolve(self, tid: str, record: InDoubt) -> None:
         if record.accepted is None:
             try:
                 outcome = await self._ask(
@@ -352,7 +370,7 @@ class Balancer:
         except TransferFailed:
             log.warning("transfer %s: donor %s did not settle; will retry", tid, record.source)
             return
-        del self.in_doubt[tid]
+        self.in_doubt.pop(tid, None)
         self._settled[tid] = record.accepted
         while len(self._settled) > 1000:
             del self._settled[next(iter(self._settled))]
@@ -366,6 +384,10 @@ class Balancer:
             for tid in list(self.in_doubt):
                 if tid in self.in_doubt:
                     await self.resolve(tid)
+
+    async def on_link_up(self, name: str) -> None:
+        """A server (re)connected: ask for reservations we may have lost track of."""
+        await self.links.send(name, TransferQuery())
 
     # --- rebalancing ---------------------------------------------------------------------------
 
@@ -624,7 +646,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         url = peer_url(name, b.settings.peer_url_template, b.settings.peer_urls)
         tasks.append(
             asyncio.create_task(
-                dial_forever(session, name, url, hello, b.links, b.on_frame),
+                dial_forever(session, name, url, hello, b.links, b.on_frame, b.on_link_up),
                 name=f"balancer-link-{name}",
             )
         )

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.secretfile import read_secret
+
 DEFAULT_PEER_TEMPLATE = "ws://{name}:8000/ws"
 DEFAULT_PORT = 7999
 
@@ -45,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--peer-url-template",
         default=env("TREEWAVE_PEER_URL_TEMPLATE", DEFAULT_PEER_TEMPLATE),
         help="WebSocket URL of a server, {name} replaced (default: %(default)s)",
+    )
+    p.add_argument(
+        "--secret-file",
+        type=Path,
+        default=env("TREEWAVE_SECRET_FILE"),
+        help="file holding the per-deployment link secret (else TREEWAVE_SECRET; "
+        "neither: links are not authenticated)",
     )
     p.add_argument(
         "--peers",
@@ -88,8 +97,15 @@ def from_arguments(args: argparse.Namespace) -> BalancerSettings:
         port=args.port,
         peer_url_template=args.peer_url_template,
         peer_urls=peers,
-        secret=os.environ.get("TREEWAVE_SECRET", ""),
+        secret=read_secret(args.secret_file) if args.secret_file else env_secret(),
         rebalance_interval_s=args.rebalance_interval,
         wave_timeout_s=args.wave_timeout,
         status_interval_s=args.status_interval,
     )
+
+
+def env_secret() -> str:
+    secret = os.environ.get("TREEWAVE_SECRET", "")
+    if secret and len(secret) < 16:
+        raise ValueError("TREEWAVE_SECRET is too short (need 16+ characters)")
+    return secret

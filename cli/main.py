@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 COMMAND_MODULES = (
     "cli.simulate_cmd",
+    "cli.secret_cmd",
     "cli.deploy_cmd",
     "cli.services_cmd",
     "cli.run_cmd",

@@ -191,6 +191,26 @@ class TransferSettled(Model):
     outcome: Literal["committed", "aborted", "unknown"]
 
 
+class TransferQuery(Model):
+    """Balancer -> server: which reservations do you hold? (after the balancer restarts
+    or a link comes back, so no reservation stays in doubt forever)."""
+
+    type: Literal["transfer.query"] = "transfer.query"
+
+
+class ReservationInfo(Model):
+    transfer: TransferId
+    target: Name
+    tasks: int = Field(ge=0)
+
+
+class TransferReservations(Model):
+    """Server -> balancer: the reservations it holds."""
+
+    type: Literal["transfer.reservations"] = "transfer.reservations"
+    reservations: tuple[ReservationInfo, ...] = Field(max_length=100_000)
+
+
 Message = Annotated[
     Hello
     | ErrorReply
@@ -205,7 +225,9 @@ Message = Annotated[
     | TransferOutcome
     | TransferCommit
     | TransferAbort
-    | TransferSettled,
+    | TransferSettled
+    | TransferQuery
+    | TransferReservations,
     Field(discriminator="type"),
 ]
 WaveMessage = EchoExplore | EchoReply | FinnSets
@@ -215,9 +237,9 @@ MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 
 def parse_message(raw: str | bytes | dict[str, Any]) -> Message:
     """Validate one frame; raises `RemoteProtocolError` saying what is wrong with it."""
-    if isinstance(raw, (str, bytes)) and len(raw) > MAX_MESSAGE_BYTES:
+    if isinstance(raw, (str, bytes)) and _size(raw) > MAX_MESSAGE_BYTES:
         raise RemoteProtocolError(
-            f"message too large: {len(raw)} bytes (limit {MAX_MESSAGE_BYTES})", reason="too_large"
+            f"message too large: {_size(raw)} bytes (limit {MAX_MESSAGE_BYTES})", reason="too_large"
         )
     try:
         if isinstance(raw, dict):
@@ -227,6 +249,13 @@ def parse_message(raw: str | bytes | dict[str, Any]) -> Message:
         raise RemoteProtocolError(
             "invalid message: " + describe_errors(exc), reason=_reason(exc)
         ) from None
+
+
+def _size(raw: str | bytes) -> int:
+    """Size in UTF-8 bytes; a str is only encoded when its characters could exceed the limit."""
+    if isinstance(raw, bytes) or len(raw) * 4 <= MAX_MESSAGE_BYTES:
+        return len(raw)
+    return len(raw.encode("utf-8", "surrogatepass"))
 
 
 def encode(message: Model) -> str:

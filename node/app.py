@@ -33,6 +33,7 @@ from core.messages import (
     FinnSets,
     Hello,
     Message,
+    ReservationInfo,
     ServerState,
     SubmitTasks,
     Task,
@@ -43,6 +44,8 @@ from core.messages import (
     TransferOutcome,
     TransferPrepare,
     TransferPrepared,
+    TransferQuery,
+    TransferReservations,
     TransferSettled,
     parse_message,
 )
@@ -81,6 +84,7 @@ class Server:
         self.ledger = self._load_ledger()
         self._save_pending = False
         self.allowed_inbound = {*topology.parents(self.name), BALANCER}
+        self._buckets: dict[str, tuple[float, float]] = {}
 
     # --- ledger persistence --------------------------------------------------------------------
 
@@ -173,9 +177,14 @@ class Server:
     async def on_frame(self, peer: str, text: str) -> None:
         """Validate one frame from `peer` and act on it; a bad frame is answered with an
         error and counted, and changes nothing."""
+        if not self._flood_ok(peer):
+            self.metrics.invalid.labels(self.name, "flood").inc()
+            return
         try:
             msg = parse_message(text)
+            self._maybe_crash("before", msg.type)
             replies = self.handle(peer, msg)
+            self._maybe_crash("after", msg.type)
         except StaleMessage as exc:
             self.metrics.invalid.labels(self.name, exc.reason).inc()
             log.debug("%s: %s", self.name, exc)
@@ -188,6 +197,24 @@ class Server:
         for to, reply in replies:
             await self.links.send(to, reply)
         self.refresh_gauges()
+
+    def _flood_ok(self, peer: str) -> bool:
+        """Token bucket per link: a peer may not drown the server in frames."""
+        now = time.monotonic()
+        rate = self.settings.flood_rate
+        tokens, last = self._buckets.get(peer, (2 * rate, now))
+        tokens = min(2 * rate, tokens + (now - last) * rate)
+        if tokens < 1:
+            self._buckets[peer] = (tokens, now)
+            return False
+        self._buckets[peer] = (tokens - 1, now)
+        return True
+
+    def _maybe_crash(self, when: str, msg_type: str) -> None:
+        if f"{when}:{msg_type}" in self.settings.crash_points:
+            log.error("%s: injected crash %s %s", self.name, when, msg_type)
+            logging.shutdown()
+            os._exit(70)
 
     def handle(self, peer: str, msg: Message) -> list[tuple[str, MessageModel]]:
         """Apply one validated message; returns (peer, message) pairs to send."""
@@ -246,6 +273,15 @@ class Server:
             self.metrics.transferred_out.inc(led.transferred_out - before)
             self.save()
             return [TransferSettled(transfer=msg.transfer, outcome=settled)]
+        if isinstance(msg, TransferQuery):
+            return [
+                TransferReservations(
+                    reservations=tuple(
+                        ReservationInfo(transfer=r.transfer, target=r.target, tasks=len(r.tasks))
+                        for r in led.reserved.values()
+                    )
+                )
+            ]
         if isinstance(msg, TransferAbort):
             aborted = led.abort(msg.transfer)
             self.save()

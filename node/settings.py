@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.secretfile import read_secret
+
 DEFAULT_PEER_TEMPLATE = "ws://{name}:8000/ws"
 
 
@@ -25,6 +27,13 @@ class NodeSettings:
     secret: str = ""
     """Per-deployment secret that authenticates links; empty disables the check."""
     tick_s: float = 0.05
+    crash_points: frozenset[str] = frozenset()
+    """Fault injection for tests: `before:TYPE` / `after:TYPE` makes the process exit
+    hard just before handling / just after handling (and persisting) a message of that
+    type, before any reply is sent. Set with TREEWAVE_CRASH (comma-separated)."""
+    flood_rate: float = 2000.0
+    """Frames per second a link may send on average (bursts of twice that) before its
+    frames are dropped and counted."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--peer-url-template",
         default=env("TREEWAVE_PEER_URL_TEMPLATE", DEFAULT_PEER_TEMPLATE),
         help="WebSocket URL of a server, {name} replaced (default: %(default)s)",
+    )
+    p.add_argument(
+        "--secret-file",
+        type=Path,
+        default=env("TREEWAVE_SECRET_FILE"),
+        help="file holding the per-deployment link secret (else TREEWAVE_SECRET; "
+        "neither: links are not authenticated)",
     )
     p.add_argument(
         "--peers",
@@ -66,5 +82,15 @@ def from_arguments(args: argparse.Namespace) -> NodeSettings:
         peer_url_template=args.peer_url_template,
         peer_urls=peers,
         state_dir=args.state_dir,
-        secret=os.environ.get("TREEWAVE_SECRET", ""),
+        secret=read_secret(args.secret_file) if args.secret_file else env_secret(),
+        crash_points=frozenset(
+            p.strip() for p in os.environ.get("TREEWAVE_CRASH", "").split(",") if p.strip()
+        ),
     )
+
+
+def env_secret() -> str:
+    secret = os.environ.get("TREEWAVE_SECRET", "")
+    if secret and len(secret) < 16:
+        raise ValueError("TREEWAVE_SECRET is too short (need 16+ characters)")
+    return secret

@@ -33,7 +33,7 @@ RENDERED = (
     DATASOURCE_PROVISIONING_FILE,
     DASHBOARD_PROVISIONING_FILE,
 )
-SUPPORT_SERVICES = {"balancer", "prometheus", "grafana"}
+SUPPORT_SERVICES = {"secret", "balancer", "prometheus", "grafana"}
 
 
 def _render(topology: Topology, out: Path) -> dict[str, Any]:
@@ -75,7 +75,15 @@ def test_one_service_per_server(tmp_path: Path, topology: Topology) -> None:
 
 
 def test_every_service_has_init_restart_and_healthcheck(tmp_path: Path, topology: Topology) -> None:
-    for name, service in _render(topology, tmp_path)["services"].items():
+    services = _render(topology, tmp_path)["services"]
+    # The one-shot that makes the link secret exits when done: no healthcheck, no restart
+    # unless it fails, and no network at all.
+    secret = services.pop("secret")
+    assert secret["init"] is True
+    assert secret["restart"] == "on-failure"
+    assert secret["network_mode"] == "none"
+    assert secret["command"] == ["secret", "--out", "/run/treewave/secret"]
+    for name, service in services.items():
         assert service["init"] is True, name
         assert service["restart"] == "unless-stopped", name
         test = service["healthcheck"]["test"]
@@ -115,10 +123,28 @@ def test_image_built_once_and_base_images_from_env(tmp_path: Path, topology: Top
 
 def test_depends_on_conditions(tmp_path: Path, topology: Topology) -> None:
     services = _render(topology, tmp_path)["services"]
-    assert services["balancer"]["depends_on"] == {topology.root: {"condition": "service_healthy"}}
+    secret_made = {"secret": {"condition": "service_completed_successfully"}}
+    assert services["balancer"]["depends_on"] == {
+        **secret_made,
+        topology.root: {"condition": "service_healthy"},
+    }
     assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
     for name in topology.names:
-        assert "depends_on" not in services[name]
+        assert services[name]["depends_on"] == secret_made
+
+
+def test_links_authenticated_by_a_secret_in_a_volume(tmp_path: Path, topology: Topology) -> None:
+    services = _render(topology, tmp_path)["services"]
+    for name in [*topology.names, "balancer"]:
+        command = services[name]["command"]
+        assert command[command.index("--secret-file") + 1] == "/run/treewave/secret", name
+        mount = next(v for v in services[name]["volumes"] if v["target"] == "/run/treewave")
+        assert mount == {
+            "type": "volume",
+            "source": "link-secret",
+            "target": "/run/treewave",
+            "read_only": True,
+        }
 
 
 def test_grafana_settings(tmp_path: Path, topology: Topology) -> None:
