@@ -143,6 +143,7 @@ class TaskLedger:
             "queued": [t.id for t in self.queued],
             "running": list(self.running),
             "reserved": [t.id for r in self.reserved.values() for t in r.tasks],
+            "completed": list(self._done_ids),
         }
 
     def to_json_data(self) -> dict[str, Any]:

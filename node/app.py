@@ -407,7 +407,11 @@ async def api_tasks(request: web.Request) -> web.Response:
     """Every task here by id, for conservation checks."""
     server = request.app[SERVER_KEY]
     return web.json_response(
-        {"name": server.name, "completed": server.ledger.completed, **server.ledger.task_ids()}
+        {
+            "name": server.name,
+            "completed_count": server.ledger.completed,
+            **server.ledger.task_ids(),
+        }
     )
 
 
