@@ -299,7 +299,9 @@ class Server:
                 ]
                 added = self.ledger.submit(tasks)
                 self.metrics.submitted.inc(added)
-                self.save_soon()
+                # On disk before the sets that tell the others (and so the balancer) that
+                # this server decided go out: a crash just after must not lose its share.
+                self.save()
                 self.wakeup.set()
             elif isinstance(item, Send):
                 algorithm = "finn" if isinstance(item.message, FinnSets) else "echo"

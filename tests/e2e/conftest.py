@@ -1,0 +1,264 @@
+"""What the container tests share: bring a rendered topology up under Docker Compose (every
+service but Grafana, which cannot run here), talk to it, and always tear it down.
+
+A test module gets its stack from the `launch_stack` fixture, usually in a module-scoped
+fixture of its own so one stack serves the whole module:
+
+    @pytest.fixture(scope="module")
+    def stack(request, tmp_path_factory, launch_stack):
+        with launch_stack(request, tmp_path_factory, topology, "faults") as stack:
+            yield stack
+
+Skipped when Docker Compose v2 is missing, unless TREEWAVE_REQUIRE_DOCKER=1 (CI) makes that
+a failure. Each stack has its own project name (`treewave-<purpose>-<random>`) and free
+host ports, so stacks of other people and other tests are never touched. When a test of
+the module fails, the services' logs are printed and saved under artifacts/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from core.topology import Topology
+from generator.render import render
+
+REPO = Path(__file__).resolve().parents[2]
+UP_TIMEOUT_S = 600
+T = TypeVar("T")
+
+
+def compose_problem() -> str | None:
+    """Why Docker Compose v2 cannot be used here, or None when it can."""
+    try:
+        probe = subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the docker CLI cannot run: {exc}"
+    if probe.returncode != 0:
+        return f"`docker compose version` failed: {probe.stderr.strip() or probe.stdout.strip()}"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http_request(method: str, url: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
+    """(status, decoded JSON body) of one request; HTTP errors are answers, not raised."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            status: int = resp.status
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        status = exc.code
+    try:
+        return status, json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return status, raw.decode(errors="replace")
+
+
+_NODE_TASKS = (
+    "import urllib.request; print(urllib.request.urlopen("
+    "'http://127.0.0.1:8000/api/tasks', timeout=10).read().decode())"
+)
+
+
+@dataclass
+class Stack:
+    topology: Topology
+    project: str
+    directory: Path
+    env: dict[str, str]
+    balancer_url: str
+    prometheus_url: str
+    submitted: int = 0  # tasks added since start-up, on top of the topology's initial ones
+    notes: list[str] = field(default_factory=list)
+
+    # --- docker ------------------------------------------------------------------------------
+
+    def _base(self) -> list[str]:
+        return ["docker", "compose", "-p", self.project, "-f", str(self.directory / "compose.yml")]
+
+    def compose(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self._base(), *args],
+            cwd=self.directory,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def docker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """A plain `docker` command; fails the test when it fails."""
+        done = subprocess.run(
+            ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        assert done.returncode == 0, f"docker {' '.join(args)}: {done.stderr.strip()}"
+        return done
+
+    def container(self, service: str) -> str:
+        """The name of the (single) container of `service`, running or not."""
+        ps = self.compose("ps", "-a", "--format", "{{.Name}}", service)
+        names = ps.stdout.split()
+        assert ps.returncode == 0, f"compose ps {service}: {ps.stderr}"
+        assert len(names) == 1, f"{service}: expected one container, got {names}"
+        return names[0]
+
+    def inspect(self, container: str, template: str) -> str:
+        return self.docker("inspect", "-f", template, container).stdout.strip()
+
+    def node_tasks(self, server: str) -> dict[str, Any]:
+        """GET /api/tasks of one server from inside its container (servers are not
+        published to the host): every task there by id."""
+        done = self.compose("exec", "-T", server, "python", "-c", _NODE_TASKS, timeout=60)
+        assert done.returncode == 0, f"{server} /api/tasks: {done.stderr.strip()}"
+        tasks: dict[str, Any] = json.loads(done.stdout)
+        return tasks
+
+    # --- HTTP ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def get(url: str, timeout: float = 30) -> Any:
+        status, body = http_request("GET", url, timeout=timeout)
+        assert status == 200, f"GET {url} -> {status}: {body}"
+        return body
+
+    @staticmethod
+    def post(url: str, body: Any, expect: int = 200, timeout: float = 30) -> Any:
+        status, answer = http_request("POST", url, body, timeout=timeout)
+        assert status == expect, f"POST {url} {body} -> {status}: {answer}"
+        return answer
+
+    def api(self, path: str) -> Any:
+        return self.get(f"{self.balancer_url}{path}")
+
+    def tree(self) -> dict[str, Any]:
+        tree: dict[str, Any] = self.api("/api/tree")
+        return tree
+
+    def complete_tree(self) -> dict[str, Any] | None:
+        tree = self.tree()
+        return tree if tree["complete"] else None
+
+    @staticmethod
+    def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 1) -> T:
+        """Poll `probe` until it returns something other than None."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                value = probe()
+            except (AssertionError, OSError, urllib.error.URLError) as exc:
+                last = exc
+            else:
+                if value is not None:
+                    return value
+                last = "not yet"
+            time.sleep(every)
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+    # --- failures ------------------------------------------------------------------------------
+
+    def dump_logs(self, request: pytest.FixtureRequest) -> None:
+        logs = self.compose("logs", "--no-color", "--timestamps", "--tail", "300", timeout=60)
+        ps = self.compose("ps", "-a", timeout=60)
+        text = f"{ps.stdout}\n{ps.stderr}\n{logs.stdout}\n{logs.stderr}"
+        if self.notes:
+            text = "notes:\n" + "\n".join(self.notes) + "\n\n" + text
+        artifacts = REPO / "artifacts"
+        artifacts.mkdir(exist_ok=True)
+        (artifacts / f"{self.project}-logs.txt").write_text(text, encoding="utf-8")
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                print(f"\n===== docker compose logs ({self.project}) =====\n{text}")
+        else:
+            print(text)
+
+
+LaunchStack = Callable[
+    [pytest.FixtureRequest, pytest.TempPathFactory, Topology, str],
+    contextlib.AbstractContextManager[Stack],
+]
+
+
+@contextlib.contextmanager
+def _launch(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    topology: Topology,
+    purpose: str,
+) -> Iterator[Stack]:
+    problem = compose_problem()
+    if problem:
+        if os.environ.get("TREEWAVE_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"TREEWAVE_REQUIRE_DOCKER=1 but Docker Compose is unusable: {problem}")
+        pytest.skip(f"needs Docker Compose v2: {problem}")
+
+    directory = tmp_path_factory.mktemp(f"compose-{purpose}")
+    (directory / "topology.json").write_text(topology.dumps(), encoding="utf-8")
+    render(topology, "topology.json", directory, build_context=str(REPO))
+
+    ports = {
+        "TREEWAVE_BALANCER_PORT": free_port(),
+        "TREEWAVE_PROMETHEUS_PORT": free_port(),
+        "TREEWAVE_GRAFANA_PORT": free_port(),
+    }
+    env = {
+        **os.environ,
+        **{k: str(v) for k, v in ports.items()},
+        "TREEWAVE_BIND_ADDRESS": "127.0.0.1",
+    }
+    stack = Stack(
+        topology=topology,
+        project=f"treewave-{purpose}-{secrets.token_hex(4)}",
+        directory=directory,
+        env=env,
+        balancer_url=f"http://127.0.0.1:{ports['TREEWAVE_BALANCER_PORT']}",
+        prometheus_url=f"http://127.0.0.1:{ports['TREEWAVE_PROMETHEUS_PORT']}",
+    )
+    failed_before = request.session.testsfailed
+    services = [*topology.names, "balancer", "prometheus"]  # Grafana cannot run here
+    try:
+        up = stack.compose("up", "--build", "-d", "--wait", *services, timeout=UP_TIMEOUT_S)
+        if up.returncode != 0:
+            stack.dump_logs(request)
+            pytest.fail(f"docker compose up failed:\n{up.stdout}\n{up.stderr}")
+        yield stack
+        if request.session.testsfailed > failed_before:
+            stack.dump_logs(request)
+    finally:
+        down = stack.compose("down", "-v", "--remove-orphans", timeout=300)
+        assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture(scope="session")
+def launch_stack() -> LaunchStack:
+    """`launch_stack(request, tmp_path_factory, topology, purpose)`: a context manager
+    that renders `topology`, brings it up and yields a `Stack`, tearing it down on exit."""
+    return _launch
