@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -348,11 +348,14 @@ class Server:
         try:
             first = await ws.receive(timeout=HELLO_TIMEOUT_S)
         except TimeoutError:
+            self.metrics.invalid.labels(self.name, "no_hello").inc()
+            log.warning("%s: refused a link: no hello within %s s", self.name, HELLO_TIMEOUT_S)
             await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"no hello")
             return ws
         peer = self._check_hello(first)
         if isinstance(peer, str) and peer.startswith("!"):
-            self.metrics.invalid.labels(self.name, "bad_hello").inc()
+            reason = "too_large" if _too_big(first.data) else "bad_hello"
+            self.metrics.invalid.labels(self.name, reason).inc()
             log.warning("%s: refused a link: %s", self.name, peer[1:])
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await ws.send_str(ErrorReply(error=peer[1:]).model_dump_json())
@@ -363,10 +366,13 @@ class Server:
             await old.close()
         self.refresh_gauges()
         try:
-            await read_frames(peer, ws, self.on_frame)
+            error = await read_frames(peer, ws, self.on_frame)
         finally:
             self.links.detach(peer, ws)
             self.refresh_gauges()
+        if _too_big(error):
+            self.metrics.invalid.labels(self.name, "too_large").inc()
+            log.warning("%s: closed the link from %s: frame too large", self.name, peer)
         return ws
 
     def _check_hello(self, frame: aiohttp.WSMessage) -> str:
@@ -386,7 +392,33 @@ class Server:
         return msg.sender
 
 
+def _too_big(error: object) -> bool:
+    """Whether a link ended because a frame was over `MAX_MESSAGE_BYTES`."""
+    return (
+        isinstance(error, aiohttp.WebSocketError)
+        and error.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+    )
+
+
 SERVER_KEY = web.AppKey("server", Server)
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """HTTP errors (unknown route, wrong method, not a WebSocket upgrade) as JSON
+    `{"error": ...}` naming the problem, like every other answer of the API."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            detail = (exc.text or "").strip()
+            if not detail or detail.startswith(f"{exc.status}:"):
+                detail = f"{exc.reason}: {request.method} {request.path}"
+            exc.text = json.dumps({"error": detail})
+            exc.content_type = "application/json"
+        raise
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -426,7 +458,7 @@ def create_app(settings: NodeSettings, topology: Topology | None = None) -> web.
     topo = topology or load_topology(settings.topology)
     if settings.name not in topo:
         raise ValueError(f"server {settings.name!r} is not in the topology")
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app[SERVER_KEY] = Server(settings, topo)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -434,7 +466,14 @@ def create_app(settings: NodeSettings, topology: Topology | None = None) -> web.
     app.router.add_get("/api/tasks", api_tasks)
     app.router.add_get("/ws", ws_handler)
     app.cleanup_ctx.append(_background)
+    app.on_shutdown.append(_close_links)
     return app
+
+
+async def _close_links(app: web.Application) -> None:
+    """Close every link when shutdown begins: an open inbound WebSocket would otherwise
+    hold the graceful shutdown until its peer hangs up or the shutdown timeout passes."""
+    await app[SERVER_KEY].links.close_all()
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:

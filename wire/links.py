@@ -76,16 +76,19 @@ class LinkSet:
 
 async def read_frames(
     name: str, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, on_frame: FrameHandler
-) -> None:
-    """The one reader of a socket: hands text frames to `on_frame` until it closes."""
+) -> BaseException | None:
+    """The one reader of a socket: hands text frames to `on_frame` until it closes.
+    Returns the error that ended the link (e.g. a frame over the size limit), if any."""
     async for frame in ws:
         if frame.type == aiohttp.WSMsgType.TEXT:
             await on_frame(name, frame.data)
         elif frame.type == aiohttp.WSMsgType.BINARY:
             await on_frame(name, frame.data.decode("utf-8", errors="replace"))
         elif frame.type == aiohttp.WSMsgType.ERROR:
-            log.debug("link %s error: %s", name, ws.exception())
-            break
+            error: BaseException | None = frame.data or ws.exception()
+            log.debug("link %s error: %s", name, error)
+            return error
+    return None
 
 
 async def dial_forever(

@@ -1,0 +1,391 @@
+"""A treewave cluster as real, separate processes on loopback.
+
+`start_cluster(topology)` writes the topology and a peers file into a temporary
+directory, starts `python -m cli.main node ...` for every server and
+`python -m cli.main balancer ...` for the balancer, each on a free 127.0.0.1 port, and
+waits (by polling, never by sleeping a fixed time) until every service answers
+`/healthz`, every server reports all its links up and the balancer has a link to every
+server. Some services can be held back (`hold=`) and started later with
+`Cluster.release()`; the bad-input tests use that to speak as a peer that is not running.
+
+Teardown always stops every process it started with SIGTERM (SIGKILL after a grace
+period), waits for each one so no zombie is left, fails the test if one had to be killed
+or died on its own, and prints every service's log when the test failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BALANCER = "balancer"
+READY_TIMEOUT_S = 60.0
+STOP_GRACE_S = 15.0
+START_ATTEMPTS = 3
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item so fixtures can tell whether the test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def http_json(url: str, method: str = "GET", body: Any = None, timeout: float = 30.0) -> Any:
+    """A small blocking JSON client for fixtures (tests use aiohttp)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (all held open together while choosing them)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def parent_child_edges(topology: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(s["name"], c) for s in topology["servers"] for c in s.get("children", [])}
+
+
+def server_names(topology: dict[str, Any]) -> list[str]:
+    return [s["name"] for s in topology["servers"]]
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+@dataclass
+class Service:
+    name: str
+    port: int
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    killed: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, cwd: Path) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("TREEWAVE_SECRET", None)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cli.main", *self.args],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM, wait; SIGKILL if it does not stop in time. Always reaps the child."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.killed = True
+                self.proc.kill()
+                self.proc.wait()
+        else:
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+
+
+@dataclass
+class Cluster:
+    topology: dict[str, Any]
+    directory: Path
+    services: dict[str, Service] = field(default_factory=dict)
+    held: set[str] = field(default_factory=set)
+    stopped_on_purpose: set[str] = field(default_factory=set)
+
+    # --- addresses -------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return server_names(self.topology)
+
+    @property
+    def edges(self) -> set[tuple[str, str]]:
+        return parent_child_edges(self.topology)
+
+    @property
+    def balancer_url(self) -> str:
+        return self.services[BALANCER].url
+
+    def url(self, name: str) -> str:
+        return self.services[name].url
+
+    def ws_url(self, name: str) -> str:
+        return f"ws://127.0.0.1:{self.services[name].port}/ws"
+
+    @property
+    def node_urls(self) -> dict[str, str]:
+        return {n: self.services[n].url for n in self.names}
+
+    def parents(self, name: str) -> list[str]:
+        return [s["name"] for s in self.topology["servers"] if name in s.get("children", [])]
+
+    def children(self, name: str) -> list[str]:
+        spec = next(s for s in self.topology["servers"] if s["name"] == name)
+        return list(spec.get("children", []))
+
+    @property
+    def leaves(self) -> list[str]:
+        return [s["name"] for s in self.topology["servers"] if not s.get("children")]
+
+    @property
+    def root(self) -> str:
+        kids = {c for s in self.topology["servers"] for c in s.get("children", [])}
+        return next(n for n in self.names if n not in kids)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self, names: set[str]) -> None:
+        for name in sorted(names, key=lambda n: n != BALANCER):  # servers first
+            self.services[name].start(REPO)
+
+    def release(self) -> None:
+        """Start the held-back services and wait until the whole cluster is linked."""
+        held, self.held = self.held, set()
+        self.start(held)
+        self.wait_ready()
+
+    def running(self) -> list[str]:
+        return [n for n in self.services if n not in self.held]
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Poll until every running service is healthy and all their links are up."""
+        deadline = time.monotonic() + timeout
+        last = "nothing polled yet"
+        while True:
+            for name in self.running():
+                if not self.services[name].alive():
+                    raise ClusterError(f"{name} exited during start-up")
+            problem = self._not_ready()
+            if problem is None:
+                return
+            last = problem
+            if time.monotonic() > deadline:
+                raise ClusterError(f"cluster not ready after {timeout:.0f} s: {last}")
+            time.sleep(0.1)
+
+    def _not_ready(self) -> str | None:
+        up = set(self.running())
+        for name in sorted(up):
+            try:
+                health = http_json(self.services[name].url + "/healthz", timeout=2)
+            except (OSError, ValueError) as exc:
+                return f"{name} /healthz: {exc}"
+            if name == BALANCER:
+                if BALANCER in self.held:
+                    continue
+                expected = len([n for n in self.names if n in up])
+                if health.get("links_up") != expected:
+                    return f"balancer links_up={health.get('links_up')} of {expected}"
+                continue
+            state = http_json(self.services[name].url + "/api/state", timeout=2)
+            down = [peer for peer, ok in state["links"].items() if peer in up and not ok]
+            if down:
+                return f"{name} has no link to {down}"
+        return None
+
+    def healthy(self, name: str) -> bool:
+        try:
+            return http_json(self.url(name) + "/healthz", timeout=5).get("status") == "ok"
+        except (OSError, ValueError):
+            return False
+
+    def pause(self, name: str) -> None:
+        proc = self.services[name].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        proc = self.services[name].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGCONT)
+
+    def stop_all(self) -> list[str]:
+        """Stop everything (resuming anything paused); returns problems seen."""
+        problems = []
+        for svc in self.services.values():
+            if svc.proc is not None and svc.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    svc.proc.send_signal(signal.SIGCONT)
+        for name, svc in self.services.items():
+            was_alive = svc.alive()
+            if svc.proc is not None and not was_alive and name not in self.stopped_on_purpose:
+                problems.append(f"{name} died on its own (exit code {svc.proc.returncode})")
+            svc.stop()
+            if svc.killed:
+                problems.append(f"{name} ignored SIGTERM for {STOP_GRACE_S:.0f} s (killed)")
+            if svc.proc is not None:
+                assert svc.proc.returncode is not None  # reaped: no zombie
+        return problems
+
+    def logs(self) -> str:
+        parts = []
+        for name, svc in self.services.items():
+            parts.append(f"===== {name} ({svc.url}) =====\n{svc.log_text()}")
+        return "\n".join(parts)
+
+
+def _build(
+    topology: dict[str, Any], directory: Path, hold: set[str], extra: dict[str, list[str]]
+) -> Cluster:
+    directory.mkdir(parents=True, exist_ok=True)
+    names = server_names(topology)
+    ports = dict(zip([*names, BALANCER], free_ports(len(names) + 1), strict=True))
+    topo_file = directory / "topology.json"
+    topo_file.write_text(json.dumps(topology, indent=2), encoding="utf-8")
+    peers_file = directory / "peers.json"
+    peers = {n: f"ws://127.0.0.1:{ports[n]}/ws" for n in names}
+    peers_file.write_text(json.dumps(peers, indent=2), encoding="utf-8")
+    cluster = Cluster(topology=topology, directory=directory, held=set(hold))
+    common = ["--topology", str(topo_file), "--peers", str(peers_file)]
+    for n in names:
+        args = ["node", "--name", n, "--port", str(ports[n]), *common, *extra.get(n, [])]
+        cluster.services[n] = Service(n, ports[n], args, directory / f"{n}.log")
+    args = [
+        "balancer",
+        "--port",
+        str(ports[BALANCER]),
+        "--rebalance-interval",
+        "0",
+        *common,
+        *extra.get(BALANCER, []),
+    ]
+    cluster.services[BALANCER] = Service(
+        BALANCER, ports[BALANCER], args, directory / "balancer.log"
+    )
+    return cluster
+
+
+StartCluster = Callable[..., Cluster]
+
+
+class ClusterPool:
+    """Starts clusters under `base` and stops every one of them at `close()`."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.clusters: list[Cluster] = []
+        self.count = 0
+
+    def start(
+        self,
+        topology: dict[str, Any],
+        hold: tuple[str, ...] | set[str] = (),
+        extra_args: dict[str, list[str]] | None = None,
+    ) -> Cluster:
+        """Start a cluster and wait until it is ready (new ports on a failed attempt)."""
+        last: Exception | None = None
+        self.count += 1
+        for attempt in range(START_ATTEMPTS):
+            directory = self.base / f"cluster{self.count}-try{attempt}"
+            cluster = _build(topology, directory, set(hold), extra_args or {})
+            self.clusters.append(cluster)
+            cluster.start(set(cluster.services) - cluster.held)
+            try:
+                cluster.wait_ready()
+            except ClusterError as exc:
+                # Most likely a port taken between choosing and binding it: try new ports.
+                last = exc
+                print(f"cluster start attempt {attempt + 1} failed: {exc}\n{cluster.logs()}")
+                cluster.stop_all()
+                self.clusters.remove(cluster)
+                continue
+            return cluster
+        raise ClusterError(f"could not start the cluster: {last}")
+
+    def close(self, print_logs: bool) -> None:
+        """Stop and reap everything; print the logs if asked or if stopping went wrong."""
+        problems: list[str] = []
+        for cluster in self.clusters:
+            problems += cluster.stop_all()
+        if print_logs or problems:
+            for cluster in self.clusters:
+                print(cluster.logs())
+        self.clusters.clear()
+        assert not problems, "; ".join(problems)
+
+
+def _failed(item: pytest.Item) -> bool:
+    return any(
+        getattr(getattr(item, f"rep_{when}", None), "failed", False) for when in ("setup", "call")
+    )
+
+
+@pytest.fixture
+def start_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StartCluster]:
+    """Factory: `start_cluster(topology_dict, hold=(), extra_args={})` -> a ready `Cluster`.
+
+    Every process it starts is stopped and reaped at teardown, whatever happened."""
+    pool = ClusterPool(tmp_path)
+    yield pool.start
+    pool.close(print_logs=_failed(request.node))
+
+
+@pytest.fixture(scope="module")
+def start_module_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StartCluster]:
+    """Like `start_cluster`, but the clusters live until the module's last test is done
+    (for tests that only read, or that account for what earlier tests changed)."""
+    pool = ClusterPool(tmp_path_factory.mktemp("cluster"))
+    failed_before = request.session.testsfailed
+    yield pool.start
+    pool.close(print_logs=request.session.testsfailed > failed_before)
+
+
+@pytest.fixture
+async def http() -> Any:
+    """An aiohttp client session for the test body."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        yield session
