@@ -1,0 +1,467 @@
+"""`treewave run` as a user runs it: the console script as a real process supervising real
+servers on loopback.
+
+Every test starts its own supervisor on free ports (never fixed ones) and always cleans up:
+the teardown SIGKILLs a supervisor that is still running and any child it left (there
+should be none), so a failing test cannot leak processes into the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+READY_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0
+
+TOPOLOGY: dict[str, Any] = {
+    "settings": {"task_time_s": 0.2, "rebalance_interval_s": 0, "wave_timeout_s": 3},
+    "servers": [
+        {"name": "alpha", "cpus": 2, "children": ["beta", "gamma"]},
+        {"name": "beta", "cpus": 1, "children": ["delta"]},
+        {"name": "gamma", "cpus": 2, "children": ["delta", "echo"]},
+        {"name": "delta", "cpus": 1},
+        {"name": "echo", "cpus": 3},
+    ],
+}
+NAMES = [s["name"] for s in TOPOLOGY["servers"]]
+
+SERVER_LINE = re.compile(
+    r"^\s+(?P<name>[a-z0-9-]+)\s+http://127\.0\.0\.1:(?P<port>\d+)\s+pid (?P<pid>\d+)$"
+)
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def treewave_command() -> list[str]:
+    """The installed console script (what users run), else an equivalent."""
+    script = Path(sys.executable).parent / "treewave"
+    if script.exists():
+        return [sys.executable, str(script)]
+    return [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TREEWAVE_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive free ports, outside the ephemeral range."""
+    for _ in range(200):
+        base = random.randint(20000, 30000)
+        if all(port_free(p) for p in range(base, base + size)):
+            return base
+    raise RuntimeError("no block of free ports")
+
+
+def get_json(url: str, method: str = "GET", body: Any = None, timeout: float = 15.0) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    with _OPENER.open(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a live process, or None when there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return raw.decode(errors="replace").split("\0")[:-1]
+
+
+def children_of(pid: int) -> set[int]:
+    """Direct children, from /proc (every process whose parent is `pid`)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = proc_stat(int(entry.name))
+            if stat is not None and stat[1] == pid:
+                found.add(int(entry.name))
+    return found
+
+
+@dataclass
+class RunProcess:
+    """A `treewave run` process with its output collected line by line."""
+
+    proc: subprocess.Popen[str]
+    balancer_port: int
+    lines: list[str] = field(default_factory=list)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    reader: threading.Thread | None = None
+    servers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """name -> (port, pid), from the ready output (the balancer is "balancer")."""
+    seen_pids: set[int] = field(default_factory=set)
+
+    @property
+    def balancer_url(self) -> str:
+        return f"http://127.0.0.1:{self.balancer_port}"
+
+    @property
+    def output(self) -> str:
+        with self.cond:
+            return "\n".join(self.lines)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    def start_reader(self) -> None:
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines[start:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self.reader_alive()):
+                    raise AssertionError(
+                        f"no line matching {pattern!r} (exit code {self.proc.poll()}); "
+                        f"output so far:\n" + "\n".join(self.lines)
+                    )
+                self.cond.wait(min(left, 0.5))
+
+    def reader_alive(self) -> bool:
+        return self.reader is not None and self.reader.is_alive()
+
+    def wait_ready(self) -> None:
+        self.wait_for(r"^try: treewave status", READY_TIMEOUT_S)
+        with self.cond:
+            for line in self.lines:
+                m = SERVER_LINE.match(line)
+                if m:
+                    self.servers[m["name"]] = (int(m["port"]), int(m["pid"]))
+        self.seen_pids |= {pid for _, pid in self.servers.values()}
+
+    def stop(self, sig: int) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=STOP_TIMEOUT_S)
+        if self.reader is not None:
+            self.reader.join(timeout=10)
+        return code
+
+    def kill_everything(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in self.seen_pids:
+            if any("--name" in a or a == "balancer" for a in cmdline(pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if self.reader is not None:
+            self.reader.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def write_topology(directory: Path, data: dict[str, Any] | None = None) -> Path:
+    path = directory / "topology.json"
+    path.write_text(json.dumps(data or TOPOLOGY, indent=2), encoding="utf-8")
+    return path
+
+
+def start_run(directory: Path, *extra: str, base_port: int | None = None) -> RunProcess:
+    topology = write_topology(directory)
+    balancer_port = free_port_block(1)
+    base = base_port if base_port is not None else free_port_block(len(NAMES) + 2)
+    proc = subprocess.Popen(
+        [
+            *treewave_command(),
+            "run",
+            "--topology",
+            str(topology),
+            "--port",
+            str(balancer_port),
+            "--base-port",
+            str(base),
+            "--rebalance-interval",
+            "0",
+            *extra,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=clean_env(),
+        cwd=directory,
+    )
+    run = RunProcess(proc, balancer_port)
+    run.start_reader()
+    return run
+
+
+@pytest.fixture
+def treewave_run(tmp_path: Path) -> Iterator[list[RunProcess]]:
+    """Start runs with `start_run` and append them here; all are killed at the end."""
+    runs: list[RunProcess] = []
+    yield runs
+    for run in runs:
+        run.kill_everything()
+
+
+def assert_all_gone(run: RunProcess) -> None:
+    """No process the run started exists any more, not even as a zombie (right after the
+    supervisor exits: an unreaped child would still be there, reparented)."""
+    left = {
+        name: stat for name, (_, pid) in run.servers.items() if (stat := proc_stat(pid)) is not None
+    }
+    assert not left, f"processes left behind (state, parent): {left}"
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_run_starts_every_server_and_stops_them_all(
+    tmp_path: Path, treewave_run: list[RunProcess], sig: signal.Signals
+) -> None:
+    base = free_port_block(len(NAMES) + 3)
+    # A port in the middle of the range is taken: the servers skip it.
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", base + 1))
+    blocker.listen()
+    try:
+        run = start_run(tmp_path, base_port=base)
+        treewave_run.append(run)
+        run.wait_ready()
+    finally:
+        blocker.close()
+    supervisor = run.proc.pid
+    assert set(run.servers) == {*NAMES, "balancer"}
+    ports = {port for port, _ in run.servers.values()}
+    assert len(ports) == len(NAMES) + 1
+    assert base + 1 not in ports
+    assert run.servers["balancer"][0] == run.balancer_port
+    assert sorted(p for n, (p, _) in run.servers.items() if n != "balancer")[0] == base
+    assert f"status page  {run.balancer_url}/" in run.output
+    assert f"metrics      {run.balancer_url}/metrics" in run.output
+
+    # Echo through the real services: every server, the topology's edges, complete.
+    tree = get_json(run.balancer_url + "/api/tree")
+    assert tree["complete"] is True
+    assert tree["missing"] == []
+    assert sorted(n["name"] for n in tree["nodes"]) == sorted(NAMES)
+    assert {(e["source"], e["target"]) for e in tree["edges"]} == {
+        (s["name"], c) for s in TOPOLOGY["servers"] for c in s.get("children", [])
+    }
+
+    # `ps` tells the servers apart: each child's command line names its server.
+    children = children_of(supervisor)
+    assert children == {pid for _, pid in run.servers.values()}
+    for name, (port, pid) in run.servers.items():
+        args = cmdline(pid)
+        if name == "balancer":
+            assert "balancer" in args
+        else:
+            assert args[args.index("--name") + 1] == name
+            assert "node" in args
+        assert args[args.index("--port") + 1] == str(port)
+    logs = Path(re.search(r"logs\s+(\S+)", run.output)[1])  # type: ignore[index]
+    assert logs.is_dir()
+
+    assert run.stop(sig) == 0
+    assert "stopped" in run.output
+    assert_all_gone(run)
+    for name, (port, _) in run.servers.items():
+        assert port_free(port), f"port {port} of {name} is still open"
+    assert not logs.parent.exists(), "the run directory was not removed"
+
+
+def test_a_killed_server_is_reported_and_restarted_with_its_queue(
+    tmp_path: Path, treewave_run: list[RunProcess]
+) -> None:
+    run = start_run(tmp_path, "--state-dir", str(tmp_path / "state"))
+    treewave_run.append(run)
+    run.wait_ready()
+    _, old_pid = run.servers["delta"]
+    # delta has 1 cpu: one long task runs, four wait in its queue.
+    get_json(
+        run.balancer_url + "/api/tasks",
+        "POST",
+        {"node": "delta", "count": 5, "duration_s": 120},
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        state = get_json(f"http://127.0.0.1:{run.servers['delta'][0]}/api/state")
+        if state["running"] + state["queued"] == 5:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # let the queue reach the state file
+    mark = len(run.lines)
+    os.kill(old_pid, signal.SIGKILL)
+
+    died = run.wait_for(r"server delta \(pid (\d+), port \d+\) died: killed by SIGKILL", 10, mark)
+    assert int(died[1]) == old_pid
+    restarted = run.wait_for(r"server delta restarted \(pid (\d+)\)", 20, mark)
+    new_pid = int(restarted[1])
+    assert new_pid != old_pid
+    run.seen_pids.add(new_pid)
+    run.wait_for(r"server delta is healthy again", 30, mark)
+    args = cmdline(new_pid)
+    assert args[args.index("--name") + 1] == "delta"
+
+    deadline = time.monotonic() + 30
+    tree: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        tree = get_json(run.balancer_url + "/api/tree")
+        if tree["complete"]:
+            break
+        time.sleep(0.2)
+    assert tree["complete"] is True, tree
+    assert sorted(n["name"] for n in tree["nodes"]) == sorted(NAMES)
+    delta = next(n for n in tree["nodes"] if n["name"] == "delta")
+    # The queued tasks survived in the state directory. (A task that was running when the
+    # process was killed may come back queued or be lost, by the server's design.)
+    assert delta["queued"] + delta["running"] >= 4, delta
+
+    run.servers["delta"] = (run.servers["delta"][0], new_pid)
+    assert run.stop(signal.SIGINT) == 0
+    assert_all_gone(run)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+def test_children_die_with_a_sigkilled_supervisor(
+    tmp_path: Path, treewave_run: list[RunProcess]
+) -> None:
+    run = start_run(tmp_path)
+    treewave_run.append(run)
+    run.wait_ready()
+    pids = {pid for _, pid in run.servers.values()}
+    run.proc.kill()
+    run.proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        alive = {p for p in pids if (s := proc_stat(p)) is not None and s[0] != "Z"}
+        if not alive:
+            break
+        time.sleep(0.05)
+    assert not alive, f"children outlived their supervisor: {alive}"
+    # The temporary run directory stays behind (nothing runs to remove it).
+    logs = re.search(r"logs\s+(\S+)", run.output)
+    if logs:
+        import shutil
+
+        shutil.rmtree(Path(logs[1]).parent, ignore_errors=True)
+
+
+def test_a_bad_topology_lists_every_problem_and_starts_nothing(tmp_path: Path) -> None:
+    bad = {
+        "servers": [
+            {"name": "alpha", "cpus": 0, "children": ["ghost"]},
+            {"name": "Beta", "cpus": 1},
+        ]
+    }
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad), encoding="utf-8")
+    result = subprocess.run(
+        [*treewave_command(), "run", "--topology", str(path), "--port", "1"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"treewave run: {path} is not a valid topology:"
+    assert len(lines) >= 2
+    assert any("cpus" in line for line in lines[1:])
+    assert "Traceback" not in result.stderr
+    missing = subprocess.run(
+        [*treewave_command(), "run", "--topology", str(tmp_path / "nope.json")],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert missing.returncode == 1
+    assert "cannot read the file" in missing.stderr
+
+
+def test_a_busy_balancer_port_is_one_clear_error(tmp_path: Path) -> None:
+    topology = write_topology(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = subprocess.run(
+            [*treewave_command(), "run", "--topology", str(topology), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"treewave run: port {port} on 127.0.0.1 is already in use (another treewave run?); "
+        "choose another with --port"
+    )
+
+
+def test_usage_errors_exit_2_and_help_has_an_example() -> None:
+    bad = subprocess.run(
+        [*treewave_command(), "run", "--port", "70000"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "not a port" in bad.stderr
+    helped = subprocess.run(
+        [*treewave_command(), "run", "--help"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert helped.returncode == 0
+    assert "treewave run --topology" in helped.stdout
