@@ -1,0 +1,357 @@
+// treewave status page: follows /api/events (server-sent events) and updates the
+// server-rendered page in place; the action buttons call the balancer's JSON API.
+// Plain ES2017, no dependencies, no build step.
+(function () {
+  "use strict";
+
+  const tree = document.getElementById("tree");
+  const overloadPercent = parseFloat(tree.dataset.overloadPercent) || 100;
+  const servers = new Map();
+  tree.querySelectorAll("g.server").forEach((g) => servers.set(g.dataset.name, g));
+  const edges = Array.from(tree.querySelectorAll("path.edge"));
+  const MAX_WAVES = 12;
+
+  // Long names are squeezed to fit their box (measured, so any font works).
+  tree.querySelectorAll("g.server text.name").forEach((t) => {
+    const box = parseFloat(t.parentNode.querySelector("rect.box").getAttribute("width"));
+    const room = box - 10;
+    t.removeAttribute("textLength");
+    if (t.getComputedTextLength() > room) {
+      t.setAttribute("textLength", String(room));
+      t.setAttribute("lengthAdjust", "spacingAndGlyphs");
+    }
+  });
+
+  const state = {
+    waves: [],
+    moves: [],
+    movesAt: null,
+    clockOffset: 0, // server time minus local time, seconds
+  };
+
+  // --- helpers ------------------------------------------------------------------------
+
+  function $(id) { return document.getElementById(id); }
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "class") node.className = v;
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) {
+      if (c === null || c === undefined) continue;
+      node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+    return node;
+  }
+
+  // Must agree with load_level() in balancer/status.py.
+  function loadLevel(running, queued, cpus) {
+    const load = running + queued;
+    if (load <= 0) return 0;
+    const ratio = load / cpus / (overloadPercent / 100);
+    if (ratio >= 1) return 5;
+    return Math.min(4, 1 + Math.floor(ratio * 4));
+  }
+
+  function ms(seconds) {
+    const v = seconds * 1000;
+    return (v < 10 ? v.toFixed(1) : Math.round(v).toString()) + " ms";
+  }
+
+  function ago(ts) {
+    if (!ts) return "";
+    const s = Math.max(0, Date.now() / 1000 + state.clockOffset - ts);
+    if (s < 60) return Math.floor(s) + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min";
+    return Math.floor(s / 3600) + " h";
+  }
+
+  // --- rendering ------------------------------------------------------------------------
+
+  function renderServers(status) {
+    const snap = status.snapshot;
+    const byName = new Map();
+    if (snap) for (const n of snap.nodes) byName.set(n.name, n);
+    const links = status.links || {};
+    for (const [name, g] of servers) {
+      const n = byName.get(name);
+      const stats = g.querySelector("text.stats");
+      const bar = g.querySelector("rect.bar");
+      const barMax = parseFloat(g.querySelector("rect.bar-bg").getAttribute("width"));
+      g.dataset.link = links[name] ? "up" : "down";
+      g.classList.remove("missing", "unknown", "lvl-0", "lvl-1", "lvl-2", "lvl-3", "lvl-4", "lvl-5");
+      let tip;
+      if (n) {
+        const lvl = loadLevel(n.running, n.queued, n.cpus);
+        g.classList.add("lvl-" + lvl);
+        g.dataset.running = n.running;
+        g.dataset.queued = n.queued;
+        g.dataset.cpus = n.cpus;
+        g.dataset.missing = "false";
+        g.dataset.level = lvl;
+        stats.textContent = `run ${n.running}/${n.cpus} · q ${n.queued}`;
+        const ratio = Math.min(1, n.pressure / (overloadPercent / 100));
+        bar.setAttribute("width", (barMax * ratio).toFixed(1));
+        tip = `${name}\ncpus ${n.cpus} · running ${n.running} · queued ${n.queued}` +
+          ` · reserved ${n.reserved}\ncompleted ${n.completed}` +
+          `\npressure ${Math.round(n.pressure * 100)}% (overloaded at ${overloadPercent}%)` +
+          `\nEcho parent: ${n.echo_parent || "–"}`;
+      } else {
+        g.classList.add(snap ? "missing" : "unknown");
+        g.dataset.running = "";
+        g.dataset.queued = "";
+        g.dataset.missing = "true";
+        g.dataset.level = "";
+        stats.textContent = snap ? "no reply" : "waiting…";
+        bar.setAttribute("width", "0");
+        tip = `${name}\nmissing from the last Echo wave`;
+      }
+      tip += `\nlink from the balancer: ${links[name] ? "up" : "down"}`;
+      g.querySelector("title").textContent = tip;
+    }
+    const pairs = new Set();
+    if (snap) {
+      for (const n of snap.nodes) {
+        if (n.echo_parent) pairs.add([n.echo_parent, n.name].sort().join("|"));
+      }
+    }
+    for (const e of edges) {
+      const key = [e.dataset.a, e.dataset.b].sort().join("|");
+      e.classList.toggle("echo", pairs.has(key));
+    }
+
+    // summary and the Echo line
+    const nodes = snap ? snap.nodes : [];
+    $("sum-servers").textContent = `${nodes.length}/${servers.size}`;
+    $("sum-running").textContent = nodes.reduce((a, n) => a + n.running, 0);
+    $("sum-queued").textContent = nodes.reduce((a, n) => a + n.queued, 0);
+    $("sum-pressure").textContent = nodes.length
+      ? Math.round(Math.max(...nodes.map((n) => n.pressure)) * 100) + "%" : "–";
+    const line = $("echo-line");
+    line.replaceChildren();
+    if (!snap) {
+      line.append("No Echo snapshot yet.");
+    } else {
+      line.append("Last Echo ", el("code", {}, snap.wave_id), ": ");
+      if (snap.complete) line.append(el("span", { class: "ok" }, "complete"));
+      else line.append(el("span", { class: "bad" }, "partial, missing " + snap.missing.join(", ")));
+      line.append(` · ${snap.messages} messages · ${ms(snap.duration_s)} · ${ago(snap.finished_at)} ago`);
+    }
+  }
+
+  function renderWaves() {
+    const body = $("waves-body");
+    const showLive = $("show-live").checked;
+    const rows = state.waves.filter((w) => showLive || !w.live).slice(0, MAX_WAVES);
+    body.replaceChildren();
+    if (!rows.length) {
+      body.append(el("tr", { class: "empty" }, el("td", { colspan: "5" },
+        showLive ? "no waves yet" : "no waves yet (tick the box to see the page's own Echoes)")));
+      return;
+    }
+    for (const w of rows) {
+      const alg = el("span", { class: `alg alg-${w.algorithm}${w.live ? " live" : ""}`,
+        title: w.wave_id + (w.live ? " (page refresh)" : "") }, w.algorithm);
+      const result = w.complete
+        ? el("span", { class: "ok" }, "complete")
+        : el("span", { class: "bad" }, "partial: missing " + (w.missing.join(", ") || "?"));
+      body.append(el("tr", { "data-wave": w.wave_id },
+        el("td", {}, alg), el("td", {}, result),
+        el("td", { class: "num" }, w.messages), el("td", { class: "num" }, ms(w.duration_s)),
+        el("td", { class: "num ago", "data-ts": w.finished_at }, ago(w.finished_at))));
+    }
+  }
+
+  const MAX_MOVES = 8;
+
+  function renderMoves() {
+    const list = $("moves");
+    list.replaceChildren();
+    if (!state.moves.length) {
+      list.append(el("li", { class: "empty" }, "no tasks moved yet"));
+    }
+    for (const m of state.moves.slice(0, MAX_MOVES)) {
+      list.append(el("li", {}, el("b", {}, m.source), " → ", el("b", {}, m.target),
+        `: ${m.tasks} task${m.tasks === 1 ? "" : "s"}`));
+    }
+    const more = state.moves.length - MAX_MOVES;
+    const total = state.moves.reduce((a, m) => a + m.tasks, 0);
+    const notes = [];
+    if (more > 0) notes.push(`and ${more} more move${more === 1 ? "" : "s"}`);
+    if (state.moves.length) notes.push(`${total} task${total === 1 ? "" : "s"} in all`);
+    if (state.movesAt) notes.push(`${ago(state.movesAt)} ago`);
+    if (notes.length) list.append(el("li", { class: "moves-when" }, notes.join(" · ")));
+  }
+
+  function applyStatus(status) {
+    if (typeof status.server_time === "number") {
+      state.clockOffset = status.server_time - Date.now() / 1000;
+    }
+    state.waves = status.waves || [];
+    state.moves = status.moves || [];
+    state.movesAt = status.last_rebalance_at || null;
+    renderServers(status);
+    renderWaves();
+    renderMoves();
+    document.body.dataset.snapshots = String((parseInt(document.body.dataset.snapshots, 10) || 0) + 1);
+  }
+
+  // --- messages -------------------------------------------------------------------------
+
+  function showError(message) {
+    $("error-text").textContent = message;
+    $("error").hidden = false;
+    $("notice").hidden = true;
+  }
+
+  function showNotice(message) {
+    $("notice").textContent = message;
+    $("notice").hidden = false;
+    $("error").hidden = true;
+  }
+
+  $("error-close").addEventListener("click", () => { $("error").hidden = true; });
+
+  // --- live updates ---------------------------------------------------------------------
+
+  function connect() {
+    const conn = $("conn");
+    const es = new EventSource("/api/events");
+    es.addEventListener("open", () => {
+      conn.textContent = "live";
+      conn.className = "conn conn-on";
+    });
+    es.addEventListener("error", () => {
+      conn.textContent = es.readyState === EventSource.CLOSED ? "disconnected" : "reconnecting…";
+      conn.className = "conn conn-off";
+    });
+    es.addEventListener("snapshot", (ev) => applyStatus(JSON.parse(ev.data)));
+    es.addEventListener("wave", (ev) => {
+      const w = JSON.parse(ev.data);
+      state.waves = [w, ...state.waves.filter((x) => x.wave_id !== w.wave_id)].slice(0, 40);
+      renderWaves();
+    });
+    es.addEventListener("moves", (ev) => {
+      state.moves = JSON.parse(ev.data).moves || [];
+      state.movesAt = Date.now() / 1000 + state.clockOffset;
+      renderMoves();
+    });
+  }
+
+  setInterval(() => {
+    document.querySelectorAll("#waves-body td.ago").forEach((td) => {
+      td.textContent = ago(parseFloat(td.dataset.ts));
+    });
+  }, 1000);
+
+  // --- actions --------------------------------------------------------------------------
+
+  async function api(method, path, body) {
+    let resp;
+    try {
+      resp = await fetch(path, {
+        method,
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (err) {
+      throw new Error(`${method} ${path}: network error, cannot reach the balancer (${err.message})`);
+    }
+    const text = await resp.text();
+    let data = null;
+    try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
+    if (!resp.ok) {
+      const detail = (data && data.error) || text.trim() || resp.statusText;
+      throw new Error(`${method} ${path} failed (HTTP ${resp.status}): ${detail}`);
+    }
+    return data;
+  }
+
+  // Empty fields are left out (the server applies its defaults or says what is missing);
+  // anything else goes as typed, so the server's validation speaks for itself.
+  function numberField(id) {
+    const input = $(id);
+    const raw = input.value.trim();
+    if (raw === "") {
+      // A number input reports "" for text it cannot parse, too.
+      return input.validity && input.validity.badInput ? NaN : undefined;
+    }
+    return Number(raw);
+  }
+
+  function withBody(fields) {
+    const body = {};
+    for (const [k, v] of Object.entries(fields)) {
+      if (v === undefined) continue;
+      if (Number.isNaN(v)) throw new Error(`${k}: not a number`);
+      body[k] = v;
+    }
+    return body;
+  }
+
+  async function run(button, action) {
+    button.disabled = true;
+    try {
+      showNotice(await action());
+    } catch (err) {
+      showError(err.message);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  $("finn-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    run($("finn-button"), async () => {
+      const body = withBody({
+        tasks_per_node: numberField("finn-tasks"),
+        duration_s: numberField("finn-duration"),
+      });
+      const r = await api("POST", "/api/finn", body);
+      const outcome = r.complete ? "complete" : `partial (missing ${r.missing.join(", ")})`;
+      return `Finn wave ${r.wave_id} ${outcome}: ${r.decided.length} servers took ` +
+        `${r.tasks_per_node} task${r.tasks_per_node === 1 ? "" : "s"} each · ` +
+        `${r.messages} messages · ${ms(r.duration_s)}`;
+    });
+  });
+
+  $("submit-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    run($("submit-button"), async () => {
+      const body = withBody({ node: $("submit-node").value, count: numberField("submit-count") });
+      const r = await api("POST", "/api/tasks", body);
+      return `${r.accepted} task${r.accepted === 1 ? "" : "s"} queued at ${r.node}`;
+    });
+  });
+
+  $("rebalance-button").addEventListener("click", () => {
+    run($("rebalance-button"), async () => {
+      const r = await api("POST", "/api/rebalance", {});
+      const moved = r.moves.reduce((a, m) => a + m.tasks, 0);
+      const partial = r.complete ? "" : ` (partial: missing ${r.missing.join(", ")})`;
+      if (r.moves.length) {
+        state.moves = r.moves;
+        state.movesAt = Date.now() / 1000 + state.clockOffset;
+        renderMoves();
+      }
+      return `Rebalance: ${moved} task${moved === 1 ? "" : "s"} moved in ${r.moves.length} ` +
+        `move${r.moves.length === 1 ? "" : "s"}; max pressure ` +
+        `${Math.round(r.max_pressure_before * 100)}% → ${Math.round(r.max_pressure_after * 100)}%` +
+        partial;
+    });
+  });
+
+  $("show-live").addEventListener("change", renderWaves);
+
+  // --- start ----------------------------------------------------------------------------
+
+  try {
+    applyStatus(JSON.parse($("tw-initial").textContent));
+  } catch (err) {
+    showError("could not read the initial state: " + err.message);
+  }
+  if (window.EventSource) connect();
+  else showError("this browser has no EventSource: the page will not update live");
+})();

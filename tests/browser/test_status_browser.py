@@ -1,0 +1,224 @@
+"""The status page in a real headless Chromium against a real cluster (one process per
+server plus the balancer). Screenshots go to artifacts/ (status-page.png, status-page-30.png).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from core.randomtree import TreeShape, random_topology
+from core.topology import ServerSpec, Settings, Topology
+from generator.words import random_names
+
+pytestmark = pytest.mark.browser
+
+T = TypeVar("T")
+VIEWPORT = {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False}
+
+# Every cpu starts busy with a long task, so tasks added later stay queued.
+SMALL = Topology.from_servers(
+    [
+        ServerSpec(name="aurora", cpus=2, tasks=2, children=("birch", "cedar")),
+        ServerSpec(name="birch", cpus=1, tasks=1, children=("delta", "ember")),
+        ServerSpec(name="cedar", cpus=2, tasks=2, children=("ember", "fjord")),
+        ServerSpec(name="delta", cpus=1, tasks=1),
+        ServerSpec(name="ember", cpus=2, tasks=2),
+        ServerSpec(name="fjord", cpus=1, tasks=1),
+    ],
+    Settings(task_time_s=900, rebalance_interval_s=0, wave_timeout_s=3),
+)
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) -> T:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+        except Exception as exc:  # a DOM mid-update; try again
+            last = exc
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what} (last probe: {last!r})")
+
+
+SERVERS_JS = """
+return Array.from(document.querySelectorAll('#tree g.server')).map(g => ({
+  name: g.dataset.name,
+  queued: g.dataset.queued === '' ? null : Number(g.dataset.queued),
+  running: g.dataset.running === '' ? null : Number(g.dataset.running),
+  missing: g.dataset.missing === 'true',
+  text: g.textContent,
+  cls: g.getAttribute('class'),
+}));
+"""
+
+
+def servers_on_page(driver: Any) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in driver.execute_script(SERVERS_JS)}
+
+
+def open_page(driver: Any, url: str) -> None:
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", VIEWPORT)
+    driver.get(url)
+
+
+def all_reported(driver: Any, names: set[str]) -> dict[str, dict[str, Any]] | None:
+    shown = servers_on_page(driver)
+    if set(shown) != names or any(s["missing"] for s in shown.values()):
+        return None
+    return shown
+
+
+def test_page_shows_the_cluster_and_finn_raises_every_queue(
+    driver: Any, start_cluster: Callable[..., Any], tmp_path: Path, artifacts: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    small_cluster = start_cluster(SMALL, tmp_path / "cluster")
+    names = set(SMALL.names)
+    open_page(driver, small_cluster.url)
+    before = wait_for("every server on the page", lambda: all_reported(driver, names))
+    for name, s in before.items():
+        assert name in s["text"]
+        assert s["queued"] is not None
+    assert "live" in driver.find_element(By.ID, "conn").text
+
+    tasks = driver.find_element(By.ID, "finn-tasks")
+    tasks.clear()
+    tasks.send_keys("2")
+    driver.find_element(By.ID, "finn-button").click()
+
+    def risen() -> dict[str, dict[str, Any]] | None:
+        now = all_reported(driver, names)
+        if now is None:
+            return None
+        ok = all(now[n]["queued"] >= before[n]["queued"] + 2 for n in names)
+        return now if ok else None
+
+    after = wait_for("every queued count to rise by 2", risen, timeout=20)
+    for name in names:
+        assert f"q {after[name]['queued']}" in after[name]["text"]
+    notice = driver.find_element(By.ID, "notice")
+    assert notice.is_displayed()
+    assert "Finn wave" in notice.text
+    assert "complete" in notice.text
+    wait_for(
+        "the Finn wave in the wave list",
+        lambda: "FINN" in driver.find_element(By.ID, "waves-body").text.upper(),
+    )
+
+    # A bad request: the balancer's error is shown in the page, not swallowed.
+    count = driver.find_element(By.ID, "submit-count")
+    count.clear()
+    count.send_keys("0")
+    Select(driver.find_element(By.ID, "submit-node")).select_by_value("delta")
+    driver.find_element(By.ID, "submit-button").click()
+    error = driver.find_element(By.ID, "error")
+    wait_for("the error area", error.is_displayed, timeout=10)
+    text = driver.find_element(By.ID, "error-text").text
+    assert "HTTP 422" in text, text
+    assert "count" in text, text
+    assert "/api/tasks" in text, text
+
+    # And a good one still works after it.
+    count.clear()
+    count.send_keys("3")
+    driver.find_element(By.ID, "submit-button").click()
+    wait_for(
+        "delta's queue to grow by 3",
+        lambda: (servers_on_page(driver)["delta"]["queued"] or 0) >= after["delta"]["queued"] + 3,
+        timeout=15,
+    )
+    assert not driver.find_element(By.ID, "error").is_displayed()
+
+    # Show the error once more for the screenshot, so it documents the error area too.
+    count.clear()
+    count.send_keys("0")
+    driver.find_element(By.ID, "submit-button").click()
+    wait_for("the error area", error.is_displayed, timeout=10)
+    driver.save_screenshot(str(artifacts / "status-page.png"))
+
+
+def test_page_with_30_servers_is_readable_and_greys_out_a_lost_server(
+    driver: Any, start_cluster: Callable[..., Any], tmp_path: Path, artifacts: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    topo = random_topology(
+        30,
+        seed=11,
+        shape=TreeShape(max_children=3, extra_parents=4, cpus=(2, 4), tasks=(0, 5)),
+        names=random_names(30, 11),
+        settings=Settings(task_time_s=900, rebalance_interval_s=0, wave_timeout_s=2),
+    )
+    names = set(topo.names)
+    cluster = start_cluster(topo, tmp_path / "cluster30", timeout_s=150)
+    open_page(driver, cluster.url)
+    wait_for("all 30 servers reported", lambda: all_reported(driver, names), timeout=60)
+
+    # Readable at 1280x800: the whole tree on screen, no overlaps, names not tiny.
+    boxes = driver.execute_script(
+        """
+        return Array.from(document.querySelectorAll('#tree g.server')).map(g => {
+          const r = g.querySelector('rect.box').getBoundingClientRect();
+          const t = g.querySelector('text.name').getBoundingClientRect();
+          return {name: g.dataset.name, x: r.x, y: r.y, w: r.width, h: r.height,
+                  textH: t.height, textW: t.width};
+        });"""
+    )
+    assert len(boxes) == 30
+    for b in boxes:
+        assert b["x"] >= 0
+        assert b["y"] >= 0
+        assert b["x"] + b["w"] <= 1280, b
+        assert b["y"] + b["h"] <= 800, b
+        assert b["textH"] >= 11, f"name text too small: {b}"
+        assert b["textW"] <= b["w"], f"name overflows its box: {b}"
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            apart = (
+                a["x"] + a["w"] <= b["x"]
+                or b["x"] + b["w"] <= a["x"]
+                or a["y"] + a["h"] <= b["y"]
+                or b["y"] + b["h"] <= a["y"]
+            )
+            assert apart, f"{a['name']} overlaps {b['name']}"
+
+    # Rebalance from the page: the moves appear in the page.
+    driver.find_element(By.ID, "rebalance-button").click()
+    notice = driver.find_element(By.ID, "notice")
+    wait_for("the rebalance result", lambda: "Rebalance" in notice.text, timeout=30)
+    moved = "0 tasks moved" not in notice.text
+    if moved:
+        wait_for(
+            "the moves list",
+            lambda: "→" in driver.find_element(By.ID, "moves").text,
+            timeout=10,
+        )
+
+    # Lose a leaf: the next snapshot is partial and the page greys that server out.
+    lost = topo.leaves[-1]
+    cluster.stop_server(lost)
+    wait_for(
+        f"{lost} greyed out",
+        lambda: (
+            servers_on_page(driver)[lost]["missing"]
+            and "missing" in servers_on_page(driver)[lost]["cls"]
+        ),
+        timeout=30,
+    )
+    shown = servers_on_page(driver)
+    assert all(not shown[n]["missing"] for n in names - {lost})
+    assert "no reply" in shown[lost]["text"]
+    line = driver.find_element(By.ID, "echo-line").text
+    assert "partial" in line
+    assert lost in line
+    driver.save_screenshot(str(artifacts / "status-page-30.png"))
