@@ -19,12 +19,12 @@ NAME ...`, so `ps` tells them apart by name). The supervisor:
 How nothing outlives it:
 
 - Each child runs in its own process group, so a Ctrl-C at the terminal reaches only the
-  supervisor, which then stops the children in order; signals go to the whole group.
+  supervisor, which then stops the children itself; signals go to the whole group.
 - On Linux each child asks the kernel (`prctl(PR_SET_PDEATHSIG, SIGKILL)`, from a
   `preexec_fn`) to be killed when its parent goes, so even a SIGKILLed supervisor leaves no
-  server behind (only its temporary directory). Two caveats shape the code: the death
-  signal fires when the *thread* that forked the child exits, and `preexec_fn` is unsafe
-  when other threads exist. The supervisor therefore has exactly one thread and forks every
+  server behind (only its run directory, which the next `treewave run` removes). Two
+  caveats shape the code: the death signal fires when the *thread* that forked the child
+  exits, and `preexec_fn` is unsafe when other threads exist. The supervisor therefore has exactly one thread and forks every
   child from it (no executor, no asyncio child watcher). `prctl` is looked up before
   forking, and the child checks that its parent did not die before the `prctl` took effect.
   The servers persist their queues as they change, so SIGKILL loses nothing queued.
@@ -54,6 +54,7 @@ from types import FrameType
 from typing import Any, Literal, TextIO
 
 from cli.main import CommandError
+from core.secretfile import ensure_secret
 from core.topology import Topology, TopologyError, load_topology
 
 HOST = "127.0.0.1"
@@ -65,6 +66,8 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 10.0
 STABLE_S = 10.0
 """A child that ran at least this long before dying restarts after the shortest backoff."""
+RUN_DIR_PREFIX = "treewave-run-"
+PID_FILE = "supervisor.pid"
 START_ATTEMPTS = 3
 """While starting, a child that dies this many times in a row (each within `STABLE_S`)
 makes `treewave run` give up instead of retrying forever."""
@@ -400,7 +403,20 @@ class Supervisor:
         logs.mkdir(exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         base = child_command()
-        common = ["--topology", str(self.topology_path), "--host", HOST, "--peers", str(peers_file)]
+        # A fresh link secret per run: servers accept links only from neighbours and the
+        # balancer that prove it.
+        secret_file = self.run_dir / "secret"
+        ensure_secret(secret_file)
+        common = [
+            "--topology",
+            str(self.topology_path),
+            "--host",
+            HOST,
+            "--peers",
+            str(peers_file),
+            "--secret-file",
+            str(secret_file),
+        ]
         for name, port in zip(names, ports, strict=True):
             argv = [
                 *base,
@@ -621,7 +637,24 @@ class Supervisor:
         return 0
 
 
+def sweep_stale_run_dirs() -> None:
+    """Remove run directories left by supervisors that were killed (SIGKILL cannot be
+    caught, so they could not clean up): only those whose recorded supervisor is gone."""
+    for path in Path(tempfile.gettempdir()).glob(RUN_DIR_PREFIX + "*"):
+        try:
+            pid = int((path / PID_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not ours, or still being set up
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            continue  # somebody else's live process
+
+
 def run(args: argparse.Namespace) -> int:
+    sweep_stale_run_dirs()
     try:
         topology = load_topology(args.topology)
     except TopologyError as exc:
@@ -629,7 +662,8 @@ def run(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
-    run_dir = Path(tempfile.mkdtemp(prefix="treewave-run-"))
+    run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+    (run_dir / PID_FILE).write_text(f"{os.getpid()}\n", encoding="utf-8")
     try:
         supervisor = Supervisor(
             topology=topology,
