@@ -76,6 +76,9 @@ class WaveRecord:
     messages: int
     duration_s: float
     finished_at: float
+    trigger: str = "api"
+    """Who asked: "api", "rebalance" or "status" (the page's refreshes stay out of the
+    history so they do not push real waves out of it)."""
     states: tuple[ServerState, ...] = ()
     decided: tuple[str, ...] = ()
 
@@ -88,6 +91,7 @@ class WaveRecord:
             "messages": self.messages,
             "duration_s": round(self.duration_s, 6),
             "finished_at": self.finished_at,
+            "trigger": self.trigger,
         }
 
 
@@ -199,7 +203,7 @@ class Balancer:
 
     # --- waves ---------------------------------------------------------------------------------
 
-    async def run_echo(self) -> WaveRecord:
+    async def run_echo(self, trigger: str = "api") -> WaveRecord:
         wave = self.new_id("echo")
         init = EchoInitiator(wave, self.topology.root, self.names)
         started = time.monotonic()
@@ -215,6 +219,7 @@ class Balancer:
             duration_s=time.monotonic() - started,
             finished_at=time.time(),
             states=result.states,
+            trigger=trigger,
         )
         self._record(record)
         if result.states:
@@ -266,7 +271,8 @@ class Balancer:
         self.metrics.waves.labels(record.algorithm, outcome).inc()
         self.metrics.wave_duration.labels(record.algorithm).observe(record.duration_s)
         self.metrics.wave_messages.labels(record.algorithm).inc(record.messages)
-        self.history.appendleft(record)
+        if record.trigger != "status":
+            self.history.appendleft(record)
         if not record.complete:
             log.warning(
                 "%s wave %s partial, missing %s", record.algorithm, record.wave_id, record.missing
@@ -393,13 +399,13 @@ class Balancer:
 
     async def rebalance(self) -> dict[str, Any]:
         async with self.rebalance_lock:
-            before = await self.run_echo()
+            before = await self.run_echo("rebalance")
             loads = loads_of(before.states)
             moves = plan_moves(loads)
             self.metrics.rebalance_runs.inc()
             self.metrics.rebalance_moves.inc(len(moves))
             moved = await asyncio.gather(*(self._move(m) for m in moves))
-            after = await self.run_echo() if moves else before
+            after = await self.run_echo("rebalance") if moves else before
             done = [
                 {"source": m.source, "target": m.target, "tasks": n}
                 for m, n in zip(moves, moved, strict=True)
@@ -500,13 +506,14 @@ def tree_json(record: WaveRecord, topology: Topology) -> dict[str, Any]:
 
 
 class FinnRequest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Strict: `"2"`, `true` or `2.0` for a count is a wrong type, not 2 or 1.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
     tasks_per_node: int = Field(default=1, ge=0, le=10_000)
     duration_s: float | None = Field(default=None, gt=0, le=3600)
 
 
 class SubmitRequest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
     node: str = Field(min_length=1, max_length=63)
     count: int = Field(ge=1, le=100_000)
     duration_s: float | None = Field(default=None, gt=0, le=3600)
@@ -612,7 +619,10 @@ async def count_errors(request: web.Request, handler: Handler) -> web.StreamResp
             name = route.canonical if route is not None else "unmatched"
             request.app[BALANCER_KEY].metrics.api_errors.labels(name, str(exc.status)).inc()
             if exc.content_type != "application/json":
-                exc.text = _error_text(exc.reason)
+                detail = (exc.text or "").strip()
+                if not detail or detail.startswith(f"{exc.status}:"):
+                    detail = f"{exc.reason}: {request.method} {request.path}"
+                exc.text = _error_text(detail)
                 exc.content_type = "application/json"
         raise
 

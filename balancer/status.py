@@ -300,7 +300,7 @@ class StatusHub:
         await asyncio.wait({self._fresh}, timeout=wait_s)
 
     async def _live_echo(self) -> None:
-        record = await self.balancer.run_echo()
+        record = await self.balancer.run_echo(trigger="status")
         # `run_echo` published its wave event synchronously; the pump has not run yet,
         # so marking the id now still classifies that event as the page's own.
         self.live_ids.append(record.wave_id)
