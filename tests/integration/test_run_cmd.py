@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -190,9 +191,15 @@ class RunProcess:
         return code
 
     def kill_everything(self) -> None:
+        """Teardown: a graceful stop if it still runs (so it removes its run directory),
+        SIGKILL if that fails, then SIGKILL any child that survived (there should be none)."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         for pid in self.seen_pids:
             if any("--name" in a or a == "balancer" for a in cmdline(pid)):
                 with contextlib.suppress(ProcessLookupError):
@@ -385,12 +392,21 @@ def test_children_die_with_a_sigkilled_supervisor(
             break
         time.sleep(0.05)
     assert not alive, f"children outlived their supervisor: {alive}"
-    # The temporary run directory stays behind (nothing runs to remove it).
+    # Its run directory stays behind (nothing ran to remove it); the next run sweeps it.
     logs = re.search(r"logs\s+(\S+)", run.output)
-    if logs:
-        import shutil
-
-        shutil.rmtree(Path(logs[1]).parent, ignore_errors=True)
+    assert logs is not None
+    stale = Path(logs[1]).parent
+    assert (stale / "supervisor.pid").is_file()
+    subprocess.run(
+        [*treewave_command(), "run", "--topology", str(tmp_path / "nope.json")],
+        capture_output=True,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
+    if stale.exists():
+        shutil.rmtree(stale, ignore_errors=True)
+        pytest.fail(f"the stale run directory {stale} was not swept")
 
 
 def test_a_bad_topology_lists_every_problem_and_starts_nothing(tmp_path: Path) -> None:
