@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.parse
@@ -319,6 +320,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--timeout",
         type=_positive_float,
         default=30.0,
+        metavar="S",
         help="seconds to wait for an answer (default: 30)",
     )
 
@@ -358,10 +360,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "status",
         help="show the tree with each server's load",
-        description="Run an Echo wave through the balancer and print the tree with a load bar "
-        "per server (█ running, ▓ queued, ░ free cpus; + when queued work exceeds the "
-        "cpus) and a summary line. A server with several parents is drawn under the first "
-        "and referenced (↑) under the others.",
+        description=textwrap.fill(
+            "Run an Echo wave through the balancer and print the tree with a load bar "
+            "per server (█ running, ▓ queued, ░ free cpus; + when queued work exceeds the "
+            "cpus) and a summary line. A server with several parents is drawn under the first "
+            "and referenced (↑) under the others.",
+            88,
+        ),
         formatter_class=fmt,
         epilog="examples:\n  treewave status\n  treewave status --watch 1\n"
         "  treewave status --json --balancer http://127.0.0.1:9000",
@@ -382,7 +387,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "submit",
         help="add tasks to one server",
-        description="Queue COUNT tasks on one server (through the balancer).",
+        description=textwrap.fill("Queue COUNT tasks on one server (through the balancer).", 88),
         formatter_class=fmt,
         epilog="example:\n  treewave submit --node aurora --count 20 --duration 1.5",
     )
@@ -401,8 +406,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "finn",
         help="start a Finn wave that gives every server K tasks",
-        description="Run a Finn wave: every server enqueues K tasks when it decides. Exit "
-        "code 1 when the wave is partial (some server did not decide in time).",
+        description=textwrap.fill(
+            "Run a Finn wave: every server enqueues K tasks when it decides. Exit "
+            "code 1 when the wave is partial (some server did not decide in time).",
+            88,
+        ),
         formatter_class=fmt,
         epilog="example:\n  treewave finn --tasks-per-node 3",
     )
@@ -426,8 +434,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "rebalance",
         help="rebalance queued tasks now",
-        description="Snapshot the tree with Echo, move queued tasks from the most pressed "
-        "servers to the idlest, and report the moves and the max pressure before and after.",
+        description=textwrap.fill(
+            "Snapshot the tree with Echo, move queued tasks from the most pressed "
+            "servers to the idlest, and report the moves and the max pressure before and after.",
+            88,
+        ),
         formatter_class=fmt,
         epilog="example:\n  treewave rebalance --balancer http://127.0.0.1:7999",
     )

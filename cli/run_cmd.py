@@ -24,9 +24,10 @@ How nothing outlives it:
   `preexec_fn`) to be killed when its parent goes, so even a SIGKILLed supervisor leaves no
   server behind (only its run directory, which the next `treewave run` removes). Two
   caveats shape the code: the death signal fires when the *thread* that forked the child
-  exits, and `preexec_fn` is unsafe when other threads exist. The supervisor therefore has exactly one thread and forks every
-  child from it (no executor, no asyncio child watcher). `prctl` is looked up before
-  forking, and the child checks that its parent did not die before the `prctl` took effect.
+  exits, and `preexec_fn` is unsafe when other threads exist. The supervisor therefore has
+  exactly one thread and forks every child from it (no executor, no asyncio child
+  watcher). `prctl` is looked up before forking, and the child checks that its parent did
+  not die before the `prctl` took effect.
   The servers persist their queues as they change, so SIGKILL loses nothing queued.
 """
 
@@ -44,6 +45,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -89,9 +91,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
         help="run the whole cluster as local processes (no Docker)",
-        description="Start every server of the topology and the balancer as local processes "
-        "on 127.0.0.1, wait until they are healthy, print the URLs and supervise them: a "
-        "child that dies is restarted; Ctrl-C or SIGTERM stops them all.",
+        description=textwrap.fill(
+            "Start every server of the topology and the balancer as local processes "
+            "on 127.0.0.1, wait until they are healthy, print the URLs and supervise them: a "
+            "child that dies is restarted; Ctrl-C or SIGTERM stops them all.",
+            88,
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLE,
     )
@@ -99,18 +104,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--topology",
         type=Path,
         default=Path("topology.json"),
+        metavar="FILE",
         help="topology file (default: topology.json)",
     )
     p.add_argument(
         "--port",
         type=_port,
         default=DEFAULT_PORT,
+        metavar="PORT",
         help=f"balancer port: API, status page, metrics (default: {DEFAULT_PORT})",
     )
     p.add_argument(
         "--base-port",
         type=_port,
         default=DEFAULT_BASE_PORT,
+        metavar="PORT",
         help="first server port; servers take consecutive free ports from here "
         f"(default: {DEFAULT_BASE_PORT})",
     )
@@ -118,6 +126,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--state-dir",
         type=Path,
         default=None,
+        metavar="DIR",
         help="where servers keep their queues across restarts (default: a temporary "
         "directory removed on exit)",
     )
@@ -125,24 +134,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--rebalance-interval",
         type=_non_negative_float,
         default=None,
+        metavar="S",
         help="seconds between rebalancing rounds, 0 = off (default: the topology's setting)",
     )
     p.add_argument(
         "--wave-timeout",
         type=_positive_float,
         default=None,
+        metavar="S",
         help="wave deadline in seconds (default: the topology's setting)",
     )
     p.add_argument(
         "--ready-timeout",
         type=_positive_float,
         default=60.0,
+        metavar="S",
         help="give up if the cluster is not ready after this many seconds (default: 60)",
     )
     p.add_argument(
         "--grace",
         type=_non_negative_float,
         default=5.0,
+        metavar="S",
         help="seconds a child gets to stop after SIGTERM before SIGKILL (default: 5)",
     )
     p.add_argument(
