@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,14 @@ def treewave(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 
 def loads(run: RunProcess) -> dict[str, dict[str, Any]]:
-    tree = get_json(run.balancer_url + "/api/tree")
+    """Every server's load from a complete Echo wave (retried: on a loaded host a link may
+    be re-dialling for a moment)."""
+    deadline = time.monotonic() + 30
+    while True:
+        tree = get_json(run.balancer_url + "/api/tree")
+        if tree["complete"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert tree["complete"], tree
     return {n["name"]: n for n in tree["nodes"]}
 

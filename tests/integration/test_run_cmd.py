@@ -32,7 +32,7 @@ READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
 
 TOPOLOGY: dict[str, Any] = {
-    "settings": {"task_time_s": 0.2, "rebalance_interval_s": 0, "wave_timeout_s": 3},
+    "settings": {"task_time_s": 0.2, "rebalance_interval_s": 0, "wave_timeout_s": 10},
     "servers": [
         {"name": "alpha", "cpus": 2, "children": ["beta", "gamma"]},
         {"name": "beta", "cpus": 1, "children": ["delta"]},
