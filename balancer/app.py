@@ -42,6 +42,7 @@ from core.messages import (
     ServerState,
     SubmitTasks,
     Task,
+    TasksAccepted,
     TransferAbort,
     TransferCancel,
     TransferCommit,
@@ -184,10 +185,11 @@ class Balancer:
             if result is not None and not pending.done.done():
                 pending.done.set_result(result)
             return
-        if isinstance(msg, (TransferPrepared, TransferOutcome, TransferSettled)):
-            fut = self.replies.get((msg.type, msg.transfer))
+        if isinstance(msg, (TransferPrepared, TransferOutcome, TransferSettled, TasksAccepted)):
+            key = msg.first if isinstance(msg, TasksAccepted) else msg.transfer
+            fut = self.replies.get((msg.type, key))
             if fut is None or fut.done():
-                raise StaleMessage(f"unexpected {msg.type} for transfer {msg.transfer}")
+                raise StaleMessage(f"unexpected {msg.type} for {key}")
             fut.set_result(msg)
             return
         if isinstance(msg, TransferReservations):
@@ -446,11 +448,34 @@ class Balancer:
         duration = duration_s or self.topology.settings.task_time_s
         batch = self.new_id("t")
         tasks = tuple(Task(id=f"{batch}.{i}", duration_s=duration) for i in range(count))
-        if not await self.links.send(node, SubmitTasks(tasks=tasks)):
-            raise web.HTTPServiceUnavailable(
-                text=_error_text(f"server {node!r} is not connected; nothing was queued"),
-                content_type="application/json",
-            )
+        # Answered only once the server confirms the tasks are queued and on disk: a
+        # server dying with the submission unread must not leave them acknowledged.
+        key = ("tasks.accepted", tasks[0].id)
+        fut: asyncio.Future[MessageModel] = asyncio.get_running_loop().create_future()
+        self.replies[key] = fut
+        try:
+            if not await self.links.send(node, SubmitTasks(tasks=tasks)):
+                raise web.HTTPServiceUnavailable(
+                    text=_error_text(f"server {node!r} is not connected; nothing was queued"),
+                    content_type="application/json",
+                )
+            try:
+                await asyncio.wait_for(fut, self.settings.step_timeout_s)
+            except TimeoutError:
+                raise web.HTTPGatewayTimeout(
+                    text=json.dumps(
+                        {
+                            "error": f"server {node!r} did not confirm the tasks; they may "
+                            "or may not be queued there",
+                            "node": node,
+                            "first_task": tasks[0].id,
+                            "last_task": tasks[-1].id,
+                        }
+                    ),
+                    content_type="application/json",
+                ) from None
+        finally:
+            self.replies.pop(key, None)
         return [t.id for t in tasks]
 
     # --- live updates ----------------------------------------------------------------------------

@@ -128,6 +128,15 @@ class SubmitTasks(Model):
     tasks: tuple[Task, ...] = Field(max_length=100_000)
 
 
+class TasksAccepted(Model):
+    """Server -> balancer: a `tasks.submit` (named by its first task id) is queued and on
+    disk; `added` of its tasks were new (a repeated submission adds none)."""
+
+    type: Literal["tasks.accepted"] = "tasks.accepted"
+    first: TaskId
+    added: Count
+
+
 class TransferPrepare(Model):
     """Balancer -> donor: reserve up to `count` queued tasks for `target`."""
 
@@ -218,6 +227,7 @@ Message = Annotated[
     | EchoReply
     | FinnSets
     | SubmitTasks
+    | TasksAccepted
     | TransferPrepare
     | TransferPrepared
     | TransferDeliver

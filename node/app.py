@@ -37,6 +37,7 @@ from core.messages import (
     ServerState,
     SubmitTasks,
     Task,
+    TasksAccepted,
     TransferAbort,
     TransferCancel,
     TransferCommit,
@@ -247,7 +248,8 @@ class Server:
             self.metrics.submitted.inc(added)
             self.save()
             self.wakeup.set()
-            return []
+            # Confirmed only once on disk: the API answers 202 on this.
+            return [TasksAccepted(first=msg.tasks[0].id, added=added)] if msg.tasks else []
         if isinstance(msg, TransferPrepare):
             if msg.target == self.name or msg.target not in self.topology:
                 raise RemoteProtocolError(

@@ -1,0 +1,1 @@
+"""Local-mode fault tests: real processes killed, frozen and crashed at chosen points."""
