@@ -64,4 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, so `CommandError` raised by the command modules
+    # (which import `cli.main`) is the class caught above, not a twin from `__main__`.
+    from cli.main import main as _main
+
+    sys.exit(_main())
