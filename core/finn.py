@@ -189,6 +189,8 @@ class FinnInitiator:
         if not self.started:
             raise LocalProtocolError(f"finn wave {self.wave} not started")
         if self.result is not None:
+            if self._overtaken(msg):
+                return None
             raise StaleMessage(f"finn wave {self.wave} already decided")
         self.sets.check_message(self.wave, msg)
         if not msg.inc <= self.known:
@@ -200,6 +202,19 @@ class FinnInitiator:
         if self.sets.ready():
             return self._decide(complete=True)
         return None
+
+    def _overtaken(self, msg: FinnSets) -> bool:
+        """A leaf with several parents sends before and when it decides; when links do not
+        keep order the earlier message can arrive after the decision. It adds nothing and
+        is absorbed, as a server absorbs it; a late message with news is stale."""
+        k = self.sets
+        return (
+            msg.sender in k.in_neighbours
+            and msg.inc <= k.inc
+            and msg.ninc <= k.ninc
+            and msg.dec.keys() <= k.dec.keys()
+            and msg.work == self.work
+        )
 
     def handle_timer(self, now: float) -> FinnResult | None:
         if self.started and self.result is None and now >= self.deadline:

@@ -251,6 +251,8 @@ def _describe_validation(exc: ValidationError, data: Any) -> list[str]:
     problems = []
     for err in exc.errors():
         loc = err["loc"]
+        if _spurious_too_short(err):
+            continue
         where = ".".join(str(x) for x in loc) or "file"
         if len(loc) >= 2 and loc[0] == "servers" and isinstance(loc[1], int):
             name = _server_name_at(data, loc[1])
@@ -265,6 +267,15 @@ def _describe_validation(exc: ValidationError, data: Any) -> list[str]:
             msg = "unknown key"
         problems.append(f"{where}: {msg}")
     return problems
+
+
+def _spurious_too_short(err: Any) -> bool:
+    """pydantic also reports a list as too short when only its *items* failed (it counts
+    the valid ones); that would add a misleading "at least 1 item" to every bad server."""
+    if err["type"] != "too_short":
+        return False
+    given, least = err.get("input"), err.get("ctx", {}).get("min_length", 0)
+    return isinstance(given, (list, tuple)) and len(given) >= least
 
 
 def _server_name_at(data: Any, index: int) -> str | None:
