@@ -8,6 +8,7 @@ the replies and their deadlines, and turns their decisions into API answers and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -138,6 +139,9 @@ class Balancer:
         self.last_moves: list[dict[str, Any]] = []
         self.last_rebalance_at: float | None = None
         self.rebalance_lock = asyncio.Lock()
+        self.rebalance_soon = asyncio.Event()
+        """Set when new work arrives: the periodic loop rebalances at once, not at the next
+        tick (only when periodic rebalancing is on)."""
         self.listeners: set[asyncio.Queue[dict[str, Any]]] = set()
         self._resolving: set[str] = set()
         self._settled: dict[str, bool] = {}
@@ -436,7 +440,11 @@ class Balancer:
         if self.rebalance_interval_s <= 0:
             return
         while True:
-            await asyncio.sleep(self.rebalance_interval_s)
+            # Every interval, or as soon as tasks are submitted (which is when a skewed
+            # arrival most needs spreading); a submission during a round triggers another.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.rebalance_soon.wait(), self.rebalance_interval_s)
+            self.rebalance_soon.clear()
             try:
                 await self.rebalance()
             except Exception:  # pragma: no cover - a round must never stop the loop
@@ -476,6 +484,7 @@ class Balancer:
                 ) from None
         finally:
             self.replies.pop(key, None)
+        self.rebalance_soon.set()
         return [t.id for t in tasks]
 
     # --- live updates ----------------------------------------------------------------------------

@@ -1,0 +1,306 @@
+"""How well the cluster is balanced: makespan against the lower bound, treewave vs Dask.
+
+    python bench/balancing_quality.py                       # 10 servers, all workloads
+    python bench/balancing_quality.py --servers 10 --interval 0.5 --workloads skewed-fixed
+    python bench/balancing_quality.py --no-dask             # treewave only
+
+Needs Dask for the comparison: `pip install -e '.[bench]'`.
+
+One random tree of `--servers` servers (1-4 cpus each, seeded) and the seeded workloads of
+bench/workloads.py (skewed / Zipf-like / bursts, fixed / varied task durations, about 4 s
+of work per cpu). Each workload runs on
+
+- treewave, no balancing (`treewave run --rebalance-interval 0`): tasks stay where they land;
+- treewave, periodic rebalancing (`--rebalance-interval --interval`);
+- Dask distributed: a local cluster of one worker process (Nanny) per server with as many
+  threads as the server has cpus (started individually, since cpus differ), tasks are
+  `time.sleep(duration)`, each submitted to the worker standing for the server the
+  workload names with `workers=[addr], allow_other_workers=True`, so work stealing may
+  move them. A fresh Dask cluster per workload (its duration estimates start cold, like
+  treewave's policy that knows none).
+
+Makespan runs from the first submission until every task is done: for treewave, the end of
+the first poll of every server's `/api/state` (every 20 ms) that finds all work completed;
+for Dask, when `distributed.wait` returns. It is divided by the lower bound: for every
+arrival time a, a + (work arriving from a on) / total cpus, and a + d for each task; with
+all work at time 0 that is max(total work / total cpus, longest task). Tasks moved are the
+servers' `transferred_in` deltas; messages are the balancer's wave-message counter deltas
+(Echo for snapshots, during the run only).
+
+Prints a table and writes bench/results/balancing_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.waves_scale import Cluster, bench_topology, cluster  # noqa: E402
+from bench.workloads import Workload, all_workloads  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "balancing_quality.json"
+SEED = 5
+POLL_S = 0.02
+RUN_TIMEOUT_S = 120.0
+
+
+# --- treewave ---------------------------------------------------------------------------------
+
+
+def balancer_counters(c: Cluster) -> dict[str, float]:
+    import urllib.request
+
+    from bench.waves_scale import _OPENER
+
+    with _OPENER.open(urllib.request.Request(c.url + "/metrics"), timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(
+            (
+                "treewave_wave_messages_total",
+                "treewave_tasks_moved_total",
+                "treewave_rebalance_runs_total",
+                "treewave_waves_total",
+            )
+        ):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def run_treewave(c: Cluster, w: Workload, pool: ThreadPoolExecutor) -> dict[str, Any]:
+    def states() -> list[dict[str, Any]]:
+        return list(pool.map(lambda u: c_state(u), c.node_urls.values()))
+
+    def c_state(url: str) -> dict[str, Any]:
+        from bench.waves_scale import http_json
+
+        return http_json(url + "/api/state", timeout=10)  # type: ignore[no-any-return]
+
+    before = states()
+    done0 = sum(s["completed"] for s in before)
+    in0 = sum(s["transferred_in"] for s in before)
+    counters0 = balancer_counters(c)
+    times = sorted({b.at_s for b in w.batches})
+    t0 = time.monotonic()
+    for at in times:
+        delay = t0 + at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        batch = [b for b in w.batches if b.at_s == at]
+        list(pool.map(lambda b: c.submit(b.node, b.count, b.duration_s), batch))
+    peak_busy = 0
+    while True:
+        now = states()
+        end = time.monotonic()
+        peak_busy = max(peak_busy, sum(s["running"] for s in now))
+        done = sum(s["completed"] for s in now) - done0
+        idle = all(s["queued"] == 0 and s["running"] == 0 and s["reserved"] == 0 for s in now)
+        if done >= w.tasks and idle:
+            break
+        if end - t0 > RUN_TIMEOUT_S:
+            raise RuntimeError(f"{w.name}: not done after {RUN_TIMEOUT_S} s ({done}/{w.tasks})")
+        time.sleep(POLL_S)
+    counters1 = balancer_counters(c)
+    delta = {k: counters1.get(k, 0) - counters0.get(k, 0) for k in counters1}
+    return {
+        "makespan_s": end - t0,
+        "tasks_moved": sum(s["transferred_in"] for s in now) - in0,
+        "wave_messages": int(
+            sum(v for k, v in delta.items() if k.startswith("treewave_wave_messages"))
+        ),
+        "rebalance_rounds": int(delta.get("treewave_rebalance_runs_total", 0)),
+        "completed": done,
+    }
+
+
+# --- Dask ---------------------------------------------------------------------------------------
+
+
+def run_dask(servers: dict[str, int], w: Workload) -> dict[str, Any]:
+    import logging
+
+    from distributed import Client, Nanny, Scheduler, SpecCluster, wait
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    spec = {
+        name: {"cls": Nanny, "options": {"nthreads": cpus, "host": "127.0.0.1"}}
+        for name, cpus in servers.items()
+    }
+    sched = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
+    with (
+        SpecCluster(workers=spec, scheduler=sched, silence_logs=logging.ERROR) as cl,  # type: ignore[no-untyped-call]
+        Client(cl) as client,  # type: ignore[no-untyped-call]
+    ):
+        client.wait_for_workers(len(servers))
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        addr = {v["name"]: a for a, v in info.items()}
+        futures = []
+        times = sorted({b.at_s for b in w.batches})
+        t0 = time.monotonic()
+        for at in times:
+            delay = t0 + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            for b in (b for b in w.batches if b.at_s == at):
+                futures += client.map(
+                    time.sleep,
+                    [b.duration_s] * b.count,
+                    workers=[addr[b.node]],
+                    allow_other_workers=True,
+                    pure=False,
+                )
+        wait(futures)  # type: ignore[no-untyped-call]
+        end = time.monotonic()
+        wanted = {f.key: addr[b.node] for f, b in zip(futures, _expand(w), strict=True)}
+        ran_on = client.run_on_scheduler(_ran_on, keys=list(wanted))
+    moved = sum(1 for k, a in wanted.items() if ran_on.get(k) not in (None, a))
+    return {"makespan_s": end - t0, "tasks_moved": moved, "completed": len(futures)}
+
+
+def _expand(w: Workload) -> list[Any]:
+    """One entry per task, in submission order (time, then batch order)."""
+    out = []
+    for at in sorted({b.at_s for b in w.batches}):
+        for b in (b for b in w.batches if b.at_s == at):
+            out += [b] * b.count
+    return out
+
+
+def _ran_on(dask_scheduler: Any, keys: list[Any]) -> dict[Any, str]:
+    """Where each finished task's result lives, i.e. the worker that ran it."""
+    out = {}
+    for k in keys:
+        ts = dask_scheduler.tasks.get(k)
+        if ts is not None and ts.who_has:
+            out[k] = next(iter(ts.who_has)).address
+    return out
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--servers", type=int, default=10)
+    ap.add_argument("--interval", type=float, default=0.5, help="treewave rebalance interval, s")
+    ap.add_argument("--target", type=float, default=4.0, help="seconds of work per cpu")
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--workloads", nargs="*", default=None, help="names, e.g. skewed-fixed")
+    ap.add_argument("--no-dask", action="store_true")
+    ap.add_argument("--no-none", action="store_true", help="skip the no-balancing runs")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+
+    topo = bench_topology(args.servers, "balanced", seed=args.seed)
+    servers = {s.name: s.cpus for s in topo.servers}
+    cpus = topo.total_cpus
+    workloads = [
+        w
+        for w in all_workloads(servers, args.seed, args.target)
+        if args.workloads is None or w.name in args.workloads
+    ]
+    print(
+        f"{len(servers)} servers, {cpus} cpus: "
+        + ", ".join(f"{n}:{c}" for n, c in servers.items()),
+        flush=True,
+    )
+    rows: dict[str, dict[str, Any]] = {
+        w.name: {
+            "tasks": w.tasks,
+            "work_s": round(w.work_s, 3),
+            "longest_s": w.longest_s,
+            "lower_bound_s": w.lower_bound(cpus),
+            "classic_bound_s": w.classic_bound(cpus),
+            "batches": len(w.batches),
+            "initial_servers": sorted({b.node for b in w.batches}),
+        }
+        for w in workloads
+    }
+    modes: list[tuple[str, float]] = [] if args.no_none else [("none", 0.0)]
+    modes.append(("treewave", args.interval))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for mode, interval in modes:
+            with cluster(topo, rebalance_interval=interval) as c:
+                for w in workloads:
+                    r = run_treewave(c, w, pool)
+                    r["ratio"] = r["makespan_s"] / rows[w.name]["lower_bound_s"]
+                    rows[w.name][mode] = r
+                    print(
+                        f"  {mode:<8} {w.name:<14} makespan {r['makespan_s']:.2f} s "
+                        f"x{r['ratio']:.3f}, moved {r['tasks_moved']}, msgs {r['wave_messages']}",
+                        flush=True,
+                    )
+                    time.sleep(0.5)
+    if not args.no_dask:
+        for w in workloads:
+            r = run_dask(servers, w)
+            r["ratio"] = r["makespan_s"] / rows[w.name]["lower_bound_s"]
+            rows[w.name]["dask"] = r
+            print(
+                f"  dask     {w.name:<14} makespan {r['makespan_s']:.2f} s x{r['ratio']:.3f}",
+                flush=True,
+            )
+
+    print()
+    print(
+        f"Makespan / lower bound, {len(servers)} servers, {cpus} cpus "
+        f"(treewave periodic rebalancing every {args.interval:g} s)"
+    )
+    hdr = (
+        f"{'workload':<14} {'tasks':>5} {'LB s':>5} | {'none':>6} | {'treewave':>8} {'moved':>5} "
+        f"{'msgs':>5} | {'dask':>6} | {'<=1.10':>6} {'<=dask':>6}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    met_all = True
+    for name, row in rows.items():
+        t = row["treewave"]["ratio"]
+        none = row.get("none", {}).get("ratio")
+        dask = row.get("dask", {}).get("ratio")
+        ok10 = t <= 1.10
+        okd = dask is None or t <= dask
+        met_all = met_all and ok10 and okd
+        print(
+            f"{name:<14} {row['tasks']:>5} {row['lower_bound_s']:>5.2f} | "
+            f"{'' if none is None else f'{none:.3f}':>6} | {t:>8.3f} "
+            f"{row['treewave']['tasks_moved']:>5} {row['treewave']['wave_messages']:>5} | "
+            f"{'' if dask is None else f'{dask:.3f}':>6} | "
+            f"{ok10!s:>6} {okd!s:>6}"
+        )
+    ratios = [r["treewave"]["ratio"] for r in rows.values()]
+    print(
+        f"treewave ratio: median {statistics.median(ratios):.3f}, worst {max(ratios):.3f}; "
+        f"targets met: {met_all}"
+    )
+    report = {
+        "command": "python bench/balancing_quality.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+        "servers": servers,
+        "total_cpus": cpus,
+        "rebalance_interval_s": args.interval,
+        "seed": args.seed,
+        "workloads": rows,
+        "targets_met": met_all,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
