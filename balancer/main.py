@@ -3,37 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from aiohttp import web
 
 from balancer.app import create_app
 from balancer.settings import add_arguments, from_arguments
-from core.topology import TopologyError
+from wire.service import serve_app
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="treewave balancer")
     add_arguments(p)
-    p.add_argument("--log-level", default="INFO")
     return p
 
 
 def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
+    def make_app() -> tuple[web.Application, str, int]:
         settings = from_arguments(args)
-        app = create_app(settings)
-    except (TopologyError, ValueError, OSError) as exc:
-        print(f"treewave balancer: {exc}", file=sys.stderr)
-        return 2
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
-    return 0
+        return create_app(settings), settings.host, settings.port
+
+    return serve_app("treewave balancer", args, make_app)
 
 
 def main(argv: list[str] | None = None) -> int:

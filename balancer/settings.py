@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.secretfile import read_secret
+from wire.service import DEFAULT_PEER_TEMPLATE, add_link_arguments, link_settings
 
-DEFAULT_PEER_TEMPLATE = "ws://{name}:8000/ws"
 DEFAULT_PORT = 7999
 
 
@@ -35,32 +33,7 @@ class BalancerSettings:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
-    p.add_argument(
-        "--topology",
-        type=Path,
-        default=Path(env("TREEWAVE_TOPOLOGY", "topology.json")),
-        help="topology file (default: topology.json)",
-    )
-    p.add_argument("--host", default=env("TREEWAVE_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env("TREEWAVE_PORT", str(DEFAULT_PORT))))
-    p.add_argument(
-        "--peer-url-template",
-        default=env("TREEWAVE_PEER_URL_TEMPLATE", DEFAULT_PEER_TEMPLATE),
-        help="WebSocket URL of a server, {name} replaced (default: %(default)s)",
-    )
-    p.add_argument(
-        "--secret-file",
-        type=Path,
-        default=env("TREEWAVE_SECRET_FILE"),
-        help="file holding the per-deployment link secret (else TREEWAVE_SECRET; "
-        "neither: links are not authenticated)",
-    )
-    p.add_argument(
-        "--peers",
-        type=Path,
-        default=env("TREEWAVE_PEERS"),
-        help="JSON file mapping server names to WebSocket URLs (overrides the template)",
-    )
+    add_link_arguments(p, default_port=DEFAULT_PORT)
     p.add_argument(
         "--rebalance-interval",
         type=float,
@@ -86,26 +59,17 @@ def _float_or_none(text: str | None) -> float | None:
 
 
 def from_arguments(args: argparse.Namespace) -> BalancerSettings:
-    peers: dict[str, str] = {}
-    if args.peers:
-        peers = json.loads(Path(args.peers).read_text(encoding="utf-8"))
     if args.status_interval < 1:
         raise ValueError("--status-interval must be at least 1 second")
+    link = link_settings(args)
     return BalancerSettings(
-        topology=args.topology,
-        host=args.host,
-        port=args.port,
-        peer_url_template=args.peer_url_template,
-        peer_urls=peers,
-        secret=read_secret(args.secret_file) if args.secret_file else env_secret(),
+        topology=link.topology,
+        host=link.host,
+        port=link.port,
+        peer_url_template=link.peer_url_template,
+        peer_urls=link.peer_urls,
+        secret=link.secret,
         rebalance_interval_s=args.rebalance_interval,
         wave_timeout_s=args.wave_timeout,
         status_interval_s=args.status_interval,
     )
-
-
-def env_secret() -> str:
-    secret = os.environ.get("TREEWAVE_SECRET", "")
-    if secret and len(secret) < 16:
-        raise ValueError("TREEWAVE_SECRET is too short (need 16+ characters)")
-    return secret

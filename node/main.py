@@ -1,39 +1,29 @@
-"""Run one server: `treewave node --name NAME ...` (also the container's command)."""
+"""Run one server: `treewave node ...` (also the container's command)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from aiohttp import web
 
-from core.topology import TopologyError
 from node.app import create_app
 from node.settings import add_arguments, from_arguments
+from wire.service import serve_app
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="treewave node")
     add_arguments(p)
-    p.add_argument("--log-level", default="INFO")
     return p
 
 
 def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
+    def make_app() -> tuple[web.Application, str, int]:
         settings = from_arguments(args)
-        app = create_app(settings)
-    except (TopologyError, ValueError, OSError) as exc:
-        print(f"treewave node: {exc}", file=sys.stderr)
-        return 2
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
-    return 0
+        return create_app(settings), settings.host, settings.port
+
+    return serve_app("treewave node", args, make_app)
 
 
 def main(argv: list[str] | None = None) -> int:

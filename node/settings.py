@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.secretfile import read_secret
-
-DEFAULT_PEER_TEMPLATE = "ws://{name}:8000/ws"
+from wire.service import DEFAULT_PEER_TEMPLATE, add_link_arguments, link_settings
 
 
 @dataclass(frozen=True)
@@ -37,60 +34,25 @@ class NodeSettings:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    p.add_argument("--name", default=env("TREEWAVE_NAME"), help="this server's name")
-    p.add_argument(
-        "--topology",
-        type=Path,
-        default=Path(env("TREEWAVE_TOPOLOGY", "topology.json")),
-        help="topology file (default: topology.json)",
-    )
-    p.add_argument("--host", default=env("TREEWAVE_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env("TREEWAVE_PORT", "8000")))
-    p.add_argument(
-        "--peer-url-template",
-        default=env("TREEWAVE_PEER_URL_TEMPLATE", DEFAULT_PEER_TEMPLATE),
-        help="WebSocket URL of a server, {name} replaced (default: %(default)s)",
-    )
-    p.add_argument(
-        "--secret-file",
-        type=Path,
-        default=env("TREEWAVE_SECRET_FILE"),
-        help="file holding the per-deployment link secret (else TREEWAVE_SECRET; "
-        "neither: links are not authenticated)",
-    )
-    p.add_argument(
-        "--peers",
-        type=Path,
-        default=env("TREEWAVE_PEERS"),
-        help="JSON file mapping server names to WebSocket URLs (overrides the template)",
-    )
-    p.add_argument("--state-dir", type=Path, default=env("TREEWAVE_STATE_DIR"))
+    p.add_argument("--name", default=os.environ.get("TREEWAVE_NAME"), help="this server's name")
+    add_link_arguments(p, default_port=8000)
+    p.add_argument("--state-dir", type=Path, default=os.environ.get("TREEWAVE_STATE_DIR"))
 
 
 def from_arguments(args: argparse.Namespace) -> NodeSettings:
     if not args.name:
         raise ValueError("--name (or TREEWAVE_NAME) is required")
-    peers: dict[str, str] = {}
-    if args.peers:
-        peers = json.loads(Path(args.peers).read_text(encoding="utf-8"))
+    link = link_settings(args)
     return NodeSettings(
         name=args.name,
-        topology=args.topology,
-        host=args.host,
-        port=args.port,
-        peer_url_template=args.peer_url_template,
-        peer_urls=peers,
+        topology=link.topology,
+        host=link.host,
+        port=link.port,
+        peer_url_template=link.peer_url_template,
+        peer_urls=link.peer_urls,
         state_dir=args.state_dir,
-        secret=read_secret(args.secret_file) if args.secret_file else env_secret(),
+        secret=link.secret,
         crash_points=frozenset(
             p.strip() for p in os.environ.get("TREEWAVE_CRASH", "").split(",") if p.strip()
         ),
     )
-
-
-def env_secret() -> str:
-    secret = os.environ.get("TREEWAVE_SECRET", "")
-    if secret and len(secret) < 16:
-        raise ValueError("TREEWAVE_SECRET is too short (need 16+ characters)")
-    return secret
