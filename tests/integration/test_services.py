@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
-from conftest import Cluster, StartCluster
+
+if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
+    from conftest import Cluster, StartCluster
 
 # The default topology's shape: a rooted DAG (fjord has two parents).
 SERVERS: list[dict[str, Any]] = [
