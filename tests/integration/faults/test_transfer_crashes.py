@@ -112,9 +112,13 @@ def test_transfer_survives_a_crash_at_each_step(
         "the batch to be queued at the donor",
         lambda: set(batch) & set(cluster.node_tasks(DONOR)["queued"]),
     )
-    report = cluster.rebalance()
-    planned = {(m["source"], m["target"]) for m in report["planned"]}
-    assert (DONOR, RECIPIENT) in planned, report
+    reports = []
+    for _ in range(3):  # a server stalled by the machine may miss the snapshot: again
+        reports.append(cluster.rebalance())
+        if (DONOR, RECIPIENT) in {(m["source"], m["target"]) for m in reports[-1]["planned"]}:
+            break
+    else:
+        raise AssertionError(f"no move from {DONOR} to {RECIPIENT} planned: {reports}")
 
     for i, (server, point) in enumerate(case.crashes):
         code = cluster.wait_crash(server)

