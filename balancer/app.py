@@ -241,7 +241,9 @@ class Balancer:
         wave = self.new_id("finn")
         init = FinnInitiator(wave, self.topology.root, self.topology.leaves, self.names, work)
         started = time.monotonic()
-        result = await self._run_wave(wave, init, init.start(started, self.wave_timeout_s))
+        expires_at = time.time() + self.wave_timeout_s
+        sends = init.start(started, self.wave_timeout_s, expires_at)
+        result = await self._run_wave(wave, init, sends)
         assert isinstance(result, FinnResult)
         record = WaveRecord(
             wave_id=wave,

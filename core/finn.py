@@ -107,6 +107,7 @@ class FinnNodeWave:
         self.out = out_neighbours
         self.work = first.work
         self.budget_s = first.budget_s
+        self.expires_at = first.expires_at
         self.deadline = now + first.budget_s
         self.sent = 0
 
@@ -140,6 +141,7 @@ class FinnNodeWave:
             dec=dict(self.sets.dec),
             work=self.work,
             budget_s=self.budget_s,
+            expires_at=self.expires_at,
         )
         out.extend(Send(to, sets) for to in self.out)
         return out
@@ -169,7 +171,7 @@ class FinnInitiator:
         self.deadline = 0.0
         self.result: FinnResult | None = None
 
-    def start(self, now: float, budget_s: float) -> list[Send]:
+    def start(self, now: float, budget_s: float, expires_at: float | None = None) -> list[Send]:
         if self.started:
             raise LocalProtocolError(f"finn wave {self.wave} already started")
         self.started = True
@@ -182,6 +184,7 @@ class FinnInitiator:
             dec=dict(self.sets.dec),
             work=self.work,
             budget_s=budget_s,
+            expires_at=expires_at,
         )
         return [Send(self.root, msg)]
 

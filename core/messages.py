@@ -118,6 +118,10 @@ class FinnSets(Model):
     """Servers known to have decided, each with the wave messages it sent in all."""
     work: FinnWork
     budget_s: float = Field(gt=0, le=3600)
+    expires_at: float | None = None
+    """Wall-clock time (Unix seconds) after which a server must not act on the wave: a
+    server frozen past the balancer's deadline then never does work the balancer already
+    reported as not done (set by the balancer; clocks are assumed roughly in sync)."""
 
 
 # --- tasks and transfers (balancer <-> server) ----------------------------------------------

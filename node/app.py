@@ -226,6 +226,13 @@ class Server:
                     reason="sender_mismatch",
                 )
             algorithm = "finn" if isinstance(msg, FinnSets) else "echo"
+            if (
+                isinstance(msg, FinnSets)
+                and msg.expires_at is not None
+                and time.time() > msg.expires_at
+                and not self.protocol.finn_decided(msg.wave)
+            ):
+                raise StaleMessage(f"finn wave {msg.wave} expired before it reached {self.name!r}")
             out = self.protocol.receive(msg, time.monotonic(), self.local_state())
             self.metrics.wave_messages.labels(self.name, algorithm, "in").inc()
             return self._outputs(out)

@@ -84,11 +84,15 @@ def assert_partial_echo(cluster: FaultCluster, dead: set[str]) -> None:
     raise AssertionError(f"expected exactly {sorted(expected)} missing, got {seen}")
 
 
-def assert_partial_finn(cluster: FaultCluster, book: TaskBook, dead: set[str]) -> None:
+def assert_partial_finn(
+    cluster: FaultCluster, book: TaskBook, dead: set[str]
+) -> list[dict[str, Any]]:
     """Finn ends partial within its deadline; `decided` excludes the dead and everything
-    that must hear from them, and each server in it holds its share of the work."""
+    that must hear from them, and each server in it holds its share of the work. Returns
+    the partial waves' results."""
     expected = finn_missing(TOPOLOGY, dead)
     seen = []
+    results = []
     for _ in range(PARTIAL_ATTEMPTS):
         result = cluster.finn(1, FINN_TASK_S)
         book.add_finn(result["wave_id"], 1)
@@ -99,8 +103,9 @@ def assert_partial_finn(cluster: FaultCluster, book: TaskBook, dead: set[str]) -
         problems = book.check_finn(cluster.snapshot(), result["wave_id"], result["decided"])
         assert not problems, problems
         seen.append(result["missing"])
+        results.append(result)
         if set(result["missing"]) == expected:
-            return
+            return results
     raise AssertionError(f"expected exactly {sorted(expected)} missing, got {seen}")
 
 
@@ -196,7 +201,7 @@ def test_frozen_server_makes_waves_partial_until_thawed(
     cluster.down.add(VICTIM)  # its HTTP API is frozen too: leave it out of snapshots
     try:
         assert_partial_echo(cluster, {VICTIM})
-        assert_partial_finn(cluster, book, {VICTIM})
+        partial = assert_partial_finn(cluster, book, {VICTIM})
     finally:
         cluster.resume(VICTIM)
         cluster.down.discard(VICTIM)
@@ -205,4 +210,16 @@ def test_frozen_server_makes_waves_partial_until_thawed(
     # answered or dropped, and the next waves are complete.
     cluster.wait_ready()
     assert_recovered(cluster, book)
+    # The partial waves' messages reached the thawed server after the waves expired: it
+    # must not do work the balancer reported as not done (so a client may resubmit it).
+    snapshot = cluster.snapshot()
+    for result in partial:
+        held = {
+            tid.split(":")[0]
+            for tasks in snapshot.values()
+            for place in ("queued", "running", "reserved", "completed")
+            for tid in tasks[place]
+            if tid.split(":")[1:2] == [result["wave_id"]]
+        }
+        assert not held & set(result["missing"]), (result["wave_id"], held)
     assert_conserved(cluster, book)
