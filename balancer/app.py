@@ -144,8 +144,6 @@ class Balancer:
         tick (only when periodic rebalancing is on)."""
         self.listeners: set[asyncio.Queue[dict[str, Any]]] = set()
         self._resolving: set[str] = set()
-        self._settled: dict[str, bool] = {}
-        """Recently settled transfers and whether the tasks moved."""
         self._ids = itertools.count(1)
         self._instance = secrets.token_hex(3)
 
@@ -333,22 +331,28 @@ class Balancer:
         if not tasks:
             self.metrics.transfers.labels("empty").inc()
             return 0
-        self._doubt(tid, InDoubt(source, target))
+        record = InDoubt(source, target)
+        self._doubt(tid, record)
+        # This coroutine drives the transfer; the resolver loop leaves it alone meanwhile
+        # (their requests would share one reply key).
+        self._resolving.add(tid)
         try:
-            outcome = await self._ask(
-                target,
-                TransferDeliver(transfer=tid, source=source, tasks=tasks),
-                "transfer.outcome",
-                tid,
-            )
-        except TransferFailed as exc:
-            log.warning("transfer %s: deliver failed: %s", tid, exc)
-        else:
-            self.in_doubt[tid].accepted = outcome.outcome == "accepted"
-        await self.resolve(tid)
-        verdict = self.in_doubt.get(tid)
-        accepted = verdict.accepted if verdict is not None else self._settled.pop(tid, False)
-        return len(tasks) if accepted else 0
+            try:
+                outcome = await self._ask(
+                    target,
+                    TransferDeliver(transfer=tid, source=source, tasks=tasks),
+                    "transfer.outcome",
+                    tid,
+                )
+            except TransferFailed as exc:
+                log.warning("transfer %s: deliver failed: %s", tid, exc)
+            else:
+                record.accepted = outcome.outcome == "accepted"
+            await self._resolve(tid, record)
+        finally:
+            self._resolving.discard(tid)
+        # The tasks moved iff the recipient accepted them (the donor may settle later).
+        return len(tasks) if record.accepted else 0
 
     def _doubt(self, tid: str, record: InDoubt) -> None:
         self.in_doubt[tid] = record
@@ -385,9 +389,6 @@ class Balancer:
             log.warning("transfer %s: donor %s did not settle; will retry", tid, record.source)
             return
         self.in_doubt.pop(tid, None)
-        self._settled[tid] = record.accepted
-        while len(self._settled) > 1000:
-            del self._settled[next(iter(self._settled))]
         self.metrics.in_doubt.set(len(self.in_doubt))
         self.metrics.transfers.labels("committed" if record.accepted else "aborted").inc()
 
