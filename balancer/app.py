@@ -211,7 +211,11 @@ class Balancer:
         wave = self.new_id("echo")
         init = EchoInitiator(wave, self.topology.root, self.names)
         started = time.monotonic()
-        result = await self._run_wave(wave, init, init.start(started, self.wave_timeout_s))
+        # Deadlines step down per hop; a quarter of the budget per (depth + 2) hops leaves
+        # room for spanning-tree paths longer than the topology's depth.
+        hop_s = self.wave_timeout_s / (4 * (self.topology.depth + 2))
+        sends = init.start(started, self.wave_timeout_s, hop_s)
+        result = await self._run_wave(wave, init, sends)
         assert isinstance(result, EchoResult)
         got = {s.name for s in result.states}
         record = WaveRecord(

@@ -8,8 +8,10 @@ neighbour but the parent has answered, the server replies to its parent. Each li
 exactly two messages, so a complete wave costs exactly 2|E|.
 
 Every server also has a deadline (the budget in the explore it took as its parent's,
-shrunk for the next hop so children give up before their parents): past it, the server
-replies with what it has, so a dead server makes the wave partial instead of hanging it.
+shorter by a fixed step per hop so children give up before their parents): past it, the
+server replies with what it has, so a dead server makes the wave partial instead of
+hanging it. The step is linear, not a factor, so a chain of 100 servers keeps most of the
+budget at its far end.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from core.events import EchoResult, Send
 from core.messages import EchoExplore, EchoReply, ServerState
 from core.topology import BALANCER
 
-CHILD_BUDGET_FACTOR = 0.8
-"""A neighbour gets this share of a server's budget, so deadlines nest down the tree."""
+DEFAULT_HOPS = 20
+"""Without a hint, the per-hop step is this fraction of the wave's budget."""
+
+
+def next_budget(budget_s: float, hop_s: float) -> float:
+    """A neighbour's budget: one step shorter, but never below one step."""
+    return max(budget_s - hop_s, hop_s) if hop_s > 0 else budget_s
 
 
 class EchoPhase(Enum):
@@ -55,6 +62,7 @@ class EchoNodeWave:
         self.states: list[ServerState] = []
         self.sent = 0
         self.budget_s = first.budget_s
+        self.hop_s = first.hop_s
         self.deadline = now + first.budget_s
         self.phase = EchoPhase.EXPLORING
 
@@ -62,8 +70,8 @@ class EchoNodeWave:
         """Explore every neighbour but the parent (or reply at once if there is none)."""
         if not self.pending:
             return [self._reply(local)]
-        budget = self.budget_s * CHILD_BUDGET_FACTOR
-        explore = EchoExplore(wave=self.wave, sender=self.name, budget_s=budget)
+        budget = next_budget(self.budget_s, self.hop_s)
+        explore = EchoExplore(wave=self.wave, sender=self.name, budget_s=budget, hop_s=self.hop_s)
         out = [Send(to, explore) for to in sorted(self.pending)]
         self.sent += len(out)
         return out
@@ -127,15 +135,23 @@ class EchoInitiator:
         self.deadline = 0.0
         self.result: EchoResult | None = None
 
-    def start(self, now: float, budget_s: float) -> list[Send]:
+    def start(self, now: float, budget_s: float, hop_s: float | None = None) -> list[Send]:
+        """Explore the root. `hop_s` is the per-hop budget step; the balancer sets it from
+        the topology's depth (default: a twentieth of the budget)."""
         if self.phase is not InitiatorPhase.IDLE:
             raise LocalProtocolError(f"echo wave {self.wave} already started")
         self.phase = InitiatorPhase.WAITING
         self.deadline = now + budget_s
         # The root gets a shorter budget, like every other hop, so that when it has to
         # give up on a child it still answers before the initiator's own deadline.
-        root_budget = budget_s * CHILD_BUDGET_FACTOR
-        return [Send(self.root, EchoExplore(wave=self.wave, sender=BALANCER, budget_s=root_budget))]
+        step = budget_s / DEFAULT_HOPS if hop_s is None else hop_s
+        explore = EchoExplore(
+            wave=self.wave,
+            sender=BALANCER,
+            budget_s=next_budget(budget_s, step),
+            hop_s=step,
+        )
+        return [Send(self.root, explore)]
 
     def receive(self, msg: EchoExplore | EchoReply) -> EchoResult:
         if self.phase is InitiatorPhase.DECIDED:

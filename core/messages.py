@@ -96,6 +96,9 @@ class EchoExplore(Model):
     sender: Name
     budget_s: float = Field(gt=0, le=3600)
     """Seconds the receiver may wait for its neighbours before answering with what it has."""
+    hop_s: float = Field(default=0.0, ge=0, le=3600)
+    """How much shorter each next hop's budget is, so deadlines nest down the tree (a
+    child gives up before its parent) without starving deep chains."""
 
 
 class EchoReply(Model):

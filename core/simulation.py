@@ -63,11 +63,11 @@ class SimNetwork:
 
     # --- starting waves --------------------------------------------------------------------
 
-    def start_echo(self, wave: str, budget_s: float = 3600.0) -> None:
+    def start_echo(self, wave: str, budget_s: float = 3600.0, hop_s: float | None = None) -> None:
         init = EchoInitiator(wave, self.topology.root, self._expected)
         self.echo[wave] = init
         self.logs[wave] = WaveLog(wave, "echo")
-        self._post(BALANCER, init.start(self.now, budget_s))
+        self._post(BALANCER, init.start(self.now, budget_s, hop_s))
 
     def start_finn(self, wave: str, work: FinnWork, budget_s: float = 3600.0) -> None:
         init = FinnInitiator(wave, self.topology.root, self.topology.leaves, self._expected, work)

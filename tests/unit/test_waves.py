@@ -928,3 +928,25 @@ def test_echo_deadlines_nest_down_the_tree() -> None:
     # delta waits on eps; its ancestors on the echo tree wait on delta and have later deadlines.
     assert "delta" in deadlines
     assert deadlines["delta"] < deadlines["root"] < net.echo["echo-1"].deadline
+
+
+def test_deep_chain_keeps_its_budget() -> None:
+    """Deadlines step down linearly per hop: on a 100-server chain whose messages take
+    10 ms each, the wave (5 s budget, the balancer's step for this depth) stays complete;
+    a geometric shrink would have left the far end a few milliseconds and made it partial."""
+    names = [f"c{i:03d}" for i in range(100)]
+    chain = Topology.from_servers(
+        ServerSpec(name=n, cpus=1, children=(names[i + 1],) if i + 1 < len(names) else ())
+        for i, n in enumerate(names)
+    )
+    net = SimNetwork(chain)
+    budget = 5.0
+    net.start_echo("deep", budget_s=budget, hop_s=budget / (4 * (chain.depth + 2)))
+    while net.in_flight:
+        net.advance(net.now + 0.010)
+        net.deliver(0)
+    result = net.logs["deep"].result
+    assert result is not None
+    assert result.complete
+    assert net.now < budget
+    assert result.messages == 2 * chain.echo_edge_count
