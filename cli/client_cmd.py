@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cli.argtypes import non_negative_int, positive_float, positive_int
 from cli.main import CommandError
 
 DEFAULT_BALANCER = "http://127.0.0.1:7999"
@@ -318,41 +319,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         metavar="S",
         help="seconds to wait for an answer (default: 30)",
     )
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number greater than 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} cannot be negative")
-    return value
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -378,7 +349,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         nargs="?",
         const=2.0,
         default=None,
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         help="refresh every SECONDS (default 2) until Ctrl-C",
     )
@@ -393,10 +364,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _common(p)
     p.add_argument("--node", required=True, metavar="NAME", help="the server's name")
-    p.add_argument("--count", required=True, type=_positive_int, help="how many tasks")
+    p.add_argument("--count", required=True, type=positive_int, help="how many tasks")
     p.add_argument(
         "--duration",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="S",
         help="seconds each task takes (default: the topology's task_time_s)",
@@ -417,14 +388,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(p)
     p.add_argument(
         "--tasks-per-node",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=1,
         metavar="K",
         help="tasks each server enqueues (default: 1)",
     )
     p.add_argument(
         "--duration",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="S",
         help="seconds each task takes (default: the topology's task_time_s)",

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from cli.argtypes import non_negative_int, positive_int
 from cli.main import CommandError
 from core.topology import TopologyError, load_topology
 from generator.generate import generate
@@ -38,26 +39,6 @@ def _range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} cannot be negative")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gen = subparsers.add_parser(
         "generate",
@@ -67,14 +48,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog=GENERATE_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    gen.add_argument("--nodes", type=_positive, required=True, help="number of servers")
+    gen.add_argument("--nodes", type=positive_int, required=True, help="number of servers")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     gen.add_argument(
-        "--max-children", type=_positive, default=3, help="children per server at most (default: 3)"
+        "--max-children",
+        type=positive_int,
+        default=3,
+        help="children per server at most (default: 3)",
     )
     gen.add_argument(
         "--extra-parents",
-        type=_non_negative,
+        type=non_negative_int,
         default=0,
         help="extra parent links beyond the tree, keeping it acyclic (default: 0)",
     )

@@ -55,6 +55,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, TextIO
 
+from cli.argtypes import non_negative_float, positive_float
 from cli.main import CommandError
 from core.secretfile import ensure_secret
 from core.topology import Topology, TopologyError, load_topology
@@ -132,28 +133,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--rebalance-interval",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=None,
         metavar="S",
         help="seconds between rebalancing rounds, 0 = off (default: the topology's setting)",
     )
     p.add_argument(
         "--wave-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="S",
         help="wave deadline in seconds (default: the topology's setting)",
     )
     p.add_argument(
         "--ready-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=60.0,
         metavar="S",
         help="give up if the cluster is not ready after this many seconds (default: 60)",
     )
     p.add_argument(
         "--grace",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=5.0,
         metavar="S",
         help="seconds a child gets to stop after SIGTERM before SIGKILL (default: 5)",
@@ -174,23 +175,6 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
     return value
 
 

@@ -9,6 +9,7 @@ import random
 import time
 from typing import Any
 
+from cli.argtypes import positive_int
 from core.messages import FinnWork
 from core.randomtree import TreeShape, random_topology
 from core.simulation import SimNetwork
@@ -25,9 +26,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  treewave simulate --nodes 10000 --seed 7 --json",
     )
-    p.add_argument("--nodes", type=_positive, required=True, help="number of servers")
+    p.add_argument("--nodes", type=positive_int, required=True, help="number of servers")
     p.add_argument("--seed", type=int, default=0, help="seed for topology and delivery order")
-    p.add_argument("--max-children", type=_positive, default=3, help="default: 3")
+    p.add_argument("--max-children", type=positive_int, default=3, help="default: 3")
     p.add_argument(
         "--extra-parents",
         type=int,
@@ -36,13 +37,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def simulate(
