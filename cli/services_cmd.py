@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-import balancer.main
-import node.main
+import balancer.app
+import balancer.settings
+import node.app
+import node.settings
+from wire.service import serve_service
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,8 +22,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         epilog="example:\n  treewave node --name aurora --topology topology.json --port 8000 \\\n"
         "      --peer-url-template 'ws://127.0.0.1:8000/ws'",
     )
-    node.main.build_parser(p)
-    p.set_defaults(handler=node.main.serve)
+    node.settings.add_arguments(p)
+    p.set_defaults(handler=serve_node)
     b = sub.add_parser(
         "balancer",
         help="run the balancer (API, status page, waves, rebalancing)",
@@ -30,5 +33,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         epilog="example:\n  treewave balancer --topology topology.json --port 7999 \\\n"
         "      --peer-url-template 'ws://{name}:8000/ws'",
     )
-    balancer.main.build_parser(b)
-    b.set_defaults(handler=balancer.main.serve)
+    balancer.settings.add_arguments(b)
+    b.set_defaults(handler=serve_balancer)
+
+
+def serve_node(args: argparse.Namespace) -> int:
+    return serve_service("treewave node", args, node.settings.from_arguments, node.app.create_app)
+
+
+def serve_balancer(args: argparse.Namespace) -> int:
+    return serve_service(
+        "treewave balancer", args, balancer.settings.from_arguments, balancer.app.create_app
+    )

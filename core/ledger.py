@@ -73,13 +73,6 @@ class TaskLedger:
         self.completed += 1
         return True
 
-    def requeue_running(self) -> int:
-        """After a crash: tasks that were running run again (at-least-once)."""
-        tasks = list(self.running.values())
-        self.running.clear()
-        self.queued.extendleft(reversed(tasks))
-        return len(tasks)
-
     # --- donor side --------------------------------------------------------------------------
 
     def prepare(self, transfer: str, target: str, count: int, now: float) -> Reservation:

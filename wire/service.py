@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from aiohttp import web
 
@@ -92,20 +93,35 @@ def env_secret() -> str:
     return secret
 
 
-def serve_app(
-    prog: str, args: argparse.Namespace, make_app: Callable[[], tuple[web.Application, str, int]]
+class ServiceSettings(Protocol):
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def serve_service(
+    prog: str,
+    args: argparse.Namespace,
+    from_arguments: Callable[[argparse.Namespace], S],
+    create_app: Callable[[S], web.Application],
 ) -> int:
-    """Configure logging, build the app (a bad configuration is one line and exit 2) and
-    serve it until SIGINT/SIGTERM, running its cleanup."""
+    """Read a service's settings, build its app (a bad configuration is one line and
+    exit 2) and serve it until SIGINT/SIGTERM, running its cleanup."""
     logging.basicConfig(
         level=str(args.log_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        app, host, port = make_app()
+        settings = from_arguments(args)
+        app = create_app(settings)
     except (TopologyError, ValueError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
     return 0
