@@ -105,7 +105,7 @@ class Proc:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", *self.args],
+                [sys.executable, "-m", "treewave.cli.main", *self.args],
                 cwd=REPO,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
@@ -152,7 +152,7 @@ def http_json(url: str, method: str = "GET", body: Any = None, timeout: float = 
 def load_topology_data(args: argparse.Namespace) -> dict[str, Any]:
     if args.servers:
         sys.path.insert(0, str(REPO))
-        from core.randomtree import random_topology
+        from treewave.core.randomtree import random_topology
 
         data: dict[str, Any] = random_topology(args.servers, args.seed).to_json_data()
     else:

@@ -49,9 +49,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.topology import Settings  # noqa: E402
-from generator.generate import generate  # noqa: E402
-from generator.render import render  # noqa: E402
+from treewave.core.topology import Settings  # noqa: E402
+from treewave.generator.generate import generate  # noqa: E402
+from treewave.generator.render import render  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "compose_footprint.json"
 SEED = 7

@@ -61,7 +61,11 @@ def treewave_command() -> list[str]:
     script = Path(sys.executable).parent / "treewave"
     if script.is_file():
         return [sys.executable, str(script)]
-    return [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from treewave.cli.main import main; sys.exit(main())",
+    ]
 
 
 class Cluster:

@@ -31,7 +31,7 @@ DEFAULT_OUT = HERE / "results" / "simulate_scale.json"
 
 def child(nodes: int, seed: int) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
-    from cli.simulate_cmd import simulate  # imported here so import time counts too
+    from treewave.cli.simulate_cmd import simulate  # imported here so import time counts too
 
     report = simulate(nodes, seed)
     total, cpu = time.perf_counter() - t0, time.process_time() - c0

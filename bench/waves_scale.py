@@ -43,8 +43,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.randomtree import TreeShape, random_topology  # noqa: E402
-from core.topology import Settings, Topology  # noqa: E402
+from treewave.core.randomtree import TreeShape, random_topology  # noqa: E402
+from treewave.core.topology import Settings, Topology  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "waves_scale.json"
 SEED = 11
@@ -134,7 +134,7 @@ def cluster(
     base = free_base_port(len(topology))
     out = (run_dir / "run.out").open("wb")
     argv = [
-        sys.executable, "-m", "cli.main", "run",
+        sys.executable, "-m", "treewave.cli.main", "run",
         "--topology", str(topo_file), "--port", str(port), "--base-port", str(base),
         "--rebalance-interval", str(rebalance_interval),
         "--ready-timeout", str(ready_timeout), "--log-level", "WARNING", *extra_args,
@@ -305,7 +305,7 @@ _SIM = textwrap.dedent(
     """
     import json, resource, sys, time
     sys.path.insert(0, sys.argv[3])
-    from cli.simulate_cmd import simulate
+    from treewave.cli.simulate_cmd import simulate
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     report = simulate(int(sys.argv[1]), int(sys.argv[2]))

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from core.topology import Topology
+from treewave.core.topology import Topology
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
@@ -70,7 +70,7 @@ class Cluster:
         log = self.directory / f"{name}.log"
         with log.open("wb") as out:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", *args],
+                [sys.executable, "-m", "treewave.cli.main", *args],
                 cwd=REPO,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from core.randomtree import TreeShape, random_topology
-from core.topology import ServerSpec, Settings, Topology
-from generator.words import random_names
+from treewave.core.randomtree import TreeShape, random_topology
+from treewave.core.topology import ServerSpec, Settings, Topology
+from treewave.generator.words import random_names
 
 pytestmark = pytest.mark.browser
 

@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from core.topology import Topology
-from generator.render import render
+from treewave.core.topology import Topology
+from treewave.generator.render import render
 
 REPO = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 600

@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 
-from core.topology import Settings, Topology
-from generator.generate import generate
+from treewave.core.topology import Settings, Topology
+from treewave.generator.generate import generate
 
 pytestmark = pytest.mark.e2e
 

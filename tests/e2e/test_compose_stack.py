@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from core.topology import Settings
-from generator.dashboard import build_dashboard, iter_exprs
-from generator.generate import generate
+from treewave.core.topology import Settings
+from treewave.generator.dashboard import build_dashboard, iter_exprs
+from treewave.generator.generate import generate
 
 pytestmark = pytest.mark.e2e
 

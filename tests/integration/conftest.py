@@ -1,8 +1,8 @@
 """A treewave cluster as real, separate processes on loopback.
 
 `start_cluster(topology)` writes the topology and a peers file into a temporary
-directory, starts `python -m cli.main node ...` for every server and
-`python -m cli.main balancer ...` for the balancer, each on a free 127.0.0.1 port, and
+directory, starts `python -m treewave.cli.main node ...` for every server and
+`python -m treewave.cli.main balancer ...` for the balancer, each on a free 127.0.0.1 port, and
 waits (by polling, never by sleeping a fixed time) until every service answers
 `/healthz`, every server reports all its links up and the balancer has a link to every
 server. Some services can be held back (`hold=`) and started later with
@@ -101,7 +101,7 @@ class Service:
         env.pop("TREEWAVE_SECRET", None)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", *self.args],
+                [sys.executable, "-m", "treewave.cli.main", *self.args],
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,

@@ -29,15 +29,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from balancer.app import BALANCER_KEY
-from balancer.app import create_app as create_balancer
-from balancer.settings import BalancerSettings
-from core.errors import RemoteProtocolError
-from core.messages import MAX_MESSAGE_BYTES, parse_message
-from core.topology import Topology
-from node.app import SERVER_KEY
-from node.app import create_app as create_node
-from node.settings import NodeSettings
+from treewave.balancer.app import BALANCER_KEY
+from treewave.balancer.app import create_app as create_balancer
+from treewave.balancer.settings import BalancerSettings
+from treewave.core.errors import RemoteProtocolError
+from treewave.core.messages import MAX_MESSAGE_BYTES, parse_message
+from treewave.core.topology import Topology
+from treewave.node.app import SERVER_KEY
+from treewave.node.app import create_app as create_node
+from treewave.node.settings import NodeSettings
 
 if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
     from conftest import Cluster, StartCluster

@@ -25,14 +25,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-import node.app as node_app
-from balancer.app import create_app as create_balancer
-from balancer.settings import BalancerSettings
-from core.messages import MAX_MESSAGE_BYTES
-from core.topology import Topology
-from node.app import SERVER_KEY
-from node.app import create_app as create_node
-from node.settings import NodeSettings
+import treewave.node.app as node_app
+from treewave.balancer.app import create_app as create_balancer
+from treewave.balancer.settings import BalancerSettings
+from treewave.core.messages import MAX_MESSAGE_BYTES
+from treewave.core.topology import Topology
+from treewave.node.app import SERVER_KEY
+from treewave.node.app import create_app as create_node
+from treewave.node.settings import NodeSettings
 
 TOPOLOGY: dict[str, Any] = {
     "settings": {"task_time_s": 3600, "wave_timeout_s": 5},

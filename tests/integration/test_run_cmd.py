@@ -54,7 +54,11 @@ def treewave_command() -> list[str]:
     script = Path(sys.executable).parent / "treewave"
     if script.exists():
         return [sys.executable, str(script)]
-    return [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from treewave.cli.main import main; sys.exit(main())",
+    ]
 
 
 def clean_env() -> dict[str, str]:

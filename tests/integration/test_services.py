@@ -1,6 +1,6 @@
 """The services as real processes on loopback: Echo, Finn and rebalancing end to end.
 
-Every server is its own `python -m cli.main node` process and the balancer another; they
+Every server is its own `python -m treewave.cli.main node` process and the balancer another; they
 talk over real WebSockets. Nothing here asserts on time: waits poll with generous limits.
 """
 

@@ -27,9 +27,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from balancer.app import BALANCER_KEY, create_app
-from balancer.settings import BalancerSettings
-from balancer.status import (
+from treewave.balancer.app import BALANCER_KEY, create_app
+from treewave.balancer.settings import BalancerSettings
+from treewave.balancer.status import (
     HUB_KEY,
     NODE_W,
     SLOT_W,
@@ -38,8 +38,8 @@ from balancer.status import (
     load_level,
     sse_frame,
 )
-from core.randomtree import TreeShape, random_topology
-from core.topology import ServerSpec, Settings, Topology
+from treewave.core.randomtree import TreeShape, random_topology
+from treewave.core.topology import ServerSpec, Settings, Topology
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
             with (d / f"{name}.log").open("wb") as log:
                 procs[name] = subprocess.Popen(
                     [
-                        *(sys.executable, "-m", "cli.main", "node"),
+                        *(sys.executable, "-m", "treewave.cli.main", "node"),
                         *("--name", name, "--port", str(port), "--host", "127.0.0.1"),
                         *("--topology", str(topo), "--peers", str(peers_file)),
                     ],

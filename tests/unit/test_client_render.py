@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cli.client_cmd import (
+from treewave.cli.client_cmd import (
     load_bar,
     load_text,
     render_finn,

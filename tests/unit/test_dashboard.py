@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import yaml
 
-from generator.dashboard import (
+from treewave.generator.dashboard import (
     DASHBOARD_TITLE,
     DASHBOARD_UID,
     DATASOURCE_UID,
     build_dashboard,
     iter_exprs,
 )
-from generator.generate import generate
+from treewave.generator.generate import generate
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_PATH = REPO / "grafana/dashboards/treewave.json"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from core.topology import DNS_LABEL, RESERVED_NAMES, load_topology
-from generator.generate import generate
-from generator.words import load_words, random_names
+from treewave.core.topology import DNS_LABEL, RESERVED_NAMES, load_topology
+from treewave.generator.generate import generate
+from treewave.generator.words import load_words, random_names
 
 
 def test_same_seed_gives_identical_bytes() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import pydantic
 import pytest
 
-from core import messages as m
-from core.errors import RemoteProtocolError
+from treewave.core import messages as m
+from treewave.core.errors import RemoteProtocolError
 
 STATE = m.ServerState(
     name="alpha",

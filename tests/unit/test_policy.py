@@ -30,8 +30,16 @@ from fractions import Fraction
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.messages import ServerState
-from core.policy import Load, Move, apply_moves, imbalance, loads_of, max_pressure, plan_moves
+from treewave.core.messages import ServerState
+from treewave.core.policy import (
+    Load,
+    Move,
+    apply_moves,
+    imbalance,
+    loads_of,
+    max_pressure,
+    plan_moves,
+)
 
 
 def ideal_pressure(loads: list[Load]) -> Fraction:

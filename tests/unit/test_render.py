@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
-from cli.main import main
-from core.topology import Topology, load_topology
-from generator.generate import generate
-from generator.render import (
+from treewave.cli.main import main
+from treewave.core.topology import Topology, load_topology
+from treewave.generator.generate import generate
+from treewave.generator.render import (
     COMPOSE_FILE,
     DASHBOARD_FILE,
     DASHBOARD_PROVISIONING_FILE,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cli.main import main
-from cli.simulate_cmd import simulate
+from treewave.cli.main import main
+from treewave.cli.simulate_cmd import simulate
 
 ECHO_KEYS = {"messages", "participants", "decided"}
 FINN_KEYS = {"messages", "decided_nodes", "decided_once", "decided"}

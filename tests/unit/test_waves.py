@@ -25,15 +25,15 @@ from hypothesis.stateful import (
     rule,
 )
 
-from core.echo import EchoInitiator, EchoPhase, InitiatorPhase
-from core.errors import LocalProtocolError, RemoteProtocolError, StaleMessage
-from core.events import EchoResult, FinnResult
-from core.finn import FinnInitiator, FinnNodeWave
-from core.messages import EchoExplore, EchoReply, FinnSets, FinnWork, ServerState
-from core.node import NodeProtocol
-from core.randomtree import TreeShape, random_topology
-from core.simulation import SimNetwork
-from core.topology import BALANCER, ServerSpec, Topology
+from treewave.core.echo import EchoInitiator, EchoPhase, InitiatorPhase
+from treewave.core.errors import LocalProtocolError, RemoteProtocolError, StaleMessage
+from treewave.core.events import EchoResult, FinnResult
+from treewave.core.finn import FinnInitiator, FinnNodeWave
+from treewave.core.messages import EchoExplore, EchoReply, FinnSets, FinnWork, ServerState
+from treewave.core.node import NodeProtocol
+from treewave.core.randomtree import TreeShape, random_topology
+from treewave.core.simulation import SimNetwork
+from treewave.core.topology import BALANCER, ServerSpec, Topology
 
 WaveMsg = EchoExplore | EchoReply | FinnSets
 BUDGET = 100.0

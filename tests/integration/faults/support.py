@@ -109,7 +109,7 @@ class FaultService(Service):  # type: ignore[misc,valid-type]
             log.write(f"----- start {self.args[0]} env={self.env} -----\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", *self.args],
+                [sys.executable, "-m", "treewave.cli.main", *self.args],
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,

@@ -1,0 +1,68 @@
+"""The balancer's Prometheus metrics, including the topology as info series so
+dashboards can draw the tree from Prometheus alone."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from treewave.core.topology import Topology
+
+
+class BalancerMetrics:
+    def __init__(self, topology: Topology) -> None:
+        self.registry = r = CollectorRegistry()
+        self.waves = Counter(
+            "treewave_waves", "Waves finished", ["algorithm", "outcome"], registry=r
+        )
+        self.wave_duration = Histogram(
+            "treewave_wave_duration_seconds",
+            "Wave duration",
+            ["algorithm"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.wave_messages = Counter(
+            "treewave_wave_messages", "Messages of finished waves", ["algorithm"], registry=r
+        )
+        self.rebalance_runs = Counter("treewave_rebalance_runs", "Rebalancing rounds", registry=r)
+        self.rebalance_moves = Counter(
+            "treewave_rebalance_moves", "Moves planned by the policy", registry=r
+        )
+        self.tasks_moved = Counter("treewave_tasks_moved", "Tasks transferred", registry=r)
+        self.transfers = Counter(
+            "treewave_transfers", "Transfers by outcome", ["outcome"], registry=r
+        )
+        self.in_doubt = Gauge(
+            "treewave_transfers_in_doubt", "Transfers whose outcome is being resolved", registry=r
+        )
+        self.max_pressure = Gauge(
+            "treewave_max_pressure", "Highest pressure in the last Echo snapshot", registry=r
+        )
+        self.imbalance = Gauge(
+            "treewave_imbalance", "Max pressure minus cluster pressure (last Echo)", registry=r
+        )
+        self.server_pressure = Gauge(
+            "treewave_server_pressure", "Pressure per server (last Echo)", ["server"], registry=r
+        )
+        self.api_errors = Counter(
+            "treewave_api_errors", "Rejected API requests", ["route", "status"], registry=r
+        )
+        self.invalid = Counter(
+            "treewave_invalid_messages", "Frames rejected by the balancer", ["reason"], registry=r
+        )
+        server_info = Gauge(
+            "treewave_topology_server_info",
+            "A server of the topology",
+            ["server", "cpus"],
+            registry=r,
+        )
+        edge_info = Gauge(
+            "treewave_topology_edge_info",
+            "A parent -> child edge of the topology",
+            ["id", "source", "target"],
+            registry=r,
+        )
+        for s in topology.servers:
+            server_info.labels(s.name, str(s.cpus)).set(1)
+        for a, b in topology.edges:
+            edge_info.labels(f"{a}->{b}", a, b).set(1)

@@ -1,0 +1,492 @@
+"""Commands that talk to a running balancer: `treewave status`, `submit`, `finn`,
+`rebalance`.
+
+Only the standard library (urllib) is used. Every command takes `--balancer URL` (default
+`$TREEWAVE_BALANCER` or http://127.0.0.1:7999). A balancer that does not answer, or an API
+error (`{"error": ...}`), becomes one line on stderr and exit code 1.
+
+The tree view (`render_tree`) is a pure function of the `/api/tree` JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import ipaddress
+import json
+import os
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from treewave.cli.argtypes import non_negative_int, positive_float, positive_int
+from treewave.cli.errors import CommandError
+
+DEFAULT_BALANCER = "http://127.0.0.1:7999"
+BAR_WIDTH = 12
+RUN_CELL, QUEUED_CELL, FREE_CELL = "█", "▓", "░"
+MIDDLE, LAST = "├── ", "└── "
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+
+
+def balancer_url(text: str) -> str:
+    """Validate and normalise `--balancer` (no trailing slash)."""
+    url = text.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL like {DEFAULT_BALANCER}")
+    return url
+
+
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Client:
+    base: str
+    timeout: float = 30.0
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Mapping[str, Any]) -> Any:
+        return self.request("POST", path, body)
+
+    def request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+        )
+        # A local balancer is never reached through a proxy from the environment.
+        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(self.base) else []
+        opener = urllib.request.build_opener(*handlers)
+        try:
+            with opener.open(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise CommandError(_api_error(exc)) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise CommandError(
+                f"cannot reach the balancer at {self.base}: {_one_line(str(reason))}"
+            ) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise CommandError(
+                f"the balancer at {self.base} answered {method} {path} with something that "
+                "is not JSON"
+            ) from None
+
+
+def _api_error(exc: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(exc.read())
+    except (ValueError, OSError, http.client.HTTPException):
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return _one_line(body["error"])
+    return f"the balancer answered HTTP {exc.code} {exc.reason}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --- rendering (pure) ----------------------------------------------------------------------------
+
+
+def pressure(node: Mapping[str, Any]) -> float:
+    cpus = max(int(node.get("cpus", 1)), 1)
+    return (int(node.get("running", 0)) + int(node.get("queued", 0))) / cpus
+
+
+def load_bar(running: int, queued: int, cpus: int, width: int = BAR_WIDTH) -> str:
+    """`[███▓▓░░░]`: the bar is the server's capacity (cpus); █ running, ▓ queued, ░ free.
+    Work beyond capacity fills the bar and adds `+` after it."""
+    cpus = max(cpus, 1)
+    total = running + queued
+    run_cells = min(width, round(width * running / cpus))
+    if running > 0:
+        run_cells = max(run_cells, 1)
+    used = min(width, round(width * total / cpus))
+    if queued > 0 and run_cells < width:
+        used = max(used, run_cells + 1)
+    queue_cells = max(0, used - run_cells)
+    free = width - run_cells - queue_cells
+    over = "+" if total > cpus else " "
+    return f"[{RUN_CELL * run_cells}{QUEUED_CELL * queue_cells}{FREE_CELL * free}]{over}"
+
+
+def load_text(running: int, queued: int, cpus: int) -> str:
+    unit = "cpu" if cpus == 1 else "cpus"
+    if running == 0 and queued == 0:
+        return f"idle / {cpus} {unit}"
+    return f"{running} run + {queued} queued / {cpus} {unit}"
+
+
+_COLOURS = {"low": "\x1b[32m", "mid": "\x1b[33m", "high": "\x1b[31m", "dim": "\x1b[2m"}
+_RESET = "\x1b[0m"
+
+
+def _level(p: float) -> str:
+    return "low" if p < 0.75 else "mid" if p <= 1.0 else "high"
+
+
+@dataclass(frozen=True)
+class _Line:
+    prefix: str
+    name: str
+    node: Mapping[str, Any] | None
+    note: str
+    ref: bool
+
+
+def render_tree(
+    tree: Mapping[str, Any], *, colour: bool = False, bar_width: int = BAR_WIDTH
+) -> str:
+    """The tree (a DAG, drawn as a tree) with a load bar per server, then a summary line.
+
+    A server with several parents is drawn in full under the first parent that reaches it
+    (depth first, in file order), marked `(also under X)`; under each other parent it
+    appears as one line `↑ name (drawn under Y)`. Servers the wave did not reach are drawn
+    with `no answer`.
+    """
+    nodes = {str(n["name"]): n for n in tree.get("nodes", [])}
+    edges = [(str(e["source"]), str(e["target"])) for e in tree.get("edges", [])]
+    missing = [str(m) for m in tree.get("missing", [])]
+    names: list[str] = list(nodes)
+    for a, b in edges:
+        for n in (a, b):
+            if n not in names:
+                names.append(n)
+    names += [m for m in missing if m not in names]
+    children: dict[str, list[str]] = {n: [] for n in names}
+    parents: dict[str, list[str]] = {n: [] for n in names}
+    for a, b in edges:
+        children[a].append(b)
+        parents[b].append(a)
+    roots = [n for n in names if not parents[n]] or names[:1]
+
+    lines: list[_Line] = []
+    drawn_under: dict[str, str | None] = {}
+
+    def draw(start: str) -> None:
+        # Depth first, iteratively (a long chain must not hit the recursion limit).
+        stack: list[tuple[str, str | None, str, str]] = [(start, None, "", "")]
+        while stack:
+            name, parent, prefix, branch = stack.pop()
+            if name in drawn_under:
+                where = drawn_under[name]
+                note = f"(drawn under {where})" if where else "(drawn above)"
+                lines.append(_Line(prefix + branch, "↑ " + name, None, note, True))
+                continue
+            drawn_under[name] = parent
+            others = [p for p in parents[name] if p != parent]
+            note = f"(also under {', '.join(others)})" if others else ""
+            lines.append(_Line(prefix + branch, name, nodes.get(name), note, False))
+            kids = children[name]
+            inner = prefix + ("" if not branch else "    " if branch == LAST else "│   ")
+            for i in reversed(range(len(kids))):
+                stack.append((kids[i], name, inner, LAST if i == len(kids) - 1 else MIDDLE))
+
+    for root in roots:
+        draw(root)
+    for name in names:  # anything no root reaches (cannot happen for a valid topology)
+        if name not in drawn_under:
+            draw(name)
+
+    width = max(len(line.prefix) + len(line.name) for line in lines)
+    out: list[str] = []
+    for line in lines:
+        label = f"{line.prefix}{line.name}".ljust(width)
+        if line.ref:
+            text = f"{label}  {line.note}"
+            out.append(_paint(text, "dim", colour))
+            continue
+        node = line.node
+        if node is None:
+            text = f"{label}  [{'?' * bar_width}]  no answer (missing from this wave)"
+            out.append(_paint(text, "high", colour) + (f"  {line.note}" if line.note else ""))
+            continue
+        running, queued = int(node.get("running", 0)), int(node.get("queued", 0))
+        cpus = int(node.get("cpus", 1))
+        bar = load_bar(running, queued, cpus, bar_width)
+        text = f"{label}  {_paint(bar, _level(pressure(node)), colour)} "
+        text += load_text(running, queued, cpus)
+        if line.note:
+            text += f"  {line.note}"
+        out.append(text.rstrip())
+    out.append(summary_line(tree))
+    return "\n".join(out)
+
+
+def _paint(text: str, level: str, colour: bool) -> str:
+    return f"{_COLOURS[level]}{text}{_RESET}" if colour else text
+
+
+def summary_line(tree: Mapping[str, Any]) -> str:
+    nodes = list(tree.get("nodes", []))
+    missing = [str(m) for m in tree.get("missing", [])]
+    running = sum(int(n.get("running", 0)) for n in nodes)
+    queued = sum(int(n.get("queued", 0)) for n in nodes)
+    cpus = sum(int(n.get("cpus", 0)) for n in nodes)
+    servers = len(nodes) + len(missing)
+    max_p = max((pressure(n) for n in nodes), default=0.0)
+    cluster_p = (running + queued) / cpus if cpus else 0.0
+    parts = [
+        f"{servers} servers",
+        f"{running} running + {queued} queued / {cpus} cpus",
+        f"imbalance {max_p - cluster_p:.2f} (max pressure {max_p:.2f} - cluster {cluster_p:.2f})",
+    ]
+    if tree.get("complete") and not missing:
+        parts.append("complete")
+    else:
+        parts.append(f"partial, missing {', '.join(missing) or '?'}")
+    if isinstance(tree.get("duration_s"), (int, float)):
+        parts.append(
+            f"echo {1000 * float(tree['duration_s']):.1f} ms, {tree.get('messages', '?')} messages"
+        )
+    return " · ".join(parts)
+
+
+def render_finn(result: Mapping[str, Any], servers: int | None = None) -> str:
+    decided = list(result.get("decided", []))
+    k = int(result.get("tasks_per_node", 0))
+    state = "complete" if result.get("complete") else "partial"
+    text = (
+        f"finn wave {result.get('wave_id')}: {state}, {len(decided)} servers decided, "
+        f"{k} task{'s' if k != 1 else ''} each ({k * len(decided)} queued), "
+        f"{result.get('messages')} messages in {1000 * float(result.get('duration_s', 0)):.1f} ms"
+    )
+    missing = list(result.get("missing", []))
+    if missing:
+        text += f"\nmissing (did not decide): {', '.join(missing)}"
+    return text
+
+
+def render_rebalance(result: Mapping[str, Any]) -> str:
+    moves = list(result.get("moves", []))
+    before = float(result.get("max_pressure_before", 0))
+    after = float(result.get("max_pressure_after", 0))
+    if not moves:
+        text = f"nothing to move: max pressure {before:.2f} (no move lowers it)"
+    else:
+        tasks = sum(int(m["tasks"]) for m in moves)
+        text = (
+            f"moved {tasks} task{'s' if tasks != 1 else ''} in {len(moves)} "
+            f"move{'s' if len(moves) != 1 else ''}; max pressure {before:.2f} -> {after:.2f}"
+        )
+        width = max(len(str(m["source"])) for m in moves)
+        text += "".join(f"\n  {m['source']:<{width}} -> {m['target']}: {m['tasks']}" for m in moves)
+    planned = sum(int(m.get("tasks", 0)) for m in result.get("planned", []))
+    done = sum(int(m["tasks"]) for m in moves)
+    if planned > done:
+        text += f"\n{planned - done} planned task moves did not happen (tasks stayed put)"
+    if result.get("missing"):
+        text += f"\npartial snapshot, missing: {', '.join(result['missing'])}"
+    return text
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--balancer",
+        type=balancer_url,
+        default=os.environ.get("TREEWAVE_BALANCER") or DEFAULT_BALANCER,
+        metavar="URL",
+        help="the balancer's URL (default: $TREEWAVE_BALANCER or %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for an answer (default: 30)",
+    )
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "status",
+        help="show the tree with each server's load",
+        description=textwrap.fill(
+            "Run an Echo wave through the balancer and print the tree with a load bar "
+            "per server (█ running, ▓ queued, ░ free cpus; + when queued work exceeds the "
+            "cpus) and a summary line. A server with several parents is drawn under the first "
+            "and referenced (↑) under the others.",
+            88,
+        ),
+        formatter_class=fmt,
+        epilog="examples:\n  treewave status\n  treewave status --watch 1\n"
+        "  treewave status --json --balancer http://127.0.0.1:9000",
+    )
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the /api/tree JSON")
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        default=None,
+        type=positive_float,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    p.set_defaults(handler=status)
+
+    p = sub.add_parser(
+        "submit",
+        help="add tasks to one server",
+        description=textwrap.fill("Queue COUNT tasks on one server (through the balancer).", 88),
+        formatter_class=fmt,
+        epilog="example:\n  treewave submit --node aurora --count 20 --duration 1.5",
+    )
+    _common(p)
+    p.add_argument("--node", required=True, metavar="NAME", help="the server's name")
+    p.add_argument("--count", required=True, type=positive_int, help="how many tasks")
+    p.add_argument(
+        "--duration",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help="seconds each task takes (default: the topology's task_time_s)",
+    )
+    p.set_defaults(handler=submit)
+
+    p = sub.add_parser(
+        "finn",
+        help="start a Finn wave that gives every server K tasks",
+        description=textwrap.fill(
+            "Run a Finn wave: every server enqueues K tasks when it decides. Exit "
+            "code 1 when the wave is partial (some server did not decide in time).",
+            88,
+        ),
+        formatter_class=fmt,
+        epilog="example:\n  treewave finn --tasks-per-node 3",
+    )
+    _common(p)
+    p.add_argument(
+        "--tasks-per-node",
+        type=non_negative_int,
+        default=1,
+        metavar="K",
+        help="tasks each server enqueues (default: 1)",
+    )
+    p.add_argument(
+        "--duration",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help="seconds each task takes (default: the topology's task_time_s)",
+    )
+    p.set_defaults(handler=finn)
+
+    p = sub.add_parser(
+        "rebalance",
+        help="rebalance queued tasks now",
+        description=textwrap.fill(
+            "Snapshot the tree with Echo, move queued tasks from the most pressed "
+            "servers to the idlest, and report the moves and the max pressure before and after.",
+            88,
+        ),
+        formatter_class=fmt,
+        epilog="example:\n  treewave rebalance --balancer http://127.0.0.1:7999",
+    )
+    _common(p)
+    p.set_defaults(handler=rebalance)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.balancer, args.timeout)
+
+
+def status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.watch is None:
+        tree = client.get("/api/tree")
+        if args.json:
+            print(json.dumps(tree, indent=2))
+        else:
+            print(render_tree(tree, colour=_colour_ok()))
+        return 0
+    return watch(client, args.watch, as_json=args.json)
+
+
+def watch(client: Client, every: float, *, as_json: bool) -> int:
+    colour = _colour_ok()
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            try:
+                tree = client.get("/api/tree")
+                body = json.dumps(tree) if as_json else render_tree(tree, colour=colour)
+            except CommandError as exc:
+                body = f"treewave status: {exc} (retrying)"
+            if as_json:
+                print(body, flush=True)
+            else:
+                stamp = time.strftime("%H:%M:%S")
+                header = f"{client.base}  every {every:g} s  {stamp}  (Ctrl-C to stop)"
+                clear = "\x1b[H\x1b[2J" if tty else ""
+                sys.stdout.write(f"{clear}{header}\n\n{body}\n")
+                sys.stdout.flush()
+            time.sleep(every)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _colour_ok() -> bool:
+    return (
+        sys.stdout.isatty()
+        and not os.environ.get("NO_COLOR")
+        and os.environ.get("TERM") not in (None, "dumb")
+    )
+
+
+def submit(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"node": args.node, "count": args.count}
+    if args.duration is not None:
+        body["duration_s"] = args.duration
+    result = _client(args).post("/api/tasks", body)
+    n = int(result.get("accepted", 0))
+    print(
+        f"queued {n} task{'s' if n != 1 else ''} on {result.get('node')} "
+        f"({result.get('first_task')} .. {result.get('last_task')})"
+    )
+    return 0
+
+
+def finn(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"tasks_per_node": args.tasks_per_node}
+    if args.duration is not None:
+        body["duration_s"] = args.duration
+    result = _client(args).post("/api/finn", body)
+    print(render_finn(result))
+    return 0 if result.get("complete") else 1
+
+
+def rebalance(args: argparse.Namespace) -> int:
+    result = _client(args).post("/api/rebalance", {})
+    print(render_rebalance(result))
+    return 0

@@ -1,0 +1,300 @@
+"""Every message that crosses a WebSocket, as frozen pydantic models in one tagged union.
+
+`parse_message` is the single way in: it validates JSON text (or a dict) against the union
+and raises `RemoteProtocolError` naming what was wrong. Models are frozen and forbid
+unknown keys, so a message is either entirely valid or rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+
+from treewave.core.errors import RemoteProtocolError
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+"""Largest frame accepted; an Echo reply carries the whole tree's state (about 200 bytes
+per server), so this allows some 40,000 servers per deployment."""
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+WaveId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+TransferId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+TaskId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,80}$")]
+Count = Annotated[int, Field(ge=0, le=1_000_000)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerState(Model):
+    """One server's load as reported in an Echo reply."""
+
+    name: Name
+    cpus: int = Field(ge=1)
+    running: Count
+    queued: Count
+    completed: Count
+    reserved: Count = 0
+    parents: tuple[Name, ...] = ()
+    children: tuple[Name, ...] = ()
+    echo_parent: str = ""
+    """Who this server took as its parent in this Echo wave (the spanning-tree edge)."""
+
+    @property
+    def load(self) -> int:
+        return self.running + self.queued
+
+    @property
+    def pressure(self) -> float:
+        return (self.running + self.queued) / self.cpus
+
+    @property
+    def neighbours(self) -> tuple[str, ...]:
+        return self.parents + self.children
+
+
+class Task(Model):
+    """One unit of emulated decoding work; it holds one CPU slot for `duration_s`."""
+
+    id: TaskId
+    duration_s: float = Field(gt=0, le=3600)
+
+
+class FinnWork(Model):
+    """What every server does when it decides in a Finn wave: enqueue this many tasks."""
+
+    tasks_per_node: int = Field(default=1, ge=0, le=10_000)
+    duration_s: float | None = Field(default=None, gt=0, le=3600)
+
+
+# --- links ---------------------------------------------------------------------------------
+
+
+class Hello(Model):
+    """First frame on every link: who is speaking (checked against the topology)."""
+
+    type: Literal["hello"] = "hello"
+    sender: str = Field(min_length=1, max_length=63)
+    token: str = Field(default="", max_length=128)
+
+
+class ErrorReply(Model):
+    """Sent back when a frame is rejected; never answered in turn."""
+
+    type: Literal["error"] = "error"
+    error: str = Field(max_length=2000)
+
+
+# --- waves ---------------------------------------------------------------------------------
+
+
+class EchoExplore(Model):
+    type: Literal["echo.explore"] = "echo.explore"
+    wave: WaveId
+    sender: Name
+    budget_s: float = Field(gt=0, le=3600)
+    """Seconds the receiver may wait for its neighbours before answering with what it has."""
+    hop_s: float = Field(default=0.0, ge=0, le=3600)
+    """How much shorter each next hop's budget is, so deadlines nest down the tree (a
+    child gives up before its parent) without starving deep chains."""
+
+
+class EchoReply(Model):
+    type: Literal["echo.reply"] = "echo.reply"
+    wave: WaveId
+    sender: Name
+    states: tuple[ServerState, ...]
+    """The sender's subtree (itself first)."""
+    sent: int = Field(ge=1)
+    """Wave messages sent inside the sender's subtree, this reply included."""
+
+
+class FinnSets(Model):
+    type: Literal["finn"] = "finn"
+    wave: WaveId
+    sender: Name
+    inc: frozenset[str]
+    ninc: frozenset[str]
+    dec: dict[str, int]
+    """Servers known to have decided, each with the wave messages it sent in all."""
+    work: FinnWork
+    budget_s: float = Field(gt=0, le=3600)
+    expires_at: float | None = None
+    """Wall-clock time (Unix seconds) after which a server must not act on the wave: a
+    server frozen past the balancer's deadline then never does work the balancer already
+    reported as not done (set by the balancer; clocks are assumed roughly in sync)."""
+
+
+# --- tasks and transfers (balancer <-> server) ----------------------------------------------
+
+
+class SubmitTasks(Model):
+    type: Literal["tasks.submit"] = "tasks.submit"
+    tasks: tuple[Task, ...] = Field(max_length=100_000)
+
+
+class TasksAccepted(Model):
+    """Server -> balancer: a `tasks.submit` (named by its first task id) is queued and on
+    disk; `added` of its tasks were new (a repeated submission adds none)."""
+
+    type: Literal["tasks.accepted"] = "tasks.accepted"
+    first: TaskId
+    added: Count
+
+
+class TransferPrepare(Model):
+    """Balancer -> donor: reserve up to `count` queued tasks for `target`."""
+
+    type: Literal["transfer.prepare"] = "transfer.prepare"
+    transfer: TransferId
+    target: Name
+    count: int = Field(ge=1, le=100_000)
+
+
+class TransferPrepared(Model):
+    """Donor -> balancer: the tasks now reserved (possibly none)."""
+
+    type: Literal["transfer.prepared"] = "transfer.prepared"
+    transfer: TransferId
+    tasks: tuple[Task, ...]
+
+
+class TransferDeliver(Model):
+    """Balancer -> recipient: enqueue these tasks, idempotently by transfer id."""
+
+    type: Literal["transfer.deliver"] = "transfer.deliver"
+    transfer: TransferId
+    source: Name
+    tasks: tuple[Task, ...]
+
+
+class TransferCancel(Model):
+    """Balancer -> recipient: refuse this transfer from now on, unless already accepted."""
+
+    type: Literal["transfer.cancel"] = "transfer.cancel"
+    transfer: TransferId
+
+
+class TransferOutcome(Model):
+    """Recipient -> balancer: `accepted` (tasks are queued here) or `cancelled` (never)."""
+
+    type: Literal["transfer.outcome"] = "transfer.outcome"
+    transfer: TransferId
+    outcome: Literal["accepted", "cancelled"]
+
+
+class TransferCommit(Model):
+    """Balancer -> donor: the recipient has the tasks; drop the reservation."""
+
+    type: Literal["transfer.commit"] = "transfer.commit"
+    transfer: TransferId
+
+
+class TransferAbort(Model):
+    """Balancer -> donor: the recipient never got them; requeue the reservation."""
+
+    type: Literal["transfer.abort"] = "transfer.abort"
+    transfer: TransferId
+
+
+class TransferSettled(Model):
+    """Donor -> balancer: the reservation is resolved (committed or aborted)."""
+
+    type: Literal["transfer.settled"] = "transfer.settled"
+    transfer: TransferId
+    outcome: Literal["committed", "aborted", "unknown"]
+
+
+class TransferQuery(Model):
+    """Balancer -> server: which reservations do you hold? (after the balancer restarts
+    or a link comes back, so no reservation stays in doubt forever)."""
+
+    type: Literal["transfer.query"] = "transfer.query"
+
+
+class ReservationInfo(Model):
+    transfer: TransferId
+    target: Name
+    tasks: int = Field(ge=0)
+
+
+class TransferReservations(Model):
+    """Server -> balancer: the reservations it holds."""
+
+    type: Literal["transfer.reservations"] = "transfer.reservations"
+    reservations: tuple[ReservationInfo, ...] = Field(max_length=100_000)
+
+
+Message = Annotated[
+    Hello
+    | ErrorReply
+    | EchoExplore
+    | EchoReply
+    | FinnSets
+    | SubmitTasks
+    | TasksAccepted
+    | TransferPrepare
+    | TransferPrepared
+    | TransferDeliver
+    | TransferCancel
+    | TransferOutcome
+    | TransferCommit
+    | TransferAbort
+    | TransferSettled
+    | TransferQuery
+    | TransferReservations,
+    Field(discriminator="type"),
+]
+WaveMessage = EchoExplore | EchoReply | FinnSets
+
+MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+def parse_message(raw: str | bytes | dict[str, Any]) -> Message:
+    """Validate one frame; raises `RemoteProtocolError` saying what is wrong with it."""
+    if isinstance(raw, (str, bytes)) and _size(raw) > MAX_MESSAGE_BYTES:
+        raise RemoteProtocolError(
+            f"message too large: {_size(raw)} bytes (limit {MAX_MESSAGE_BYTES})", reason="too_large"
+        )
+    try:
+        if isinstance(raw, dict):
+            return MESSAGE_ADAPTER.validate_python(raw)
+        return MESSAGE_ADAPTER.validate_json(raw)
+    except ValidationError as exc:
+        raise RemoteProtocolError(
+            "invalid message: " + describe_errors(exc), reason=_reason(exc)
+        ) from None
+
+
+def _size(raw: str | bytes) -> int:
+    """Size in UTF-8 bytes; a str is only encoded when its characters could exceed the limit."""
+    if isinstance(raw, bytes) or len(raw) * 4 <= MAX_MESSAGE_BYTES:
+        return len(raw)
+    return len(raw.encode("utf-8", "surrogatepass"))
+
+
+def encode(message: Model) -> str:
+    return message.model_dump_json()
+
+
+def describe_errors(exc: ValidationError, limit: int = 5) -> str:
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(x) for x in err["loc"]) or "message"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}")
+    more = exc.error_count() - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+def _reason(exc: ValidationError) -> str:
+    types = {e["type"] for e in exc.errors()}
+    if "json_invalid" in types or "json_type" in types:
+        return "malformed_json"
+    if types & {"union_tag_invalid", "union_tag_not_found", "model_attributes_type"}:
+        return "unknown_type"
+    return "invalid_fields"

@@ -1,0 +1,118 @@
+"""A server's protocol engine: routes wave messages to per-wave state machines.
+
+Sans-IO: `receive(message, now, local)` and `handle_timer(now, local)` return what to
+send and what to do; `local` is the server's current load, supplied by the shell. Waves
+are keyed by id, so any number can be in flight at once; a finished wave's id is kept for
+a while so its late messages are told apart (`StaleMessage`) from unknown ones.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from treewave.core.echo import EchoNodeWave, EchoPhase
+from treewave.core.errors import RemoteProtocolError, StaleMessage
+from treewave.core.events import Output
+from treewave.core.finn import FinnNodeWave, FinnPhase
+from treewave.core.messages import EchoExplore, EchoReply, FinnSets, ServerState
+from treewave.core.topology import Topology
+
+FINISHED_MEMORY = 4096
+"""How many finished wave ids a server remembers to recognise late messages."""
+
+
+class NodeProtocol:
+    def __init__(self, name: str, topology: Topology) -> None:
+        if name not in topology:
+            raise ValueError(f"server {name!r} is not in the topology")
+        self.name = name
+        self.echo_neighbours = topology.echo_neighbours(name)
+        self.finn_in = topology.finn_in(name)
+        self.finn_out = topology.finn_out(name)
+        self.parents = topology.parents(name)
+        self.children = topology.children(name)
+        self.echo_waves: dict[str, EchoNodeWave] = {}
+        self.finn_waves: dict[str, FinnNodeWave] = {}
+        self.finished: OrderedDict[str, None] = OrderedDict()
+
+    def local_state(
+        self, cpus: int, running: int, queued: int, completed: int, reserved: int = 0
+    ) -> ServerState:
+        return ServerState(
+            name=self.name,
+            cpus=cpus,
+            running=running,
+            queued=queued,
+            completed=completed,
+            reserved=reserved,
+            parents=self.parents,
+            children=self.children,
+        )
+
+    def receive(
+        self, msg: EchoExplore | EchoReply | FinnSets, now: float, local: ServerState
+    ) -> list[Output]:
+        """Feed one validated wave message; raises a `RemoteProtocolError` (state
+        unchanged) when it does not fit."""
+        if msg.wave in self.finished:
+            raise StaleMessage(f"wave {msg.wave} is already over at {self.name!r}")
+        if isinstance(msg, FinnSets):
+            return self._receive_finn(msg, now)
+        if msg.wave in self.finn_waves:
+            raise RemoteProtocolError(
+                f"wave {msg.wave} is a Finn wave, got {msg.type}", reason="wrong_algorithm"
+            )
+        wave = self.echo_waves.get(msg.wave)
+        if wave is None:
+            if not isinstance(msg, EchoExplore):
+                raise RemoteProtocolError(
+                    f"echo reply for unknown wave {msg.wave} at {self.name!r}",
+                    reason="unknown_wave",
+                )
+            wave = EchoNodeWave(msg.wave, self.name, self.echo_neighbours, msg, now)
+            self.echo_waves[msg.wave] = wave
+            out: list[Output] = list(wave.start(local))
+        else:
+            out = list(wave.receive(msg, local))
+        if wave.phase is EchoPhase.ECHOED:
+            self._finish(msg.wave)
+        return out
+
+    def _receive_finn(self, msg: FinnSets, now: float) -> list[Output]:
+        if msg.wave in self.echo_waves:
+            raise RemoteProtocolError(
+                f"wave {msg.wave} is an Echo wave, got finn", reason="wrong_algorithm"
+            )
+        wave = self.finn_waves.get(msg.wave)
+        if wave is None:
+            wave = FinnNodeWave(msg.wave, self.name, self.finn_in, self.finn_out, msg, now)
+            self.finn_waves[msg.wave] = wave
+        return list(wave.receive(msg))
+
+    def handle_timer(self, now: float, local: ServerState) -> list[Output]:
+        """Answer Echo waves past their deadline; forget Finn waves past theirs."""
+        out: list[Output] = []
+        for wave_id, echo in list(self.echo_waves.items()):
+            out.extend(echo.handle_timer(now, local))
+            if echo.phase is EchoPhase.ECHOED:
+                self._finish(wave_id)
+        for wave_id, finn in list(self.finn_waves.items()):
+            if now >= finn.deadline:
+                self._finish(wave_id)
+        return out
+
+    def next_deadline(self) -> float | None:
+        deadlines = [w.deadline for w in self.echo_waves.values()]
+        deadlines += [w.deadline for w in self.finn_waves.values()]
+        return min(deadlines, default=None)
+
+    def finn_decided(self, wave: str) -> bool:
+        finn = self.finn_waves.get(wave)
+        return finn is not None and finn.phase is FinnPhase.DECIDED
+
+    def _finish(self, wave_id: str) -> None:
+        self.echo_waves.pop(wave_id, None)
+        self.finn_waves.pop(wave_id, None)
+        self.finished[wave_id] = None
+        while len(self.finished) > FINISHED_MEMORY:
+            self.finished.popitem(last=False)

@@ -1,0 +1,144 @@
+"""An in-memory network that runs the real state machines, for tests and big simulations.
+
+Every message sent goes into one in-flight pool; `deliver(i)` hands the i-th to its
+receiver, so a test (or a seeded random generator) picks any delivery order. Servers'
+loads are plain counters: a Finn decision adds its tasks to the server's queue.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from treewave.core.echo import EchoInitiator
+from treewave.core.events import EchoResult, FinnDecided, FinnResult, Send
+from treewave.core.finn import FinnInitiator
+from treewave.core.messages import EchoExplore, EchoReply, FinnSets, FinnWork, ServerState
+from treewave.core.node import NodeProtocol
+from treewave.core.topology import BALANCER, Topology
+
+
+@dataclass
+class SimServer:
+    protocol: NodeProtocol
+    cpus: int
+    running: int = 0
+    queued: int = 0
+    completed: int = 0
+    decisions: list[str] = field(default_factory=list)
+    """Finn waves this server decided, in order."""
+
+    def state(self) -> ServerState:
+        return self.protocol.local_state(self.cpus, self.running, self.queued, self.completed)
+
+
+@dataclass
+class WaveLog:
+    """What happened to one wave in the simulation."""
+
+    wave: str
+    algorithm: str
+    messages: int = 0
+    participants: set[str] = field(default_factory=set)
+    decide_order: list[str] = field(default_factory=list)
+    """Who decided, in order (Finn: servers then the balancer; Echo: the balancer)."""
+    sent_after_decision: int = 0
+    result: EchoResult | FinnResult | None = None
+
+
+class SimNetwork:
+    def __init__(self, topology: Topology, now: float = 0.0) -> None:
+        self.topology = topology
+        self.now = now
+        self.servers = {
+            s.name: SimServer(NodeProtocol(s.name, topology), s.cpus, queued=s.tasks)
+            for s in topology.servers
+        }
+        self.in_flight: list[tuple[str, str, EchoExplore | EchoReply | FinnSets]] = []
+        """(sender, receiver, message) not yet delivered."""
+        self.echo: dict[str, EchoInitiator] = {}
+        self.finn: dict[str, FinnInitiator] = {}
+        self.logs: dict[str, WaveLog] = {}
+        self._expected = frozenset(topology.names)
+
+    # --- starting waves --------------------------------------------------------------------
+
+    def start_echo(self, wave: str, budget_s: float = 3600.0, hop_s: float | None = None) -> None:
+        init = EchoInitiator(wave, self.topology.root, self._expected)
+        self.echo[wave] = init
+        self.logs[wave] = WaveLog(wave, "echo")
+        self._post(BALANCER, init.start(self.now, budget_s, hop_s))
+
+    def start_finn(self, wave: str, work: FinnWork, budget_s: float = 3600.0) -> None:
+        init = FinnInitiator(wave, self.topology.root, self.topology.leaves, self._expected, work)
+        self.finn[wave] = init
+        self.logs[wave] = WaveLog(wave, "finn")
+        self._post(BALANCER, init.start(self.now, budget_s))
+
+    # --- delivering ------------------------------------------------------------------------
+
+    def deliver(self, index: int) -> None:
+        """Deliver the in-flight message at `index` (swap-remove: O(1))."""
+        pool = self.in_flight
+        pool[index], pool[-1] = pool[-1], pool[index]
+        _sender, to, msg = pool.pop()
+        log = self.logs[msg.wave]
+        if to == BALANCER:
+            self._to_balancer(msg, log)
+            return
+        server = self.servers[to]
+        log.participants.add(to)
+        out = server.protocol.receive(msg, self.now, server.state())
+        sends: list[Send] = []
+        for item in out:
+            if isinstance(item, FinnDecided):
+                server.decisions.append(item.wave)
+                server.queued += item.work.tasks_per_node
+                log.decide_order.append(to)
+            else:
+                sends.append(item)
+        self._post(to, sends)
+
+    def _to_balancer(self, msg: EchoExplore | EchoReply | FinnSets, log: WaveLog) -> None:
+        if isinstance(msg, FinnSets):
+            result: EchoResult | FinnResult | None = self.finn[msg.wave].receive(msg)
+        else:
+            result = self.echo[msg.wave].receive(msg)
+        if result is not None:
+            log.result = result
+            log.decide_order.append(BALANCER)
+
+    def _post(self, sender: str, sends: list[Send]) -> None:
+        for s in sends:
+            log = self.logs[s.message.wave]
+            log.messages += 1
+            if log.result is not None:
+                log.sent_after_decision += 1
+            self.in_flight.append((sender, s.to, s.message))
+
+    def advance(self, now: float) -> None:
+        """Move the clock and fire every timer that is due."""
+        self.now = now
+        for name, server in self.servers.items():
+            out = server.protocol.handle_timer(now, server.state())
+            self._post(name, [s for s in out if isinstance(s, Send)])
+        results: list[EchoResult | FinnResult | None] = [
+            e.handle_timer(now) for e in self.echo.values()
+        ]
+        results += [f.handle_timer(now) for f in self.finn.values()]
+        for result in results:
+            if result is not None:
+                self.logs[result.wave].result = result
+                self.logs[result.wave].decide_order.append(BALANCER)
+
+    def run(self, rng: random.Random, drop: set[str] | None = None) -> None:
+        """Deliver in random order until nothing is in flight. Messages to servers in
+        `drop` vanish (a dead server)."""
+        while self.in_flight:
+            i = rng.randrange(len(self.in_flight))
+            if drop and self.in_flight[i][1] in drop:
+                pool = self.in_flight
+                pool[i], pool[-1] = pool[-1], pool[i]
+                pool.pop()
+                continue
+            self.deliver(i)

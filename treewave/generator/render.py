@@ -1,0 +1,129 @@
+"""Render a topology's deployment files: compose file, Prometheus config, Grafana dashboard.
+
+Everything derives from the topology file (one source of truth). Rendering is
+deterministic, so the committed default files can be checked for drift byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jinja2
+
+from treewave.core.topology import Topology
+from treewave.generator.dashboard import dashboard_json
+
+COMPOSE_TEMPLATE_NAME = "compose.template.yml"
+COMPOSE_FILE = Path("compose.yml")
+PROMETHEUS_FILE = Path("prometheus/prometheus.yml")
+DASHBOARD_FILE = Path("grafana/dashboards/treewave.json")
+DATASOURCE_PROVISIONING_FILE = Path("grafana/provisioning/datasources/prometheus.yml")
+DASHBOARD_PROVISIONING_FILE = Path("grafana/provisioning/dashboards/treewave.yml")
+# Static files the compose file mounts, copied so a rendered directory is self-contained.
+STATIC_FILES = {
+    DATASOURCE_PROVISIONING_FILE: "grafana-datasource.yml",
+    DASHBOARD_PROVISIONING_FILE: "grafana-dashboards.yml",
+}
+PACKAGE_TEMPLATES = Path(__file__).resolve().parent / "templates"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class TemplateNotFoundError(FileNotFoundError):
+    """No compose template where one was looked for."""
+
+
+def find_compose_template(topology_path: Path, explicit: Path | None = None) -> Path:
+    """The compose template to use: `explicit` if given, else `compose.template.yml` beside
+    the topology file, else the one at the root of the source tree this package sits in."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise TemplateNotFoundError(f"compose template {explicit} does not exist")
+        return explicit
+    candidates = [topology_path.parent / COMPOSE_TEMPLATE_NAME, REPO_ROOT / COMPOSE_TEMPLATE_NAME]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise TemplateNotFoundError(
+        f"no {COMPOSE_TEMPLATE_NAME} found (tried {tried}); pass --template"
+    )
+
+
+def default_build_context(compose_template: Path, out_dir: Path) -> str:
+    """The image's build context as the rendered compose file sees it: the source tree the
+    template sits in (it holds docker/Dockerfile), relative to `out_dir`; else "."."""
+    source_tree = compose_template.resolve().parent
+    if not (source_tree / "docker" / "Dockerfile").is_file():
+        return "."
+    return Path(os.path.relpath(source_tree, out_dir.resolve())).as_posix()
+
+
+def _environment(search_path: Path) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(search_path)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,  # YAML output, not HTML
+    )
+
+
+def _write(path: Path, text: str) -> Path:
+    """Write only when the bytes change, so unchanged files keep their timestamps."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode("utf-8")
+    if not path.is_file() or path.read_bytes() != data:
+        path.write_bytes(data)
+    return path
+
+
+def render_texts(
+    topology: Topology,
+    topology_file_name: str,
+    compose_template: Path,
+    build_context: str = ".",
+) -> dict[Path, str]:
+    """The rendered files' texts keyed by their path relative to the output directory."""
+    source = topology_file_name if topology_file_name.startswith(".") else f"./{topology_file_name}"
+    context = {
+        "topology": topology,
+        "topology_file": topology_file_name,
+        "topology_source": source,
+        "build_context": build_context,
+    }
+    compose_env = _environment(compose_template.parent)
+    compose = compose_env.get_template(compose_template.name).render(context)
+    prometheus = _environment(PACKAGE_TEMPLATES).get_template("prometheus.yml.j2").render(context)
+    texts = {
+        COMPOSE_FILE: compose,
+        PROMETHEUS_FILE: prometheus,
+        DASHBOARD_FILE: dashboard_json(topology),
+    }
+    for rel, name in STATIC_FILES.items():
+        texts[rel] = (PACKAGE_TEMPLATES / name).read_text(encoding="utf-8")
+    return texts
+
+
+def render(
+    topology: Topology,
+    topology_file_name: str,
+    out_dir: Path,
+    *,
+    template: Path | None = None,
+    build_context: str | None = None,
+) -> list[Path]:
+    """Write `compose.yml`, `prometheus/prometheus.yml`, `grafana/dashboards/treewave.json`
+    and the Grafana provisioning files into `out_dir`; return their paths.
+
+    `topology_file_name` is the topology file's path relative to `out_dir` (the compose file
+    bind-mounts it); `build_context` is the source tree to build the image from, as the
+    compose file sees it (relative to `out_dir`, or absolute); by default the tree holding
+    the compose template.
+    """
+    if Path(topology_file_name).is_absolute():
+        raise ValueError("topology_file_name must be relative to out_dir (portable files)")
+    compose_template = find_compose_template(out_dir / topology_file_name, template)
+    if build_context is None:
+        build_context = default_build_context(compose_template, out_dir)
+    texts = render_texts(topology, topology_file_name, compose_template, build_context)
+    return [_write(out_dir / rel, text) for rel, text in texts.items()]

@@ -1,0 +1,514 @@
+"""One server as an aiohttp application: its queue and CPU slots, its links, its metrics.
+
+The wave logic lives in `core.node.NodeProtocol` and the task bookkeeping in
+`core.ledger.TaskLedger`; this module only moves frames between sockets and those two,
+runs tasks with asyncio (a task holds a slot for its duration without burning the CPU)
+and persists the ledger when a state directory is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from treewave.core.addressing import peer_url
+from treewave.core.auth import link_token, token_ok
+from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
+from treewave.core.events import FinnDecided, Output, Send
+from treewave.core.ledger import TaskLedger
+from treewave.core.messages import (
+    MAX_MESSAGE_BYTES,
+    EchoExplore,
+    EchoReply,
+    ErrorReply,
+    FinnSets,
+    Hello,
+    Message,
+    ReservationInfo,
+    ServerState,
+    SubmitTasks,
+    Task,
+    TasksAccepted,
+    TransferAbort,
+    TransferCancel,
+    TransferCommit,
+    TransferDeliver,
+    TransferOutcome,
+    TransferPrepare,
+    TransferPrepared,
+    TransferQuery,
+    TransferReservations,
+    TransferSettled,
+    parse_message,
+)
+from treewave.core.messages import Model as MessageModel
+from treewave.core.node import NodeProtocol
+from treewave.core.topology import BALANCER, Topology, load_topology
+from treewave.node.metrics import NodeMetrics
+from treewave.node.settings import NodeSettings
+from treewave.wire.links import LinkSet, dial_forever, read_frames
+
+log = logging.getLogger("treewave.node")
+
+HELLO_TIMEOUT_S = 5.0
+
+
+class Server:
+    """The running server: everything the handlers and background tasks share."""
+
+    def __init__(self, settings: NodeSettings, topology: Topology) -> None:
+        self.settings = settings
+        self.topology = topology
+        self.name = settings.name
+        self.spec = topology.server(settings.name)
+        self.cpus = self.spec.cpus
+        self.task_time_s = topology.settings.task_time_s
+        self.protocol = NodeProtocol(self.name, topology)
+        self.metrics = NodeMetrics(self.name)
+        self.metrics.cpus.set(self.cpus)
+        self.links = LinkSet()
+        self.wakeup = asyncio.Event()
+        self.running_tasks: set[asyncio.Task[None]] = set()
+        self.state_file = (
+            settings.state_dir / f"{self.name}.json" if settings.state_dir is not None else None
+        )
+        self._task_counter = 0
+        self.ledger = self._load_ledger()
+        self._save_pending = False
+        self.allowed_inbound = {*topology.parents(self.name), BALANCER}
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    # --- ledger persistence --------------------------------------------------------------------
+
+    def _load_ledger(self) -> TaskLedger:
+        if self.state_file is not None and self.state_file.exists():
+            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+            ledger = TaskLedger.from_json_data(data)
+            log.info(
+                "%s: restored %d queued and %d reserved tasks from %s",
+                self.name,
+                len(ledger.queued),
+                ledger.reserved_count,
+                self.state_file,
+            )
+            return ledger
+        ledger = TaskLedger()
+        ledger.submit([self.new_task() for _ in range(self.spec.tasks)])
+        return ledger
+
+    def save(self) -> None:
+        """Write the ledger atomically (temp file + rename) before acknowledging."""
+        if self.state_file is None:
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.ledger.to_json_data()), encoding="utf-8")
+        os.replace(tmp, self.state_file)
+
+    def save_soon(self) -> None:
+        """Coalesce frequent changes (task completions) into one write per tick."""
+        if self.state_file is None or self._save_pending:
+            return
+        self._save_pending = True
+
+        def flush() -> None:
+            self._save_pending = False
+            self.save()
+
+        asyncio.get_running_loop().call_later(0.05, flush)
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def new_task(self, prefix: str = "init", duration_s: float | None = None) -> Task:
+        self._task_counter += 1
+        return Task(
+            id=f"{self.name}:{prefix}:{self._task_counter}",
+            duration_s=duration_s or self.task_time_s,
+        )
+
+    def local_state(self) -> ServerState:
+        led = self.ledger
+        return self.protocol.local_state(
+            self.cpus, len(led.running), len(led.queued), led.completed, led.reserved_count
+        )
+
+    def refresh_gauges(self) -> None:
+        led = self.ledger
+        m = self.metrics
+        m.running.set(len(led.running))
+        m.queued.set(len(led.queued))
+        m.reserved.set(led.reserved_count)
+        m.pressure.set((len(led.running) + len(led.queued)) / self.cpus)
+        m.links.set(sum(1 for n in self.links.peers if self.links.connected(n)))
+
+    def state_json(self) -> dict[str, object]:
+        led = self.ledger
+        return {
+            "name": self.name,
+            "cpus": self.cpus,
+            "running": len(led.running),
+            "queued": len(led.queued),
+            "reserved": led.reserved_count,
+            "completed": led.completed,
+            "transferred_in": led.transferred_in,
+            "transferred_out": led.transferred_out,
+            "parents": list(self.topology.parents(self.name)),
+            "children": list(self.topology.children(self.name)),
+            "links": {
+                n: self.links.connected(n)
+                for n in (*self.allowed_inbound, *self.topology.children(self.name))
+            },
+            "in_doubt": [
+                {"transfer": r.transfer, "target": r.target, "tasks": len(r.tasks)}
+                for r in led.reserved.values()
+            ],
+        }
+
+    # --- frames ----------------------------------------------------------------------------------
+
+    async def on_frame(self, peer: str, text: str) -> None:
+        """Validate one frame from `peer` and act on it; a bad frame is answered with an
+        error and counted, and changes nothing."""
+        if not self._flood_ok(peer):
+            self.metrics.invalid.labels(self.name, "flood").inc()
+            return
+        try:
+            msg = parse_message(text)
+            self._maybe_crash("before", msg.type)
+            replies = self.handle(peer, msg)
+            self._maybe_crash("after", msg.type)
+        except StaleMessage as exc:
+            self.metrics.invalid.labels(self.name, exc.reason).inc()
+            log.debug("%s: %s", self.name, exc)
+            return
+        except ProtocolError as exc:
+            self.metrics.invalid.labels(self.name, exc.reason).inc()
+            log.warning("%s: rejected a frame from %s: %s", self.name, peer, exc)
+            await self.links.send(peer, ErrorReply(error=str(exc)[:2000]))
+            return
+        for to, reply in replies:
+            await self.links.send(to, reply)
+        self.refresh_gauges()
+
+    def _flood_ok(self, peer: str) -> bool:
+        """Token bucket per link: a peer may not drown the server in frames."""
+        now = time.monotonic()
+        rate = self.settings.flood_rate
+        tokens, last = self._buckets.get(peer, (2 * rate, now))
+        tokens = min(2 * rate, tokens + (now - last) * rate)
+        if tokens < 1:
+            self._buckets[peer] = (tokens, now)
+            return False
+        self._buckets[peer] = (tokens - 1, now)
+        return True
+
+    def _maybe_crash(self, when: str, msg_type: str) -> None:
+        if f"{when}:{msg_type}" in self.settings.crash_points:
+            log.error("%s: injected crash %s %s", self.name, when, msg_type)
+            logging.shutdown()
+            os._exit(70)
+
+    def handle(self, peer: str, msg: Message) -> list[tuple[str, MessageModel]]:
+        """Apply one validated message; returns (peer, message) pairs to send."""
+        if isinstance(msg, (EchoExplore, EchoReply, FinnSets)):
+            if msg.sender != peer:
+                raise RemoteProtocolError(
+                    f"{peer!r} sent a message claiming to be from {msg.sender!r}",
+                    reason="sender_mismatch",
+                )
+            algorithm = "finn" if isinstance(msg, FinnSets) else "echo"
+            if (
+                isinstance(msg, FinnSets)
+                and msg.expires_at is not None
+                and time.time() > msg.expires_at
+                and not self.protocol.finn_decided(msg.wave)
+            ):
+                raise StaleMessage(f"finn wave {msg.wave} expired before it reached {self.name!r}")
+            out = self.protocol.receive(msg, time.monotonic(), self.local_state())
+            self.metrics.wave_messages.labels(self.name, algorithm, "in").inc()
+            return self._outputs(out)
+        if isinstance(msg, ErrorReply):
+            log.warning("%s: %s reported an error: %s", self.name, peer, msg.error)
+            return []
+        if isinstance(msg, Hello):
+            raise RemoteProtocolError("hello sent twice on one link", reason="unexpected_type")
+        if peer != BALANCER:
+            raise RemoteProtocolError(
+                f"{msg.type} is only accepted from the balancer, not {peer!r}",
+                reason="not_allowed",
+            )
+        return [(BALANCER, reply) for reply in self._balancer_request(msg)]
+
+    def _balancer_request(self, msg: Message) -> list[MessageModel]:
+        led = self.ledger
+        if isinstance(msg, SubmitTasks):
+            added = led.submit(msg.tasks)
+            self.metrics.submitted.inc(added)
+            self.save()
+            self.wakeup.set()
+            # Confirmed only once on disk: the API answers 202 on this.
+            return [TasksAccepted(first=msg.tasks[0].id, added=added)] if msg.tasks else []
+        if isinstance(msg, TransferPrepare):
+            if msg.target == self.name or msg.target not in self.topology:
+                raise RemoteProtocolError(
+                    f"transfer target {msg.target!r} is not another server", reason="invalid_fields"
+                )
+            reservation = led.prepare(msg.transfer, msg.target, msg.count, time.time())
+            self.save()
+            return [TransferPrepared(transfer=msg.transfer, tasks=reservation.tasks)]
+        if isinstance(msg, TransferDeliver):
+            before = led.transferred_in
+            outcome = led.deliver(msg.transfer, msg.tasks)
+            self.metrics.transferred_in.inc(led.transferred_in - before)
+            self.save()
+            self.wakeup.set()
+            return [TransferOutcome(transfer=msg.transfer, outcome=outcome)]
+        if isinstance(msg, TransferCancel):
+            outcome = led.cancel(msg.transfer)
+            self.save()
+            return [TransferOutcome(transfer=msg.transfer, outcome=outcome)]
+        if isinstance(msg, TransferCommit):
+            before = led.transferred_out
+            settled = led.commit(msg.transfer)
+            self.metrics.transferred_out.inc(led.transferred_out - before)
+            self.save()
+            return [TransferSettled(transfer=msg.transfer, outcome=settled)]
+        if isinstance(msg, TransferQuery):
+            return [
+                TransferReservations(
+                    reservations=tuple(
+                        ReservationInfo(transfer=r.transfer, target=r.target, tasks=len(r.tasks))
+                        for r in led.reserved.values()
+                    )
+                )
+            ]
+        if isinstance(msg, TransferAbort):
+            aborted = led.abort(msg.transfer)
+            self.save()
+            self.wakeup.set()
+            return [TransferSettled(transfer=msg.transfer, outcome=aborted)]
+        raise RemoteProtocolError(f"{msg.type} is not a request a server takes", "unexpected_type")
+
+    def _outputs(self, out: list[Output]) -> list[tuple[str, MessageModel]]:
+        sends: list[tuple[str, MessageModel]] = []
+        for item in out:
+            if isinstance(item, FinnDecided):
+                tasks = [
+                    self.new_task(item.wave, item.work.duration_s)
+                    for _ in range(item.work.tasks_per_node)
+                ]
+                added = self.ledger.submit(tasks)
+                self.metrics.submitted.inc(added)
+                # On disk before the sets that tell the others (and so the balancer) that
+                # this server decided go out: a crash just after must not lose its share.
+                self.save()
+                self.wakeup.set()
+            elif isinstance(item, Send):
+                algorithm = "finn" if isinstance(item.message, FinnSets) else "echo"
+                self.metrics.wave_messages.labels(self.name, algorithm, "out").inc()
+                sends.append((item.to, item.message))
+        return sends
+
+    # --- background work -----------------------------------------------------------------------
+
+    async def run_slots(self) -> None:
+        """Start queued tasks whenever a CPU slot is free."""
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while len(self.ledger.running) < self.cpus:
+                task = self.ledger.start_next()
+                if task is None:
+                    break
+                runner = asyncio.create_task(self._run_task(task))
+                self.running_tasks.add(runner)
+                runner.add_done_callback(self.running_tasks.discard)
+            self.refresh_gauges()
+
+    async def _run_task(self, task: Task) -> None:
+        await asyncio.sleep(task.duration_s)
+        if self.ledger.finish(task.id):
+            self.metrics.completed.inc()
+        self.save_soon()
+        self.wakeup.set()
+
+    async def run_timers(self) -> None:
+        """Drive wave deadlines with the monotonic clock."""
+        while True:
+            await asyncio.sleep(self.settings.tick_s)
+            out = self.protocol.handle_timer(time.monotonic(), self.local_state())
+            for to, msg in self._outputs(out):
+                await self.links.send(to, msg)
+
+    async def run_inbound(self, request: web.Request) -> web.WebSocketResponse:
+        """A parent's or the balancer's link: hello first, then one reader until close."""
+        ws = web.WebSocketResponse(heartbeat=10.0, max_msg_size=MAX_MESSAGE_BYTES)
+        await ws.prepare(request)
+        self.links.sockets.add(ws)
+        try:
+            first = await ws.receive(timeout=HELLO_TIMEOUT_S)
+        except TimeoutError:
+            self.metrics.invalid.labels(self.name, "no_hello").inc()
+            log.warning("%s: refused a link: no hello within %s s", self.name, HELLO_TIMEOUT_S)
+            await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"no hello")
+            return ws
+        peer = self._check_hello(first)
+        if isinstance(peer, str) and peer.startswith("!"):
+            reason = "too_large" if _too_big(first.data) else "bad_hello"
+            self.metrics.invalid.labels(self.name, reason).inc()
+            log.warning("%s: refused a link: %s", self.name, peer[1:])
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_str(ErrorReply(error=peer[1:]).model_dump_json())
+            await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"refused")
+            return ws
+        old = self.links.attach(peer, ws)
+        if old is not None:
+            await old.close()
+        self.refresh_gauges()
+        try:
+            error = await read_frames(peer, ws, self.on_frame)
+        finally:
+            self.links.detach(peer, ws)
+            self.refresh_gauges()
+        if _too_big(error):
+            self.metrics.invalid.labels(self.name, "too_large").inc()
+            log.warning("%s: closed the link from %s: frame too large", self.name, peer)
+        return ws
+
+    def _check_hello(self, frame: aiohttp.WSMessage) -> str:
+        """The peer's name, or '!' + why the link is refused."""
+        if frame.type != aiohttp.WSMsgType.TEXT:
+            return "!the first frame must be a text hello"
+        try:
+            msg = parse_message(frame.data)
+        except RemoteProtocolError as exc:
+            return f"!{exc}"
+        if not isinstance(msg, Hello):
+            return f"!the first frame must be hello, got {msg.type}"
+        if msg.sender not in self.allowed_inbound:
+            return f"!{msg.sender!r} is not a parent of {self.name!r} nor the balancer"
+        if not token_ok(self.settings.secret, msg.sender, self.name, msg.token):
+            return f"!{msg.sender!r} did not prove the deployment secret"
+        return msg.sender
+
+
+def _too_big(error: object) -> bool:
+    """Whether a link ended because a frame was over `MAX_MESSAGE_BYTES`."""
+    return (
+        isinstance(error, aiohttp.WebSocketError)
+        and error.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+    )
+
+
+SERVER_KEY = web.AppKey("server", Server)
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """HTTP errors (unknown route, wrong method, not a WebSocket upgrade) as JSON
+    `{"error": ...}` naming the problem, like every other answer of the API."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            detail = (exc.text or "").strip()
+            if not detail or detail.startswith(f"{exc.status}:"):
+                detail = f"{exc.reason}: {request.method} {request.path}"
+            exc.text = json.dumps({"error": detail})
+            exc.content_type = "application/json"
+        raise
+
+
+async def healthz(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    return web.json_response({"status": "ok", "server": server.name})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    server.refresh_gauges()
+    body = generate_latest(server.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def api_state(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVER_KEY].state_json())
+
+
+async def api_tasks(request: web.Request) -> web.Response:
+    """Every task here by id, for conservation checks."""
+    server = request.app[SERVER_KEY]
+    return web.json_response(
+        {
+            "name": server.name,
+            "completed_count": server.ledger.completed,
+            **server.ledger.task_ids(),
+        }
+    )
+
+
+async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+    return await request.app[SERVER_KEY].run_inbound(request)
+
+
+def create_app(settings: NodeSettings, topology: Topology | None = None) -> web.Application:
+    """The server's app; background tasks and links live in `cleanup_ctx`."""
+    topo = topology or load_topology(settings.topology)
+    if settings.name not in topo:
+        raise ValueError(f"server {settings.name!r} is not in the topology")
+    app = web.Application(middlewares=[json_errors])
+    app[SERVER_KEY] = Server(settings, topo)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/state", api_state)
+    app.router.add_get("/api/tasks", api_tasks)
+    app.router.add_get("/ws", ws_handler)
+    app.cleanup_ctx.append(_background)
+    app.on_shutdown.append(_close_links)
+    return app
+
+
+async def _close_links(app: web.Application) -> None:
+    """Close every link when shutdown begins: an open inbound WebSocket would otherwise
+    hold the graceful shutdown until its peer hangs up or the shutdown timeout passes."""
+    await app[SERVER_KEY].links.close_all()
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    server = app[SERVER_KEY]
+    settings = server.settings
+    session = aiohttp.ClientSession()
+    tasks = [
+        asyncio.create_task(server.run_slots(), name=f"{server.name}-slots"),
+        asyncio.create_task(server.run_timers(), name=f"{server.name}-timers"),
+    ]
+    for child in server.topology.children(server.name):
+        hello = Hello(sender=server.name, token=link_token(settings.secret, server.name, child))
+        url = peer_url(child, settings.peer_url_template, settings.peer_urls)
+        tasks.append(
+            asyncio.create_task(
+                dial_forever(session, child, url, hello, server.links, server.on_frame),
+                name=f"{server.name}-link-{child}",
+            )
+        )
+    server.wakeup.set()
+    yield
+    for t in tasks:
+        t.cancel()
+    for t in list(server.running_tasks):
+        t.cancel()
+    await asyncio.gather(*tasks, *server.running_tasks, return_exceptions=True)
+    await server.links.close_all()
+    await session.close()
+    server.save()

@@ -1,0 +1,129 @@
+"""Named WebSocket links: who is connected, and sending to them by name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+
+from treewave.core.messages import MAX_MESSAGE_BYTES, Hello, Model, encode
+
+log = logging.getLogger(__name__)
+
+FrameHandler = Callable[[str, str], Awaitable[None]]
+"""Called with (peer name, frame text) for every text frame a peer sends."""
+
+
+class Socket(Protocol):
+    @property
+    def closed(self) -> bool: ...
+
+    async def send_str(self, data: str, compress: int | None = None) -> None: ...
+
+    async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
+
+
+class LinkSet:
+    """The open links of one service, by peer name. Every socket is also kept in a
+    WeakSet so shutdown can close whatever is still open."""
+
+    def __init__(self) -> None:
+        self.peers: dict[str, Socket] = {}
+        self.sockets: weakref.WeakSet[Socket] = weakref.WeakSet()
+        self.dropped = 0
+
+    def attach(self, name: str, ws: Socket) -> Socket | None:
+        """Register `ws` as the link to `name`; returns the socket it replaces."""
+        old = self.peers.get(name)
+        self.peers[name] = ws
+        self.sockets.add(ws)
+        return old if old is not ws else None
+
+    def detach(self, name: str, ws: Socket) -> None:
+        if self.peers.get(name) is ws:
+            del self.peers[name]
+
+    def connected(self, name: str) -> bool:
+        ws = self.peers.get(name)
+        return ws is not None and not ws.closed
+
+    async def send(self, name: str, message: Model) -> bool:
+        """Send one message; False (and counted) when `name` has no open link."""
+        ws = self.peers.get(name)
+        if ws is None or ws.closed:
+            self.dropped += 1
+            return False
+        try:
+            await ws.send_str(encode(message))
+        except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
+            log.debug("send to %s failed: %s", name, exc)
+            self.dropped += 1
+            return False
+        return True
+
+    async def close_all(self) -> None:
+        for ws in list(self.sockets):
+            if not ws.closed:
+                await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"shutdown")
+        self.peers.clear()
+
+
+async def read_frames(
+    name: str, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, on_frame: FrameHandler
+) -> BaseException | None:
+    """The one reader of a socket: hands text frames to `on_frame` until it closes.
+    Returns the error that ended the link (e.g. a frame over the size limit), if any."""
+    async for frame in ws:
+        if frame.type == aiohttp.WSMsgType.TEXT:
+            await on_frame(name, frame.data)
+        elif frame.type == aiohttp.WSMsgType.BINARY:
+            await on_frame(name, frame.data.decode("utf-8", errors="replace"))
+        elif frame.type == aiohttp.WSMsgType.ERROR:
+            error: BaseException | None = frame.data or ws.exception()
+            log.debug("link %s error: %s", name, error)
+            return error
+    return None
+
+
+async def dial_forever(
+    session: aiohttp.ClientSession,
+    name: str,
+    url: str,
+    hello: Hello,
+    links: LinkSet,
+    on_frame: FrameHandler,
+    on_up: Callable[[str], Awaitable[None]] | None = None,
+    min_backoff: float = 0.05,
+    max_backoff: float = 2.0,
+) -> None:
+    """Keep a link to `name` open: connect, say hello, read until it drops, reconnect with
+    jittered exponential backoff. Runs until cancelled."""
+    backoff = min_backoff
+    while True:
+        try:
+            async with session.ws_connect(
+                url, heartbeat=10.0, max_msg_size=MAX_MESSAGE_BYTES, autoping=True
+            ) as ws:
+                await ws.send_str(encode(hello))
+                old = links.attach(name, ws)
+                if old is not None:
+                    await old.close()
+                backoff = min_backoff
+                log.info("link to %s up (%s)", name, url)
+                if on_up is not None:
+                    await on_up(name)
+                try:
+                    await read_frames(name, ws, on_frame)
+                finally:
+                    links.detach(name, ws)
+                log.info("link to %s closed", name)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.debug("dial %s (%s) failed: %s", name, url, exc)
+        await asyncio.sleep(backoff * (0.5 + random.random()))
+        backoff = min(max_backoff, backoff * 2)
