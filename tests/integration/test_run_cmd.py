@@ -429,7 +429,7 @@ def test_a_bad_topology_lists_every_problem_and_starts_nothing(tmp_path: Path) -
         env=clean_env(),
         timeout=60,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[0] == f"treewave run: {path} is not a valid topology:"
     assert len(lines) >= 2
@@ -442,7 +442,7 @@ def test_a_bad_topology_lists_every_problem_and_starts_nothing(tmp_path: Path) -
         env=clean_env(),
         timeout=60,
     )
-    assert missing.returncode == 1
+    assert missing.returncode == 2
     assert "cannot read the file" in missing.stderr
 
 

@@ -1,13 +1,14 @@
-"""How the balancer is configured: command-line arguments or TREEWAVE_* variables."""
+"""How the balancer is configured (`treewave balancer` fills it from flags and TREEWAVE_*
+variables: see treewave.cli.settings)."""
 
 from __future__ import annotations
 
-import argparse
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from treewave.wire.service import DEFAULT_PEER_TEMPLATE, add_link_arguments, link_settings
+from treewave.wire.links import DEFAULT_PEER_TEMPLATE
+
+__all__ = ["DEFAULT_PORT", "BalancerSettings"]
 
 DEFAULT_PORT = 7999
 
@@ -29,47 +30,3 @@ class BalancerSettings:
     status_interval_s: float = 2.0
     """How often the status page gets a fresh snapshot (at least 1 s)."""
     tick_s: float = 0.02
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    add_link_arguments(p, default_port=DEFAULT_PORT)
-    p.add_argument(
-        "--rebalance-interval",
-        type=float,
-        default=_float_or_none(env("TREEWAVE_REBALANCE_S")),
-        help="seconds between rebalancing rounds, 0 = off (default: the topology's setting)",
-    )
-    p.add_argument(
-        "--wave-timeout",
-        type=float,
-        default=_float_or_none(env("TREEWAVE_WAVE_TIMEOUT_S")),
-        help="wave deadline in seconds (default: the topology's setting)",
-    )
-    p.add_argument(
-        "--status-interval",
-        type=float,
-        default=float(env("TREEWAVE_STATUS_INTERVAL_S", "2")),
-        help="seconds between live status updates, at least 1 (default: 2)",
-    )
-
-
-def _float_or_none(text: str | None) -> float | None:
-    return float(text) if text else None
-
-
-def from_arguments(args: argparse.Namespace) -> BalancerSettings:
-    if args.status_interval < 1:
-        raise ValueError("--status-interval must be at least 1 second")
-    link = link_settings(args)
-    return BalancerSettings(
-        topology=link.topology,
-        host=link.host,
-        port=link.port,
-        peer_url_template=link.peer_url_template,
-        peer_urls=link.peer_urls,
-        secret=link.secret,
-        rebalance_interval_s=args.rebalance_interval,
-        wave_timeout_s=args.wave_timeout,
-        status_interval_s=args.status_interval,
-    )

@@ -1,13 +1,14 @@
-"""How one server process is configured: command-line arguments or TREEWAVE_* variables."""
+"""How one server process is configured (`treewave node` fills it from flags and
+TREEWAVE_* variables: see treewave.cli.settings)."""
 
 from __future__ import annotations
 
-import argparse
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from treewave.wire.service import DEFAULT_PEER_TEMPLATE, add_link_arguments, link_settings
+from treewave.wire.links import DEFAULT_PEER_TEMPLATE
+
+__all__ = ["NodeSettings"]
 
 
 @dataclass(frozen=True)
@@ -31,28 +32,3 @@ class NodeSettings:
     flood_rate: float = 2000.0
     """Frames per second a link may send on average (bursts of twice that) before its
     frames are dropped and counted."""
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", default=os.environ.get("TREEWAVE_NAME"), help="this server's name")
-    add_link_arguments(p, default_port=8000)
-    p.add_argument("--state-dir", type=Path, default=os.environ.get("TREEWAVE_STATE_DIR"))
-
-
-def from_arguments(args: argparse.Namespace) -> NodeSettings:
-    if not args.name:
-        raise ValueError("--name (or TREEWAVE_NAME) is required")
-    link = link_settings(args)
-    return NodeSettings(
-        name=args.name,
-        topology=link.topology,
-        host=link.host,
-        port=link.port,
-        peer_url_template=link.peer_url_template,
-        peer_urls=link.peer_urls,
-        state_dir=args.state_dir,
-        secret=link.secret,
-        crash_points=frozenset(
-            p.strip() for p in os.environ.get("TREEWAVE_CRASH", "").split(",") if p.strip()
-        ),
-    )
