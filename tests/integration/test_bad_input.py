@@ -14,13 +14,12 @@ import contextlib
 import copy
 import json
 import math
-import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -29,6 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.cluster import Cluster, StartCluster
+from tests.support.commands import REPO
+from tests.support.ports import free_port
 from treewave.balancer.app import BALANCER_KEY
 from treewave.balancer.app import create_app as create_balancer
 from treewave.balancer.settings import BalancerSettings
@@ -39,10 +41,6 @@ from treewave.node.app import SERVER_KEY
 from treewave.node.app import create_app as create_node
 from treewave.node.settings import NodeSettings
 
-if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
-    from conftest import Cluster, StartCluster
-
-REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 HOUR = 3600
 
@@ -555,13 +553,6 @@ def bad_hellos(draw: st.DrawFn) -> str | bytes:
 
 
 # --- the harness ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Harness:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import pytest
 
-if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
-    from conftest import Cluster, StartCluster
+from tests.support.cluster import Cluster, StartCluster
 
 # The default topology's shape: a rooted DAG (fjord has two parents).
 SERVERS: list[dict[str, Any]] = [

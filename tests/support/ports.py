@@ -1,0 +1,49 @@
+"""Free loopback ports (a port chosen here can still be taken before it is bound: the
+launchers retry with new ports)."""
+
+from __future__ import annotations
+
+import socket
+
+__all__ = ["HOST", "free_port", "free_port_block", "free_ports", "port_free"]
+
+HOST = "127.0.0.1"
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (all held open together while choosing them)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def port_free(port: int) -> bool:
+    """True when nothing listens on the port. SO_REUSEADDR, as the services use, so a port
+    whose old connections linger in TIME_WAIT counts as free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(size: int, first: int = 20000, last: int = 60000) -> int:
+    """The first port of `size` consecutive free ports (for `treewave run --base-port`,
+    which takes consecutive ports and skips taken ones)."""
+    for base in range(first, last - size, 997):
+        if all(port_free(p) for p in range(base, base + size)):
+            return base
+    raise RuntimeError(f"no {size} consecutive free ports between {first} and {last}")
