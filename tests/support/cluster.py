@@ -103,6 +103,13 @@ class Service:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def kill(self) -> None:
+        """SIGKILL and reap: a crash, as far as the service can tell."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait()
+
     def stop(self) -> None:
         """SIGTERM, wait; SIGKILL if it does not stop in time. Always reaps the child."""
         if self.proc is None:

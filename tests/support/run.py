@@ -134,8 +134,9 @@ class RunProcess:
     def reader_alive(self) -> bool:
         return self.reader is not None and self.reader.is_alive()
 
-    def wait_ready(self) -> None:
-        self.wait_for(r"^try: treewave status", READY_TIMEOUT_S)
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until the ready banner; then `servers` holds every server's port and pid."""
+        self.wait_for(r"^try: treewave status", timeout)
         with self.cond:
             for line in self.lines:
                 m = SERVER_LINE.match(line)
@@ -180,14 +181,15 @@ def start_run(
     directory: Path,
     *extra: str,
     base_port: int | None = None,
+    port: int | None = None,
     topology: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
 ) -> RunProcess:
     """Start `treewave run` on `topology` (default: TOPOLOGY) from `directory`, on free
-    ports, without periodic rebalancing; `extra` arguments go last."""
+    ports unless given, without periodic rebalancing; `extra` arguments go last (and win)."""
     data = topology or TOPOLOGY
     topology_file = write_topology(directory, data)
-    balancer_port = free_port_block(1)
+    balancer_port = port or free_port_block(1)
     base = base_port if base_port is not None else free_port_block(len(data["servers"]) + 2)
     proc = subprocess.Popen(
         [
