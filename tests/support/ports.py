@@ -3,6 +3,7 @@ launchers retry with new ports)."""
 
 from __future__ import annotations
 
+import random
 import socket
 
 __all__ = ["HOST", "free_port", "free_port_block", "free_ports", "port_free"]
@@ -40,10 +41,12 @@ def port_free(port: int) -> bool:
     return True
 
 
-def free_port_block(size: int, first: int = 20000, last: int = 60000) -> int:
-    """The first port of `size` consecutive free ports (for `treewave run --base-port`,
-    which takes consecutive ports and skips taken ones)."""
-    for base in range(first, last - size, 997):
+def free_port_block(size: int, first: int = 20000, last: int = 30000) -> int:
+    """The first of `size` consecutive free ports, outside the ephemeral range (for
+    `treewave run --base-port`, which takes consecutive ports and skips taken ones). Drawn
+    at random, so two blocks chosen one after the other do not start at the same port."""
+    for _ in range(200):
+        base = random.randint(first, last - size)
         if all(port_free(p) for p in range(base, base + size)):
             return base
     raise RuntimeError(f"no {size} consecutive free ports between {first} and {last}")
