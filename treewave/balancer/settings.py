@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from treewave.balancer.access import AccessSettings
 from treewave.wire.links import DEFAULT_PEER_TEMPLATE
 
 __all__ = ["DEFAULT_PORT", "BalancerSettings"]
@@ -30,3 +31,5 @@ class BalancerSettings:
     status_interval_s: float = 2.0
     """How often the status page gets a fresh snapshot (at least 1 s)."""
     tick_s: float = 0.02
+    access: AccessSettings = field(default_factory=AccessSettings)
+    """Host, Origin, Content-Type and API-token rules of the HTTP API (balancer/access.py)."""

@@ -26,6 +26,7 @@ __all__ = [
     "port",
     "positive_float",
     "positive_int",
+    "switch",
     "topology_setting",
 ]
 
@@ -148,3 +149,13 @@ def balancer_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL like {DEFAULT_BALANCER}")
     return url
+
+
+def switch(text: str) -> bool:
+    """An on/off setting given as text (its environment variable; the flag takes none)."""
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of 1, true, yes, on, 0, false, no, off")

@@ -20,6 +20,7 @@ from typing import TypeVar
 from aiohttp import web
 
 from treewave.balancer import app as balancer_app
+from treewave.balancer.access import access_settings
 from treewave.balancer.settings import DEFAULT_PORT as BALANCER_PORT
 from treewave.balancer.settings import BalancerSettings
 from treewave.cli import settings as opts
@@ -75,6 +76,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         opts.WAVE_TIMEOUT,
         opts.STATUS_INTERVAL,
     )
+    opts.add_options(b, *opts.ACCESS_OPTIONS, title="access (who may change the cluster)")
     b.set_defaults(handler=serve_balancer)
 
 
@@ -145,6 +147,7 @@ def balancer_settings(args: argparse.Namespace) -> BalancerSettings:
         rebalance_interval_s=args.rebalance_interval,
         wave_timeout_s=args.wave_timeout,
         status_interval_s=args.status_interval,
+        access=access_settings(args, args.host),
     )
 
 
@@ -165,8 +168,8 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    settings = make_settings(args)
     try:
+        settings = make_settings(args)
         app = create_app(settings)
     except TopologyError as exc:
         raise ConfigError(str(exc)) from None

@@ -27,6 +27,7 @@ from treewave.cli import argtypes
 from treewave.wire.links import DEFAULT_PEER_TEMPLATE
 
 __all__ = [
+    "ACCESS_OPTIONS",
     "BALANCER_URL",
     "HOST",
     "LOG_LEVEL",
@@ -145,18 +146,77 @@ BALANCER_URL = Option(
     "URL",
 )
 
+API_TOKEN_FILE = Option(
+    "--api-token-file",
+    Path,
+    "file holding the API token (else $TREEWAVE_API_TOKEN); make one with "
+    "`treewave secret --out FILE`",
+    "TREEWAVE_API_TOKEN_FILE",
+    metavar="FILE",
+)
+REQUIRE_TOKEN = Option(
+    "--require-token",
+    argtypes.switch,
+    "require the token on POST/PUT/PATCH/DELETE even on loopback (always on when the API "
+    "is published beyond loopback)",
+    "TREEWAVE_REQUIRE_TOKEN",
+    False,
+)
+PUBLISHED_ADDRESS = Option(
+    "--published-address",
+    argtypes.non_empty,
+    "the address the API is published on, when not --host (compose passes its "
+    "TREEWAVE_BIND_ADDRESS); anything but loopback requires the token",
+    "TREEWAVE_PUBLISHED_ADDRESS",
+    metavar="ADDR",
+)
+ALLOWED_HOSTS = Option(
+    "--allowed-hosts",
+    str,
+    "comma-separated Host names served besides IP addresses, localhost and 'balancer' "
+    "('.example.org' for a domain, '*' for any)",
+    "TREEWAVE_ALLOWED_HOSTS",
+    "",
+    "NAMES",
+)
+ALLOWED_ORIGINS = Option(
+    "--allowed-origins",
+    str,
+    "comma-separated origins (https://name[:port]) besides the balancer's own that may "
+    "send state-changing requests (e.g. behind a TLS proxy)",
+    "TREEWAVE_ALLOWED_ORIGINS",
+    "",
+    "ORIGINS",
+)
+ACCESS_OPTIONS = (API_TOKEN_FILE, REQUIRE_TOKEN, PUBLISHED_ADDRESS, ALLOWED_HOSTS, ALLOWED_ORIGINS)
+"""Who may change the cluster through the balancer's API (treewave/balancer/access.py)."""
+
 _OPTIONS_KEY = "_treewave_options"
 
 
-def add_options(parser: argparse.ArgumentParser, *options: Option) -> None:
-    """Add the options' flags; their defaults are filled in by `resolve` after parsing
-    (nothing is read from the environment while the parser is built)."""
+def add_options(
+    parser: argparse.ArgumentParser, *options: Option, title: str | None = None
+) -> None:
+    """Add the options' flags (under a help heading `title`, if given); their defaults
+    are filled in by `resolve` after parsing (nothing is read from the environment while
+    the parser is built)."""
+    target = parser.add_argument_group(title) if title else parser
     for option in options:
         where = [f"${option.env}"] if option.env else []
-        if option.default is not None:
+        if option.default not in (None, "", False):
             where.append(str(option.default))
         help_text = option.help + (f" (default: {' or '.join(where)})" if where else "")
-        parser.add_argument(
+        if option.parse is argtypes.switch:  # a flag without a value turns it on
+            target.add_argument(
+                option.flag,
+                dest=option.dest,
+                action="store_const",
+                const=True,
+                default=None,
+                help=help_text.replace("%", "%%"),
+            )
+            continue
+        target.add_argument(
             option.flag,
             dest=option.dest,
             type=option.parse,
