@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["get_json", "http_request"]
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = ["fetch_json", "get_json", "http_request"]
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -40,3 +43,11 @@ def http_request(method: str, url: str, body: Any = None, timeout: float = 30) -
         return status, json.loads(raw) if raw else None
     except json.JSONDecodeError:
         return status, raw.decode(errors="replace")
+
+
+async def fetch_json(http: aiohttp.ClientSession, url: str) -> Any:
+    """GET with the test's aiohttp session: the JSON of a 200 answer (else the test fails
+    with the body)."""
+    async with http.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
