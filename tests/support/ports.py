@@ -1,10 +1,12 @@
 """Free loopback ports (a port chosen here can still be taken before it is bound: the
-launchers retry with new ports)."""
+launchers retry with new ports). `port_free` is the very probe `treewave run` uses."""
 
 from __future__ import annotations
 
 import random
 import socket
+
+from treewave.cli.run_cmd import port_free
 
 __all__ = ["HOST", "free_port", "free_port_block", "free_ports", "port_free"]
 
@@ -27,18 +29,6 @@ def free_ports(count: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
-
-
-def port_free(port: int) -> bool:
-    """True when nothing listens on the port. SO_REUSEADDR, as the services use, so a port
-    whose old connections linger in TIME_WAIT counts as free."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def free_port_block(size: int, first: int = 20000, last: int = 30000) -> int:
