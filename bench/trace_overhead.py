@@ -1,0 +1,254 @@
+"""What tracing costs: Echo and Finn with tracing on vs off, and the trace history's memory.
+
+    python bench/trace_overhead.py                  # default topology and 100 servers
+    python bench/trace_overhead.py --runs 100 --sizes default
+
+For each topology (the default `topology.json`, and a random 100-server tree) it starts
+`treewave run` twice: tracing off (`TREEWAVE_TRACE_HISTORY=0` at the balancer,
+`TREEWAVE_TRACE_WAVES=0` at every server: nothing recorded, nothing gathered) and on (the
+defaults: every API wave traced). After warm-up waves it runs Echo (`GET /api/tree`) and
+Finn (`POST /api/finn`, 0 tasks) alternately and takes the balancer-reported median and
+p95; with tracing on, every wave's
+trace is fetched (`GET /api/waves/{id}`) before the next wave starts, so the wave figure
+is the wave's own cost (recording) and the fetch's time is how long after its wave a
+trace is ready (gathering and assembling).
+
+Memory at the bound: the balancer keeps at most `trace_history` (50) assembled traces;
+each server at most `trace_waves` (64) waves of its own events. Both are measured with
+tracemalloc on traces of the same topologies built by the simulator (the same format the
+balancer stores), half Echo and half Finn.
+
+Writes bench/results/trace_overhead.json and prints a table. Stops every cluster (SIGINT)
+however it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from local_waves import Api, Cluster, free_port, git_commit, port_free, stats  # noqa: E402
+
+from treewave.core.messages import FinnWork  # noqa: E402
+from treewave.core.randomtree import TreeShape, random_topology  # noqa: E402
+from treewave.core.simulation import SimNetwork  # noqa: E402
+from treewave.core.topology import BALANCER, Settings, Topology, load_topology  # noqa: E402
+from treewave.core.trace import TraceRecorder  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "trace_overhead.json"
+WARMUP = 10
+HISTORY_BOUND = 50
+NODE_BOUND = 64
+OFF_ENV = {"TREEWAVE_TRACE_HISTORY": "0", "TREEWAVE_TRACE_WAVES": "0"}
+
+
+def topology_for(size: str) -> Topology:
+    if size == "default":
+        return load_topology(REPO / "topology.json")
+    return random_topology(
+        int(size),
+        11,
+        TreeShape(max_children=3, extra_parents=0, cpus=(1, 4), tasks=(0, 0)),
+        settings=Settings(wave_timeout_s=30.0, rebalance_interval_s=0),
+    )
+
+
+def waves(api: Api, runs: int, tracing: bool) -> dict[str, Any]:
+    """Echo and Finn alternately; with tracing on, each wave's trace is fetched before the
+    next wave starts (so the figure is the wave's own cost: recording, not gathering), and
+    the fetch's time is how long after its wave a trace is ready."""
+    times: dict[str, list[float]] = {"echo": [], "finn": []}
+    ready: list[float] = []
+    msgs: dict[str, int] = {}
+    partial = 0
+    incomplete_traces = 0
+    for _ in range(runs):
+        for kind, method, path, body in (
+            ("echo", "GET", "/api/tree", None),
+            ("finn", "POST", "/api/finn", {"tasks_per_node": 0}),
+        ):
+            _, wave = api.call(method, path, body)
+            if not wave["complete"]:
+                partial += 1
+                continue
+            times[kind].append(float(wave["duration_s"]))
+            msgs[kind] = wave["messages"]
+            if tracing:
+                elapsed, trace = api.call("GET", f"/api/waves/{wave['wave_id']}")
+                ready.append(elapsed)
+                incomplete_traces += 0 if trace["complete"] else 1
+    return {
+        "echo": stats(times["echo"]) if times["echo"] else None,
+        "finn": stats(times["finn"]) if times["finn"] else None,
+        "messages": msgs,
+        "partial_waves": partial,
+        "trace_ready": stats(ready) if ready else None,
+        "incomplete_traces": incomplete_traces,
+    }
+
+
+def run_cluster(topo_file: Path, servers: int, runs: int, tracing: bool) -> dict[str, Any]:
+    port = free_port()
+    base = next(
+        b for b in range(20000, 40000, 150) if all(port_free(p) for p in range(b, b + servers))
+    )
+    # `treewave run` hands its environment to every child: tracing is switched off there.
+    cluster = Cluster(topo_file, port, base, None if tracing else OFF_ENV)
+    try:
+        cluster.wait_ready(300)
+        api = Api(port)
+        try:
+            for _ in range(WARMUP):
+                api.call("GET", "/api/tree")
+                api.call("POST", "/api/finn", {"tasks_per_node": 0})
+            result = waves(api, runs, tracing)
+            result["history_kept"] = len(api.call("GET", "/api/waves")[1]["waves"])
+        finally:
+            api.close()
+    finally:
+        result_code = cluster.stop()
+    result["run_exit_code"] = result_code
+    return result
+
+
+# --- memory at the bound ------------------------------------------------------------------------
+
+
+def simulated_traces(topo: Topology) -> tuple[dict[str, Any], dict[str, Any], SimNetwork]:
+    net = SimNetwork(topo, trace=True)
+    rng = random.Random(1)
+    net.start_echo("echo-1")
+    net.run(rng)
+    net.start_finn("finn-1", FinnWork())
+    net.run(rng)
+    return net.trace("echo-1"), net.trace("finn-1"), net
+
+
+def measured(build: Any) -> tuple[int, Any]:
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    kept = build()
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return after - before, kept
+
+
+def memory(topo: Topology) -> dict[str, Any]:
+    echo, finn, net = simulated_traces(topo)
+    echo_json, finn_json = json.dumps(echo), json.dumps(finn)
+
+    def history() -> list[Any]:
+        # Each stored trace is its own object graph, as at the balancer.
+        return [json.loads(echo_json if i % 2 else finn_json) for i in range(HISTORY_BOUND)]
+
+    history_bytes, _ = measured(history)
+    busiest = max(
+        (n for n in topo.names),
+        key=lambda n: (
+            len(net.recorders[n].events("echo-1")) + len(net.recorders[n].events("finn-1"))
+        ),
+    )
+    parts = (net.recorders[busiest].events("echo-1"), net.recorders[busiest].events("finn-1"))
+
+    def node_buffer() -> TraceRecorder:
+        rec = TraceRecorder(busiest, NODE_BOUND)
+        for i in range(NODE_BOUND + 5):
+            buf_events = parts[i % 2]
+            wave = f"w{i}"
+            for e in buf_events:
+                rec._buffer(wave)  # one buffer per wave, bounded like a server's
+                rec.waves[wave].events.append(e.model_copy())
+        return rec
+
+    node_bytes, rec = measured(node_buffer)
+    assert len(rec.waves) == NODE_BOUND
+    return {
+        "echo_trace_json_bytes": len(echo_json),
+        "finn_trace_json_bytes": len(finn_json),
+        "echo_events": len(echo["events"]),
+        "finn_events": len(finn["events"]),
+        "history_bound": HISTORY_BOUND,
+        "history_bytes_at_bound": history_bytes,
+        "busiest_server": busiest,
+        "busiest_server_events_per_wave": [len(parts[0]), len(parts[1])],
+        "server_buffer_bound_waves": NODE_BOUND,
+        "server_buffer_bytes_at_bound": node_bytes,
+        "balancer_lane": BALANCER,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=200, help="waves of each kind (200)")
+    parser.add_argument("--runs-100", type=int, default=60, help="at 100 servers (60)")
+    parser.add_argument("--sizes", nargs="+", default=["default", "100"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    report: dict[str, Any] = {
+        "benchmark": "trace_overhead",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": git_commit(),
+        "cpus": os.cpu_count(),
+        "sizes": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="trace-bench-") as tmp:
+        for size in args.sizes:
+            topo = topology_for(size)
+            topo_file = Path(tmp) / f"topology-{size}.json"
+            topo_file.write_text(topo.dumps(), encoding="utf-8")
+            runs = args.runs if size == "default" else args.runs_100
+            entry: dict[str, Any] = {"servers": len(topo), "runs": runs}
+            entry["load_before"] = [round(x, 2) for x in os.getloadavg()]
+            entry["off"] = run_cluster(topo_file, len(topo), runs, tracing=False)
+            entry["on"] = run_cluster(topo_file, len(topo), runs, tracing=True)
+            entry["load_after"] = [round(x, 2) for x in os.getloadavg()]
+            entry["memory"] = memory(topo)
+            report["sizes"][size] = entry
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+    print(
+        f"{'topology':<10}{'wave':<6}{'msgs':>6}{'off median':>12}{'p95':>9}"
+        f"{'on median':>12}{'p95':>9}{'on/off':>8}"
+    )
+    for size, e in report["sizes"].items():
+        for kind in ("echo", "finn"):
+            off, on = e["off"][kind], e["on"][kind]
+            print(
+                f"{size:<10}{kind:<6}{e['on']['messages'].get(kind, '?')!s:>6}"
+                f"{off['median_ms']:>9.2f} ms{off['p95_ms']:>6.2f} ms"
+                f"{on['median_ms']:>9.2f} ms{on['p95_ms']:>6.2f} ms"
+                f"{on['median_ms'] / off['median_ms']:>8.2f}"
+            )
+        ready = e["on"]["trace_ready"]
+        m = e["memory"]
+        print(
+            f"{size}: trace ready {ready['median_ms']:.1f} ms (p95 {ready['p95_ms']:.1f}) after "
+            f"the wave; history at its bound ({m['history_bound']} traces) "
+            f"{m['history_bytes_at_bound'] / 2**20:.2f} MiB; a server's buffer at its bound "
+            f"({m['server_buffer_bound_waves']} waves, {m['busiest_server']}) "
+            f"{m['server_buffer_bytes_at_bound'] / 2**20:.2f} MiB; load "
+            f"{e['load_before']} -> {e['load_after']}"
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
