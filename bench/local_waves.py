@@ -72,7 +72,12 @@ class Cluster:
     """`treewave run` in the background; `stop()` always leaves nothing behind."""
 
     def __init__(
-        self, topology: Path, port: int, base_port: int, extra_env: dict[str, str] | None = None
+        self,
+        topology: Path,
+        port: int,
+        base_port: int,
+        extra_env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TREEWAVE_")}
         env.update(extra_env or {})
@@ -93,6 +98,7 @@ class Cluster:
                 "0",
                 "--log-level",
                 "WARNING",
+                *extra_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

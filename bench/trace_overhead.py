@@ -106,9 +106,11 @@ def run_cluster(topo_file: Path, servers: int, runs: int, tracing: bool) -> dict
         b for b in range(20000, 40000, 150) if all(port_free(p) for p in range(b, b + servers))
     )
     # `treewave run` hands its environment to every child: tracing is switched off there.
-    cluster = Cluster(topo_file, port, base, None if tracing else OFF_ENV)
+    cluster = Cluster(
+        topo_file, port, base, None if tracing else OFF_ENV, ("--ready-timeout", "600")
+    )
     try:
-        cluster.wait_ready(300)
+        cluster.wait_ready(660)
         api = Api(port)
         try:
             for _ in range(WARMUP):
@@ -200,12 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
+    # Sizes measured in earlier runs are kept (run one size at a time on a busy machine).
+    earlier = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
     report: dict[str, Any] = {
         "benchmark": "trace_overhead",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "commit": git_commit(),
         "cpus": os.cpu_count(),
-        "sizes": {},
+        "sizes": dict(earlier.get("sizes", {})),
     }
     with tempfile.TemporaryDirectory(prefix="trace-bench-") as tmp:
         for size in args.sizes:
@@ -219,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             entry["on"] = run_cluster(topo_file, len(topo), runs, tracing=True)
             entry["load_after"] = [round(x, 2) for x in os.getloadavg()]
             entry["memory"] = memory(topo)
+            entry["when"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             report["sizes"][size] = entry
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
     print(
         f"{'topology':<10}{'wave':<6}{'msgs':>6}{'off median':>12}{'p95':>9}"

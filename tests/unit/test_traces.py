@@ -249,3 +249,18 @@ def test_finn_sets_are_recorded_with_sizes() -> None:
     rec.received("b", msg, 1.0, known=(3, 2))
     (e,) = rec.part("f").events
     assert (e.inc, e.ninc, e.dec, e.known_inc, e.known_ninc) == (2, 1, 1, 3, 2)
+
+
+async def test_history_zero_turns_tracing_off() -> None:
+    class Off(Settings):
+        trace_history = 0
+
+    topo = random_topology(3, 1, TreeShape(2, 0))
+    traces = WaveTraces(Off(), topo, LinkSet(), lambda _: None)
+    explore = EchoExplore(wave="api-1", sender=BALANCER, budget_s=1)
+    traces.received("s0", explore)
+    traces.finished(Record("api-1", "api"))
+    assert not traces.enabled
+    assert traces.recorder.waves == {}
+    assert traces.history == {}
+    assert await traces.get("api-1", 0.1) is None

@@ -8,7 +8,6 @@
 (function () {
   "use strict";
 
-  const SVGNS = "http://www.w3.org/2000/svg";
   const STATS_W = 118; // room for "inc 30 · ninc 30 ✓" or "← a-long-name ✓"
   const TOP = 20;
   const RIGHT = 24;
@@ -18,6 +17,7 @@
   const panel = $("trace-panel");
   if (!panel) return;
   const svg = $("trace-svg");
+  const SVGNS = svg.namespaceURI; // the SVG namespace, without a URL in this file
   const box = $("trace-box");
 
   const st = {
