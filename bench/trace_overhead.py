@@ -4,14 +4,14 @@
     python bench/trace_overhead.py --runs 100 --sizes default
 
 For each topology (the default `topology.json`, and a random 100-server tree) it starts
-`treewave run` twice: tracing off (`TREEWAVE_TRACE_HISTORY=0` at the balancer,
-`TREEWAVE_TRACE_WAVES=0` at every server: nothing recorded, nothing gathered) and on (the
-defaults: every API wave traced). After warm-up waves it runs Echo (`GET /api/tree`) and
-Finn (`POST /api/finn`, 0 tasks) alternately and takes the balancer-reported median and
-p95; with tracing on, every wave's
-trace is fetched (`GET /api/waves/{id}`) before the next wave starts, so the wave figure
-is the wave's own cost (recording) and the fetch's time is how long after its wave a
-trace is ready (gathering and assembling).
+`treewave run` twice, both up at once: tracing off (`TREEWAVE_TRACE_HISTORY=0` at the
+balancer, `TREEWAVE_TRACE_WAVES=0` at every server: nothing recorded, nothing gathered)
+and on (the defaults: every API wave traced). After warm-up waves it runs Echo
+(`GET /api/tree`) and Finn (`POST /api/finn`, 0 tasks), each wave alternating between the
+two clusters (so both see the same machine), and takes the balancer-reported median and
+p95. With tracing on, every wave's trace is fetched (`GET /api/waves/{id}`) before the
+next wave starts, so the wave figure is the wave's own cost (recording) and the fetch's
+time is how long after its wave a trace is ready (gathering and assembling).
 
 Memory at the bound: the balancer keeps at most `trace_history` (50) assembled traces;
 each server at most `trace_waves` (64) waves of its own events. Both are measured with
@@ -66,63 +66,94 @@ def topology_for(size: str) -> Topology:
     )
 
 
-def waves(api: Api, runs: int, tracing: bool) -> dict[str, Any]:
-    """Echo and Finn alternately; with tracing on, each wave's trace is fetched before the
-    next wave starts (so the figure is the wave's own cost: recording, not gathering), and
-    the fetch's time is how long after its wave a trace is ready."""
-    times: dict[str, list[float]] = {"echo": [], "finn": []}
-    ready: list[float] = []
-    msgs: dict[str, int] = {}
-    partial = 0
-    incomplete_traces = 0
-    for _ in range(runs):
-        for kind, method, path, body in (
-            ("echo", "GET", "/api/tree", None),
-            ("finn", "POST", "/api/finn", {"tasks_per_node": 0}),
-        ):
-            _, wave = api.call(method, path, body)
-            if not wave["complete"]:
-                partial += 1
-                continue
-            times[kind].append(float(wave["duration_s"]))
-            msgs[kind] = wave["messages"]
-            if tracing:
-                elapsed, trace = api.call("GET", f"/api/waves/{wave['wave_id']}")
-                ready.append(elapsed)
-                incomplete_traces += 0 if trace["complete"] else 1
-    return {
-        "echo": stats(times["echo"]) if times["echo"] else None,
-        "finn": stats(times["finn"]) if times["finn"] else None,
-        "messages": msgs,
-        "partial_waves": partial,
-        "trace_ready": stats(ready) if ready else None,
-        "incomplete_traces": incomplete_traces,
-    }
+class Side:
+    """One cluster (tracing off or on) and what was measured on it."""
+
+    def __init__(self, tracing: bool) -> None:
+        self.tracing = tracing
+        self.times: dict[str, list[float]] = {"echo": [], "finn": []}
+        self.ready: list[float] = []
+        self.msgs: dict[str, int] = {}
+        self.partial = 0
+        self.incomplete_traces = 0
+
+    def wave(self, api: Api, kind: str) -> None:
+        """One wave; with tracing on, its trace is then fetched (so the next wave does
+        not compete with its gathering) and the fetch's time is how long after the wave
+        the trace is ready."""
+        if kind == "echo":
+            _, wave = api.call("GET", "/api/tree")
+        else:
+            _, wave = api.call("POST", "/api/finn", {"tasks_per_node": 0})
+        if not wave["complete"]:
+            self.partial += 1
+            return
+        self.times[kind].append(float(wave["duration_s"]))
+        self.msgs[kind] = wave["messages"]
+        if self.tracing:
+            elapsed, trace = api.call("GET", f"/api/waves/{wave['wave_id']}")
+            self.ready.append(elapsed)
+            self.incomplete_traces += 0 if trace["complete"] else 1
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "echo": stats(self.times["echo"]) if self.times["echo"] else None,
+            "finn": stats(self.times["finn"]) if self.times["finn"] else None,
+            "messages": self.msgs,
+            "partial_waves": self.partial,
+            "trace_ready": stats(self.ready) if self.ready else None,
+            "incomplete_traces": self.incomplete_traces,
+        }
 
 
-def run_cluster(topo_file: Path, servers: int, runs: int, tracing: bool) -> dict[str, Any]:
+def start(
+    topo_file: Path, servers: int, tracing: bool, avoid: range | None
+) -> tuple[Cluster, range]:
+    """A ready cluster and its servers' ports (clear of `avoid`)."""
     port = free_port()
     base = next(
-        b for b in range(20000, 40000, 150) if all(port_free(p) for p in range(b, b + servers))
+        b
+        for b in range(20000, 40000, 150)
+        if (avoid is None or b >= avoid.stop or b + servers <= avoid.start)
+        and all(port_free(p) for p in range(b, b + servers))
     )
     # `treewave run` hands its environment to every child: tracing is switched off there.
     cluster = Cluster(
         topo_file, port, base, None if tracing else OFF_ENV, ("--ready-timeout", "600")
     )
+    cluster.wait_ready(660)
+    return cluster, range(base, base + servers)
+
+
+def run_pair(topo_file: Path, servers: int, runs: int) -> dict[str, Any]:
+    """Both clusters up at once, waves alternating between them (off, on, on, off, ...),
+    so both see the same machine: on a shared machine the load moves by the minute."""
+    clusters: list[Cluster] = []
+    apis: list[Api] = []
     try:
-        cluster.wait_ready(660)
-        api = Api(port)
-        try:
-            for _ in range(WARMUP):
+        off, used = start(topo_file, servers, False, None)
+        clusters.append(off)
+        on, _ = start(topo_file, servers, True, used)
+        clusters.append(on)
+        apis = [Api(off.port), Api(on.port)]
+        sides = [Side(False), Side(True)]
+        for _ in range(WARMUP):
+            for api in apis:
                 api.call("GET", "/api/tree")
                 api.call("POST", "/api/finn", {"tasks_per_node": 0})
-            result = waves(api, runs, tracing)
-            result["history_kept"] = len(api.call("GET", "/api/waves")[1]["waves"])
-        finally:
-            api.close()
+        for i in range(runs):
+            order = (0, 1) if i % 2 == 0 else (1, 0)
+            for kind in ("echo", "finn"):
+                for j in order:
+                    sides[j].wave(apis[j], kind)
+        result = {"off": sides[0].report(), "on": sides[1].report()}
+        result["on"]["history_kept"] = len(apis[1].call("GET", "/api/waves")[1]["waves"])
+        result["off"]["history_kept"] = len(apis[0].call("GET", "/api/waves")[1]["waves"])
     finally:
-        result_code = cluster.stop()
-    result["run_exit_code"] = result_code
+        for api in apis:
+            api.close()
+        codes = [c.stop() for c in clusters]
+    result["run_exit_codes"] = codes
     return result
 
 
@@ -219,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = args.runs if size == "default" else args.runs_100
             entry: dict[str, Any] = {"servers": len(topo), "runs": runs}
             entry["load_before"] = [round(x, 2) for x in os.getloadavg()]
-            entry["off"] = run_cluster(topo_file, len(topo), runs, tracing=False)
-            entry["on"] = run_cluster(topo_file, len(topo), runs, tracing=True)
+            entry.update(run_pair(topo_file, len(topo), runs))
             entry["load_after"] = [round(x, 2) for x in os.getloadavg()]
             entry["memory"] = memory(topo)
             entry["when"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -10,6 +10,7 @@ and its clocks pass the checks ShiViz makes when it builds its graph.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 from collections import Counter
@@ -274,3 +275,34 @@ async def test_partial_wave_trace_names_who_is_missing(
     assert "elm" not in lanes
     listing = await get(http, cluster.balancer_url + "/api/waves")
     assert listing["waves"][0]["missing"] == ["pine"]
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+async def test_trace_command_prints_a_real_wave(
+    dag: Cluster, http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from treewave.cli.main import main
+
+    finn = await get(http, dag.balancer_url + "/api/waves")
+    tree = await get(http, dag.balancer_url + "/api/tree")
+    trace = await trace_of(http, dag, tree["wave_id"])
+    assert finn["waves"][0]["wave_id"] != tree["wave_id"]
+
+    code = await asyncio.to_thread(main, ["trace", "latest", "--balancer", dag.balancer_url])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0].startswith(f"echo wave {tree['wave_id']} · trace complete · 22 messages")
+    assert len(out) == 2 + len(trace["events"])  # header, columns, one line per event
+    assert out[-1].split()[1:3] == ["balancer", "DECIDES"]
+
+    args = ["trace", tree["wave_id"], "--balancer", dag.balancer_url, "--shiviz"]
+    code = await asyncio.to_thread(main, args)
+    assert code == 0
+    async with http.get(f"{dag.balancer_url}/api/waves/{tree['wave_id']}?format=shiviz") as r:
+        assert capsys.readouterr().out == await r.text()
+
+    code = await asyncio.to_thread(main, ["trace", "echo-x-1", "--balancer", dag.balancer_url])
+    assert code == 1
+    assert "unknown wave 'echo-x-1'" in capsys.readouterr().err
