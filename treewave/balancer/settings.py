@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from treewave.balancer.access import AccessSettings, access_settings, add_access_arguments
 from treewave.wire.service import DEFAULT_PEER_TEMPLATE, add_link_arguments, link_settings
 
 DEFAULT_PORT = 7999
@@ -33,6 +34,8 @@ class BalancerSettings:
     """How many traced waves the balancer keeps (bounded memory); 0 turns tracing off."""
     trace_sample: float = 0.1
     """The share of periodic rebalancing waves that are traced (API waves always are)."""
+    access: AccessSettings = field(default_factory=AccessSettings)
+    """Host, Origin, Content-Type and API-token rules of the HTTP API (balancer/access.py)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=float(env("TREEWAVE_TRACE_SAMPLE", "0.1")),
         help="share of periodic rebalancing waves traced, 0-1 (default: 0.1)",
     )
+    add_access_arguments(p)
 
 
 def _float_or_none(text: str | None) -> float | None:
@@ -94,4 +98,5 @@ def from_arguments(args: argparse.Namespace) -> BalancerSettings:
         status_interval_s=args.status_interval,
         trace_history=args.trace_history,
         trace_sample=args.trace_sample,
+        access=access_settings(args, link.host),
     )
