@@ -226,8 +226,8 @@ def shiviz_graph_checks(events: list[tuple[str, str, dict[str, int]]]) -> None:
 async def test_shiviz_export_parses_with_shivizs_default_parser(
     dag: Cluster, http: aiohttp.ClientSession
 ) -> None:
-    for path, method in (("/api/tree", "GET"), ("/api/finn", "POST")):
-        async with http.request(method, dag.balancer_url + path) as resp:
+    for path, method, body in (("/api/tree", "GET", None), ("/api/finn", "POST", {})):
+        async with http.request(method, dag.balancer_url + path, json=body) as resp:
             assert resp.status == 200
             wave = (await resp.json())["wave_id"]
         trace = await trace_of(http, dag, wave)
