@@ -46,7 +46,7 @@ from treewave.core.messages import FinnWork  # noqa: E402
 from treewave.core.randomtree import TreeShape, random_topology  # noqa: E402
 from treewave.core.simulation import SimNetwork  # noqa: E402
 from treewave.core.topology import BALANCER, Settings, Topology, load_topology  # noqa: E402
-from treewave.core.trace import TraceRecorder  # noqa: E402
+from treewave.core.trace import DEFAULT_EVENTS_PER_WAVE, TraceRecorder  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "trace_overhead.json"
 WARMUP = 10
@@ -204,12 +204,22 @@ def memory(topo: Topology) -> dict[str, Any]:
             buf_events = parts[i % 2]
             wave = f"w{i}"
             for e in buf_events:
-                rec._buffer(wave)  # one buffer per wave, bounded like a server's
-                rec.waves[wave].events.append(e.model_copy())
+                rec.record(wave, e)
         return rec
 
     node_bytes, rec = measured(node_buffer)
     assert len(rec.waves) == NODE_BOUND
+
+    def worst_case() -> TraceRecorder:
+        # Every wave at the per-wave event limit (Finn events: the largest kind).
+        full = TraceRecorder(busiest, NODE_BOUND)
+        finn_event = next(e for e in parts[1] if e.inc is not None)
+        for i in range(NODE_BOUND):
+            for _ in range(full.events_per_wave):
+                full.record(f"w{i}", finn_event)
+        return full
+
+    worst_bytes, _ = measured(worst_case)
     return {
         "echo_trace_json_bytes": len(echo_json),
         "finn_trace_json_bytes": len(finn_json),
@@ -221,6 +231,8 @@ def memory(topo: Topology) -> dict[str, Any]:
         "busiest_server_events_per_wave": [len(parts[0]), len(parts[1])],
         "server_buffer_bound_waves": NODE_BOUND,
         "server_buffer_bytes_at_bound": node_bytes,
+        "server_events_per_wave_limit": DEFAULT_EVENTS_PER_WAVE,
+        "server_buffer_worst_case_bytes": worst_bytes,
         "balancer_lane": BALANCER,
     }
 
@@ -231,7 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-100", type=int, default=60, help="at 100 servers (60)")
     parser.add_argument("--sizes", nargs="+", default=["default", "100"])
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only measure the memory at the bounds (into the sizes already in --out)",
+    )
     args = parser.parse_args(argv)
+    if args.memory_only:
+        data = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
+        for size in args.sizes:
+            entry = data.setdefault("sizes", {}).setdefault(size, {})
+            entry["memory"] = memory(topology_for(size))
+            entry["memory"]["commit"] = git_commit()
+            print(size, json.dumps(entry["memory"]))
+        args.out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        return 0
 
     # Sizes measured in earlier runs are kept (run one size at a time on a busy machine).
     earlier = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}

@@ -38,8 +38,11 @@ __all__ = [
     "shiviz_log",
 ]
 
-DEFAULT_EVENTS_PER_WAVE = 20_000
-"""A participant stops recording a wave after this many events (and marks it truncated)."""
+DEFAULT_EVENTS_PER_WAVE = 5_000
+"""A participant stops recording a wave after this many events (and marks it truncated).
+A server sends and receives about twice its degree in an Echo wave and a few messages per
+in- and out-neighbour in a Finn wave, so this only cuts off pathological waves; it keeps a
+server's buffer of 64 waves below 64 x 5,000 events (44 MiB, measured) even then."""
 
 SHIVIZ_DEFAULT_PARSER = r"(?<event>.*)\n(?<host>\S*) (?<clock>{.*})"
 """ShiViz's default log parser (`defaultParser` in its js/shiviz.js), which
@@ -57,9 +60,17 @@ def message_kind(msg: WaveMessage) -> str:
     return "finn"
 
 
+Raw = tuple[str, str, str, float, int | None, int | None, int | None, int | None, int | None]
+"""(event, message, peer, at, inc, ninc, dec, known_inc, known_ninc): an event as kept in
+a buffer; a plain tuple takes a fifth of the memory of a `TraceEvent`, which is only built
+when a part is handed out."""
+
+_FIELDS = ("event", "message", "peer", "at", "inc", "ninc", "dec", "known_inc", "known_ninc")
+
+
 @dataclass
 class _WaveBuffer:
-    events: list[TraceEvent] = field(default_factory=list)
+    events: list[Raw] = field(default_factory=list)
     truncated: bool = False
 
 
@@ -93,17 +104,27 @@ class TraceRecorder:
 
     def decided(self, wave: str, at: float, sets: tuple[int, int] | None = None) -> None:
         """`sets`: Finn only, the decider's (inc, ninc) sizes."""
-        buf = self._buffer(wave)
-        if buf is None:
-            return
         inc, ninc = sets if sets is not None else (None, None)
-        buf.events.append(
-            TraceEvent(seq=len(buf.events), event="decide", at=at, inc=inc, ninc=ninc)
-        )
+        self._keep(wave, ("decide", "", "", at, inc, ninc, None, None, None))
 
-    def _buffer(self, wave: str) -> _WaveBuffer | None:
+    def record(self, wave: str, event: TraceEvent) -> None:
+        """Keep an event as it is (its `seq` becomes the next one here)."""
+        raw: Raw = (
+            event.event,
+            event.message,
+            event.peer,
+            event.at,
+            event.inc,
+            event.ninc,
+            event.dec,
+            event.known_inc,
+            event.known_ninc,
+        )
+        self._keep(wave, raw)
+
+    def _keep(self, wave: str, raw: Raw) -> None:
         if not self.enabled:
-            return None
+            return
         buf = self.waves.get(wave)
         if buf is None:
             buf = self.waves[wave] = _WaveBuffer()
@@ -111,8 +132,8 @@ class TraceRecorder:
                 self.waves.popitem(last=False)
         if len(buf.events) >= self.events_per_wave:
             buf.truncated = True
-            return None
-        return buf
+            return
+        buf.events.append(raw)
 
     def _add(
         self,
@@ -123,37 +144,30 @@ class TraceRecorder:
         at: float,
         known: tuple[int, int] | None,
     ) -> None:
-        buf = self._buffer(wave)
-        if buf is None:
+        if not self.enabled:
             return
-        fields: dict[str, Any] = {}
+        sizes: tuple[int | None, int | None, int | None, int | None, int | None]
         if isinstance(msg, FinnSets):
-            fields = {"inc": len(msg.inc), "ninc": len(msg.ninc), "dec": len(msg.dec)}
-            if known is not None:
-                fields["known_inc"], fields["known_ninc"] = known
-        buf.events.append(
-            TraceEvent(
-                seq=len(buf.events),
-                event=event,
-                message=message_kind(msg),
-                peer=peer,
-                at=at,
-                **fields,
-            )
-        )
+            k_inc, k_ninc = known if known is not None else (None, None)
+            sizes = (len(msg.inc), len(msg.ninc), len(msg.dec), k_inc, k_ninc)
+        else:
+            sizes = (None, None, None, None, None)
+        self._keep(wave, (event, message_kind(msg), peer, at, *sizes))
 
     def events(self, wave: str) -> tuple[TraceEvent, ...]:
         buf = self.waves.get(wave)
-        return tuple(buf.events) if buf is not None else ()
+        if buf is None:
+            return ()
+        return tuple(
+            TraceEvent(seq=i, **dict(zip(_FIELDS, raw, strict=True)))
+            for i, raw in enumerate(buf.events)
+        )
 
     def part(self, wave: str) -> TracePart:
         """This participant's part of `wave` (empty if it never took part or forgot)."""
         buf = self.waves.get(wave)
-        if buf is None:
-            return TracePart(wave=wave, server=self.name, events=())
-        return TracePart(
-            wave=wave, server=self.name, events=tuple(buf.events), truncated=buf.truncated
-        )
+        truncated = buf.truncated if buf is not None else False
+        return TracePart(wave=wave, server=self.name, events=self.events(wave), truncated=truncated)
 
 
 # --- putting a wave together -----------------------------------------------------------------
