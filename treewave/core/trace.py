@@ -42,7 +42,7 @@ DEFAULT_EVENTS_PER_WAVE = 5_000
 """A participant stops recording a wave after this many events (and marks it truncated).
 A server sends and receives about twice its degree in an Echo wave and a few messages per
 in- and out-neighbour in a Finn wave, so this only cuts off pathological waves; it keeps a
-server's buffer of 64 waves below 64 x 5,000 events (44 MiB, measured) even then."""
+server's buffer of 64 waves below 64 x 5,000 events (37 MiB: bench/trace_overhead.py)."""
 
 SHIVIZ_DEFAULT_PARSER = r"(?<event>.*)\n(?<host>\S*) (?<clock>{.*})"
 """ShiViz's default log parser (`defaultParser` in its js/shiviz.js), which
