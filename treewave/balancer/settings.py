@@ -31,5 +31,9 @@ class BalancerSettings:
     status_interval_s: float = 2.0
     """How often the status page gets a fresh snapshot (at least 1 s)."""
     tick_s: float = 0.02
+    trace_history: int = 50
+    """How many traced waves the balancer keeps (bounded memory); 0 turns tracing off."""
+    trace_sample: float = 0.1
+    """The share of periodic rebalancing waves that are traced (API waves always are)."""
     access: AccessSettings = field(default_factory=AccessSettings)
     """Host, Origin, Content-Type and API-token rules of the HTTP API (balancer/access.py)."""

@@ -18,6 +18,7 @@ __all__ = [
     "LOG_LEVELS",
     "at_least",
     "balancer_url",
+    "fraction",
     "log_level",
     "non_empty",
     "non_negative_float",
@@ -159,3 +160,11 @@ def switch(text: str) -> bool:
     if word in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"{text!r} is not one of 1, true, yes, on, 0, false, no, off")
+
+
+def fraction(text: str) -> float:
+    """A share between 0 and 1."""
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value

@@ -75,6 +75,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         opts.REBALANCE_INTERVAL,
         opts.WAVE_TIMEOUT,
         opts.STATUS_INTERVAL,
+        opts.TRACE_HISTORY,
+        opts.TRACE_SAMPLE,
     )
     opts.add_options(b, *opts.ACCESS_OPTIONS, title="access (who may change the cluster)")
     b.set_defaults(handler=serve_balancer)
@@ -132,6 +134,7 @@ def node_settings(args: argparse.Namespace) -> NodeSettings:
         peer_urls=read_peers(args.peers),
         state_dir=args.state_dir,
         secret=read_link_secret(args.secret_file),
+        trace_waves=args.trace_waves,
         crash_points=crash_points(),
     )
 
@@ -147,6 +150,8 @@ def balancer_settings(args: argparse.Namespace) -> BalancerSettings:
         rebalance_interval_s=args.rebalance_interval,
         wave_timeout_s=args.wave_timeout,
         status_interval_s=args.status_interval,
+        trace_history=args.trace_history,
+        trace_sample=args.trace_sample,
         access=access_settings(args, args.host),
     )
 

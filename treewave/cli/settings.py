@@ -39,6 +39,9 @@ __all__ = [
     "STATE_DIR",
     "STATUS_INTERVAL",
     "TOPOLOGY",
+    "TRACE_HISTORY",
+    "TRACE_SAMPLE",
+    "TRACE_WAVES",
     "WAVE_TIMEOUT",
     "Option",
     "SettingError",
@@ -146,6 +149,30 @@ BALANCER_URL = Option(
     "URL",
 )
 
+TRACE_HISTORY = Option(
+    "--trace-history",
+    argtypes.non_negative_int,
+    "traced waves kept for /api/waves, 0 = no tracing",
+    "TREEWAVE_TRACE_HISTORY",
+    50,
+    "N",
+)
+TRACE_SAMPLE = Option(
+    "--trace-sample",
+    argtypes.fraction,
+    "share of periodic rebalancing waves traced, 0-1",
+    "TREEWAVE_TRACE_SAMPLE",
+    0.1,
+    "SHARE",
+)
+TRACE_WAVES = Option(
+    "--trace-waves",
+    argtypes.non_negative_int,
+    "recent waves whose trace this server keeps, 0 = none",
+    "TREEWAVE_TRACE_WAVES",
+    64,
+    "N",
+)
 API_TOKEN_FILE = Option(
     "--api-token-file",
     Path,

@@ -32,3 +32,6 @@ class NodeSettings:
     flood_rate: float = 2000.0
     """Frames per second a link may send on average (bursts of twice that) before its
     frames are dropped and counted."""
+    trace_waves: int = 64
+    """How many recent waves this server keeps its part of the trace for (bounded
+    memory; 0 records nothing). The balancer asks for a part after a traced wave."""
