@@ -55,7 +55,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         epilog="example:\n  treewave node --name aurora --topology topology.json --port 8000 \\\n"
         "      --peer-url-template 'ws://127.0.0.1:8000/ws'",
     )
-    opts.add_options(p, opts.NAME, *LINK_OPTIONS, opts.PORT.with_default(NODE_PORT), opts.STATE_DIR)
+    opts.add_options(
+        p,
+        opts.NAME,
+        *LINK_OPTIONS,
+        opts.PORT.with_default(NODE_PORT),
+        opts.STATE_DIR,
+        opts.TRACE_WAVES,
+    )
     p.set_defaults(handler=serve_node)
     b = sub.add_parser(
         "balancer",
