@@ -36,7 +36,14 @@ class NodeProtocol:
         self.finished: OrderedDict[str, None] = OrderedDict()
 
     def local_state(
-        self, cpus: int, running: int, queued: int, completed: int, reserved: int = 0
+        self,
+        cpus: int,
+        running: int,
+        queued: int,
+        completed: int,
+        reserved: int = 0,
+        running_left_s: tuple[float, ...] = (),
+        queued_s: tuple[tuple[float, int], ...] = (),
     ) -> ServerState:
         return ServerState(
             name=self.name,
@@ -47,6 +54,8 @@ class NodeProtocol:
             reserved=reserved,
             parents=self.parents,
             children=self.children,
+            running_left_s=running_left_s,
+            queued_s=queued_s,
         )
 
     def receive(

@@ -25,6 +25,7 @@ from treewave.core.auth import link_token, token_ok
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import FinnDecided, Output, Send
 from treewave.core.ledger import TaskLedger
+from treewave.core.load import duration_histogram, expected_work_s, pressure
 from treewave.core.messages import (
     MAX_MESSAGE_BYTES,
     EchoExplore,
@@ -92,7 +93,7 @@ class Server:
     def _load_ledger(self) -> TaskLedger:
         if self.state_file is not None and self.state_file.exists():
             data = json.loads(self.state_file.read_text(encoding="utf-8"))
-            ledger = TaskLedger.from_json_data(data)
+            ledger = TaskLedger.from_json_data(data, self.topology.settings.queue_order)
             log.info(
                 "%s: restored %d queued and %d reserved tasks from %s",
                 self.name,
@@ -101,7 +102,7 @@ class Server:
                 self.state_file,
             )
             return ledger
-        ledger = TaskLedger()
+        ledger = TaskLedger(self.topology.settings.queue_order)
         ledger.submit([self.new_task() for _ in range(self.spec.tasks)])
         return ledger
 
@@ -138,7 +139,13 @@ class Server:
     def local_state(self) -> ServerState:
         led = self.ledger
         return self.protocol.local_state(
-            self.cpus, len(led.running), len(led.queued), led.completed, led.reserved_count
+            self.cpus,
+            len(led.running),
+            len(led.queued),
+            led.completed,
+            led.reserved_count,
+            running_left_s=tuple(led.running_left(time.monotonic())),
+            queued_s=duration_histogram(t.duration_s for t in led.queued),
         )
 
     def refresh_gauges(self) -> None:
@@ -147,16 +154,21 @@ class Server:
         m.running.set(len(led.running))
         m.queued.set(len(led.queued))
         m.reserved.set(led.reserved_count)
-        m.pressure.set((len(led.running) + len(led.queued)) / self.cpus)
+        state = self.local_state()
+        m.expected_work.set(expected_work_s(state, self.task_time_s))
+        m.pressure.set(pressure(state, self.task_time_s))
         m.links.set(sum(1 for n in self.links.peers if self.links.connected(n)))
 
     def state_json(self) -> dict[str, object]:
         led = self.ledger
+        state = self.local_state()
         return {
             "name": self.name,
             "cpus": self.cpus,
             "running": len(led.running),
             "queued": len(led.queued),
+            "expected_work_s": round(expected_work_s(state, self.task_time_s), 6),
+            "pressure": round(pressure(state, self.task_time_s), 6),
             "reserved": led.reserved_count,
             "completed": led.completed,
             "transferred_in": led.transferred_in,
@@ -326,7 +338,7 @@ class Server:
             await self.wakeup.wait()
             self.wakeup.clear()
             while len(self.ledger.running) < self.cpus:
-                task = self.ledger.start_next()
+                task = self.ledger.start_next(time.monotonic())
                 if task is None:
                     break
                 runner = asyncio.create_task(self._run_task(task))
@@ -335,7 +347,7 @@ class Server:
             self.refresh_gauges()
 
     async def _run_task(self, task: Task) -> None:
-        await asyncio.sleep(task.duration_s)
+        await asyncio.sleep(task.run_s)
         if self.ledger.finish(task.id):
             self.metrics.completed.inc()
         self.save_soon()
