@@ -17,6 +17,7 @@ from treewave.core.load import (
     queued_durations,
 )
 from treewave.core.messages import ServerState, Task, TransferPrepare, parse_message
+from treewave.core.topology import Topology, TopologyError
 
 
 def tasks(*durations: float, prefix: str = "t") -> list[Task]:
@@ -120,3 +121,12 @@ def test_expected_work_and_pressure_are_one_definition() -> None:
     assert queued_durations(s, 9.0) == [2.0, 1.0, 1.0]
     old = ServerState(name="a", cpus=2, running=1, queued=2, completed=0)
     assert expected_work_s(old, task_time_s=2.0) == 6.0
+
+
+def test_queue_order_is_a_validated_topology_setting() -> None:
+    servers = [{"name": "alpha", "cpus": 1}]
+    assert Topology.parse({"servers": servers}).settings.queue_order == "longest-first"
+    fifo = Topology.parse({"settings": {"queue_order": "fifo"}, "servers": servers})
+    assert fifo.settings.queue_order == "fifo"
+    with pytest.raises(TopologyError, match="queue_order"):
+        Topology.parse({"settings": {"queue_order": "random"}, "servers": servers})

@@ -33,7 +33,7 @@ from treewave.core.load import pressure_of, queued_durations, running_left
 from treewave.core.messages import ServerState
 
 __all__ = [
-        "Load",
+    "Load",
     "Move",
     "apply_moves",
     "expected_makespan",

@@ -274,7 +274,9 @@ class Server:
                 raise RemoteProtocolError(
                     f"transfer target {msg.target!r} is not another server", reason="invalid_fields"
                 )
-            reservation = led.prepare(msg.transfer, msg.target, msg.count, time.time())
+            reservation = led.prepare(
+                msg.transfer, msg.target, msg.count, time.time(), msg.durations
+            )
             self.save()
             return [TransferPrepared(transfer=msg.transfer, tasks=reservation.tasks)]
         if isinstance(msg, TransferDeliver):
