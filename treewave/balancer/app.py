@@ -477,10 +477,14 @@ class Balancer:
 
     # --- tasks -------------------------------------------------------------------------------
 
-    async def submit(self, node: str, count: int, duration_s: float | None) -> list[str]:
+    async def submit(
+        self, node: str, count: int, duration_s: float | None, actual_s: float | None = None
+    ) -> list[str]:
         duration = duration_s or self.topology.settings.task_time_s
         batch = self.new_id("t")
-        tasks = tuple(Task(id=f"{batch}.{i}", duration_s=duration) for i in range(count))
+        tasks = tuple(
+            Task(id=f"{batch}.{i}", duration_s=duration, actual_s=actual_s) for i in range(count)
+        )
         # Answered only once the server confirms the tasks are queued and on disk: a
         # server dying with the submission unread must not leave them acknowledged.
         key = ("tasks.accepted", tasks[0].id)
@@ -581,6 +585,8 @@ class SubmitRequest(BaseModel):
     node: str = Field(min_length=1, max_length=63)
     count: int = Field(ge=1, le=100_000)
     duration_s: float | None = Field(default=None, gt=0, le=3600)
+    actual_s: float | None = Field(default=None, gt=0, le=3600)
+    """Emulation only: how long the tasks really run when the declaration is wrong."""
 
 
 class EmptyRequest(BaseModel):
@@ -648,7 +654,7 @@ async def api_tasks(request: web.Request) -> web.Response:
     body = await read_body(request, SubmitRequest)
     if body.node not in b.names:
         raise json_error(404, f"unknown server {body.node!r}")
-    ids = await b.submit(body.node, body.count, body.duration_s)
+    ids = await b.submit(body.node, body.count, body.duration_s, body.actual_s)
     return web.json_response(
         {"node": body.node, "accepted": len(ids), "first_task": ids[0], "last_task": ids[-1]},
         status=202,

@@ -7,11 +7,13 @@ The policy minimises the largest expected finish time over the cluster (the expe
 makespan):
 
 1. Global LPT: every queued task, longest first, goes to the CPU slot (of any server)
-   that frees up first, preferring the task's own server on a tie (so work that is
-   already well placed stays put). This is LPT on machines with different available
-   times, within (3/2 - 1/(2m)) of the optimal makespan over m slots (C.-Y. Lee,
-   "Parallel machines scheduling with nonsimultaneous machine available time", Discrete
-   Applied Mathematics 30 (1991) 53-61).
+   that frees up first, its own server winning ties. This is LPT on machines with
+   different available times, within (3/2 - 1/(2m)) of the optimal makespan over m slots
+   (C.-Y. Lee, "Parallel machines scheduling with nonsimultaneous machine available
+   time", Discrete Applied Mathematics 30 (1991) 53-61). Then the same again, except that
+   a task stays on its own server whenever it would finish there by the first plan's
+   makespan anyway; that "sticky" plan is used when it is no worse (it moves far fewer
+   tasks, and work does not ping-pong between rounds).
 2. The plan is taken only if its expected makespan is lower than the current one;
    otherwise the current placement is kept (it is then at least as good).
 3. Local search: while the most loaded server can lower its finish time by giving one
@@ -141,8 +143,10 @@ def plan_moves(loads: Iterable[Load]) -> list[Move]:
         return []
     current = {n: list(x.queued) for n, x in servers.items()}
     finish = {n: x.finish_s for n, x in servers.items()}
-    plan = _lpt(servers)
-    plan_finish = {n: finish_time(x.cpus, x.running_left, plan[n]) for n, x in servers.items()}
+    plan, plan_finish = _lpt(servers)
+    sticky, sticky_finish = _lpt(servers, stay_until=max(plan_finish.values()))
+    if max(sticky_finish.values()) <= max(plan_finish.values()) + _EPS:
+        plan, plan_finish = sticky, sticky_finish
     if max(plan_finish.values()) < max(finish.values()) - _EPS:
         queues, finish = plan, plan_finish
     else:
@@ -151,8 +155,12 @@ def plan_moves(loads: Iterable[Load]) -> list[Move]:
     return _moves_between(current, queues)
 
 
-def _lpt(servers: dict[str, Load]) -> dict[str, list[float]]:
-    """Every queued task, longest first, on the earliest free slot (own server on ties)."""
+def _lpt(
+    servers: dict[str, Load], stay_until: float = 0.0
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Every queued task, longest first, on the earliest free slot, except that it stays on
+    its own server when it would finish there by `stay_until` anyway (or on a tie).
+    Returns the queues and each server's expected finish time."""
     slots: dict[str, list[float]] = {}
     for n, x in servers.items():
         ends = sorted(x.running_left)
@@ -167,11 +175,13 @@ def _lpt(servers: dict[str, Load]) -> dict[str, list[float]]:
         while earliest[0][0] != slots[earliest[0][1]][0]:  # stale entry
             _, n = heapq.heappop(earliest)
             heapq.heappush(earliest, (slots[n][0], n))
-        to = owner if slots[owner][0] <= earliest[0][0] + _EPS else earliest[0][1]
+        stay = slots[owner][0] <= earliest[0][0] + _EPS or slots[owner][0] + d <= stay_until
+        to = owner if stay else earliest[0][1]
         heapq.heapreplace(slots[to], slots[to][0] + d)
         heapq.heappush(earliest, (slots[to][0], to))
         plan[to].append(d)
-    return plan
+    finish = {n: finish_time(x.cpus, x.running_left, plan[n]) for n, x in servers.items()}
+    return plan, finish
 
 
 def _improve(
