@@ -45,7 +45,9 @@ class NodeProtocol:
         running_left_s: tuple[float, ...] = (),
         queued_s: tuple[tuple[float, int], ...] = (),
     ) -> ServerState:
-        return ServerState(
+        """This server's own state: built from its own bookkeeping, so not re-validated
+        (what other servers send is validated when it arrives)."""
+        return ServerState.model_construct(
             name=self.name,
             cpus=cpus,
             running=running,
@@ -56,6 +58,7 @@ class NodeProtocol:
             children=self.children,
             running_left_s=running_left_s,
             queued_s=queued_s,
+            echo_parent="",
         )
 
     def receive(

@@ -87,6 +87,7 @@ class Server:
         self._save_pending = False
         self.allowed_inbound = {*topology.parents(self.name), BALANCER}
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._last_state = self.local_state()
 
     # --- ledger persistence --------------------------------------------------------------------
 
@@ -138,7 +139,7 @@ class Server:
 
     def local_state(self) -> ServerState:
         led = self.ledger
-        return self.protocol.local_state(
+        self._last_state = self.protocol.local_state(
             self.cpus,
             len(led.running),
             len(led.queued),
@@ -147,6 +148,7 @@ class Server:
             running_left_s=tuple(led.running_left(time.monotonic())),
             queued_s=duration_histogram(t.duration_s for t in led.queued),
         )
+        return self._last_state
 
     def refresh_gauges(self) -> None:
         led = self.ledger
@@ -209,7 +211,7 @@ class Server:
             return
         for to, reply in replies:
             await self.links.send(to, reply)
-        self.refresh_gauges()
+        # No gauge refresh per frame: `/metrics` refreshes them when it is scraped.
 
     def _flood_ok(self, peer: str) -> bool:
         """Token bucket per link: a peer may not drown the server in frames."""
@@ -245,8 +247,10 @@ class Server:
                 and not self.protocol.finn_decided(msg.wave)
             ):
                 raise StaleMessage(f"finn wave {msg.wave} expired before it reached {self.name!r}")
-            out = self.protocol.receive(msg, time.monotonic(), self.local_state())
-            self.metrics.wave_messages.labels(self.name, algorithm, "in").inc()
+            # Finn never reads the local state: build it (a queue histogram) for Echo only.
+            local = self._last_state if algorithm == "finn" else self.local_state()
+            out = self.protocol.receive(msg, time.monotonic(), local)
+            self.metrics.wave_in[algorithm].inc()
             return self._outputs(out)
         if isinstance(msg, ErrorReply):
             log.warning("%s: %s reported an error: %s", self.name, peer, msg.error)
@@ -328,7 +332,7 @@ class Server:
                 self.wakeup.set()
             elif isinstance(item, Send):
                 algorithm = "finn" if isinstance(item.message, FinnSets) else "echo"
-                self.metrics.wave_messages.labels(self.name, algorithm, "out").inc()
+                self.metrics.wave_out[algorithm].inc()
                 sends.append((item.to, item.message))
         return sends
 
@@ -359,6 +363,8 @@ class Server:
         """Drive wave deadlines with the monotonic clock."""
         while True:
             await asyncio.sleep(self.settings.tick_s)
+            if not (self.protocol.echo_waves or self.protocol.finn_waves):
+                continue  # nothing in flight: no state to build
             out = self.protocol.handle_timer(time.monotonic(), self.local_state())
             for to, msg in self._outputs(out):
                 await self.links.send(to, msg)

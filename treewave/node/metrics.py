@@ -56,6 +56,9 @@ class NodeMetrics:
             ["server", "algorithm", "direction"],
             registry=r,
         )
+        # Bound once: a labels() lookup per frame costs more than the increment.
+        self.wave_in = {a: self.wave_messages.labels(server, a, "in") for a in ("echo", "finn")}
+        self.wave_out = {a: self.wave_messages.labels(server, a, "out") for a in ("echo", "finn")}
         self.invalid = Counter(
             "treewave_node_invalid_messages", "Frames rejected", ["server", "reason"], registry=r
         )
