@@ -137,7 +137,7 @@ class TaskLedger:
             if not keys:
                 break
             j = bisect.bisect_left(keys, want)
-            near = [k for k in keys[max(0, j - 1) : j + 1]]
+            near = keys[max(0, j - 1) : j + 1]
             key = min(near, key=lambda k: (abs(k - want), -k))
             chosen.append(by_duration[key].pop())
             if not by_duration[key]:
