@@ -130,3 +130,25 @@ def test_queue_order_is_a_validated_topology_setting() -> None:
     assert fifo.settings.queue_order == "fifo"
     with pytest.raises(TopologyError, match="queue_order"):
         Topology.parse({"settings": {"queue_order": "random"}, "servers": servers})
+
+
+def test_every_queue_change_bumps_the_queue_version() -> None:
+    led = TaskLedger()
+    seen = [led.queue_version]
+
+    def changed() -> None:
+        assert led.queue_version != seen[-1]
+        seen.append(led.queue_version)
+
+    led.submit(tasks(1.0, 0.5, 2.0))
+    changed()
+    led.start_next(0.0)
+    changed()
+    led.prepare("x", "b", 1, now=0.0, durations=(0.5,))
+    changed()
+    led.abort("x")
+    changed()
+    led.prepare("y", "b", 1, now=0.0)
+    changed()
+    led.commit("y")
+    assert led.queue_version == seen[-1]  # the queue itself did not change

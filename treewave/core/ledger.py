@@ -39,6 +39,8 @@ class TaskLedger:
         self.order = order
         self.queued: deque[Task] = deque()
         """In run order (the next task to start first)."""
+        self.queue_version = 0
+        """Bumped on every change to `queued`, so views of the queue can be cached."""
         self.running: dict[str, Task] = {}
         self.started_at: dict[str, float] = {}
         self.reserved: dict[str, Reservation] = {}
@@ -66,6 +68,7 @@ class TaskLedger:
         """Into run order: behind every task of equal or longer duration (longest-first),
         or at the end (fifo)."""
         q = self.queued
+        self.queue_version += 1
         if self.order == "fifo" or not q or q[-1].duration_s >= task.duration_s:
             q.append(task)
             return
@@ -76,6 +79,7 @@ class TaskLedger:
         if not self.queued:
             return None
         task = self.queued.popleft()
+        self.queue_version += 1
         self.running[task.id] = task
         self.started_at[task.id] = now
         return task
@@ -117,6 +121,7 @@ class TaskLedger:
         tasks left behind keep their submission order)."""
         if transfer in self.reserved:
             return self.reserved[transfer]
+        self.queue_version += 1
         if durations is None:
             take = min(count, len(self.queued))
             tasks = tuple(self.queued.pop() for _ in range(take))[::-1]

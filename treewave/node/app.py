@@ -87,6 +87,7 @@ class Server:
         self._save_pending = False
         self.allowed_inbound = {*topology.parents(self.name), BALANCER}
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._histogram: tuple[tuple[int, int], tuple[tuple[float, int], ...]] = ((0, -1), ())
         self._last_state = self.local_state()
 
     # --- ledger persistence --------------------------------------------------------------------
@@ -146,9 +147,18 @@ class Server:
             led.completed,
             led.reserved_count,
             running_left_s=tuple(led.running_left(time.monotonic())),
-            queued_s=duration_histogram(t.duration_s for t in led.queued),
+            queued_s=self._queue_histogram(),
         )
         return self._last_state
+
+    def _queue_histogram(self) -> tuple[tuple[float, int], ...]:
+        """The queue's duration histogram, rebuilt only when the queue changed (every Echo
+        reply carries it)."""
+        version = (id(self.ledger), self.ledger.queue_version)
+        if self._histogram[0] != version:
+            hist = duration_histogram(t.duration_s for t in self.ledger.queued)
+            self._histogram = (version, hist)
+        return self._histogram[1]
 
     def refresh_gauges(self) -> None:
         led = self.ledger
