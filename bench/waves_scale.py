@@ -71,8 +71,12 @@ class Cluster:
             body["duration_s"] = duration_s
         return get_json(self.url + "/api/finn", "POST", body)  # type: ignore[no-any-return]
 
-    def submit(self, node: str, count: int, duration_s: float) -> dict[str, Any]:
-        body = {"node": node, "count": count, "duration_s": duration_s}
+    def submit(
+        self, node: str, count: int, duration_s: float, actual_s: float | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"node": node, "count": count, "duration_s": duration_s}
+        if actual_s is not None:
+            body["actual_s"] = actual_s  # emulation: the declaration is wrong
         return get_json(self.url + "/api/tasks", "POST", body)  # type: ignore[no-any-return]
 
     def states(self) -> dict[str, dict[str, Any]]:
@@ -85,12 +89,15 @@ def cluster(
     rebalance_interval: float = 0.0,
     ready_timeout: float = 600.0,
     extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
     """Start `treewave run` on `topology`; always stops it and everything it started."""
     run_dir = Path(tempfile.mkdtemp(prefix="treewave-bench-"))
     extra = ["--rebalance-interval", str(rebalance_interval), "--log-level", "WARNING"]
     extra += ["--ready-timeout", str(ready_timeout), *extra_args]
-    run = start_run(run_dir, *extra, topology=topology.to_json_data())
+    run = start_run(
+        run_dir, *extra, topology=topology.to_json_data(), env={**os.environ, **(env or {})}
+    )
     try:
         run.wait_ready(ready_timeout + 10)
         c = Cluster(topology, run.balancer_url)
