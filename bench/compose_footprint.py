@@ -7,9 +7,12 @@ for topologies of growing size.
     python -m bench.compose_footprint 7 30 60 100 --echo-samples 20
 
 For each size a topology is generated (fixed seed, no periodic rebalancing so only the
-measured waves run), rendered into a temporary directory and brought up with
+measured waves run, the default wave deadline: `wave_timeout_s` 5 s, grown with the tree
+by core/deadlines.py), rendered into a temporary directory and brought up with
 `docker compose up -d --wait` naming every service but Grafana (which cannot run here);
-the image is built once beforehand, and that build is timed separately. Then:
+the image is built once beforehand under a tag of its own (`TREEWAVE_IMAGE`, so another
+checkout building `treewave:local` on the same engine cannot swap it), and that build is
+timed separately. Then:
 
 - up_s: from `up` to every named service healthy (`--wait` returning; up_attempts > 1
   when a container was briefly unhealthy on a busy host and `up` had to be run again;
@@ -18,7 +21,10 @@ the image is built once beforehand, and that build is timed separately. Then:
 - memory per node container (`docker stats --no-stream`, after the waves): mean and max
   MiB, target under 60 MiB; the balancer's and Prometheus's too;
 - idle CPU: the sum of every container's CPU% in that same sample (healthchecks, metrics
-  scrapes, heartbeats);
+  scrapes, heartbeats); and, before the waves, `bench/idle_cpu.py` over `--idle-window`
+  seconds: the stack's share of the whole machine, containers plus the Docker machinery
+  each healthcheck costs (runc in the containerd shims, dockerd, containerd), by group,
+  with the load average at that moment;
 - Echo (GET /api/tree) and Finn (POST /api/finn with no work): the duration the balancer
   reports and the client-side round trip through the published port, median and p95;
 - down_s: `docker compose down -v`.
@@ -45,6 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.idle_cpu import idle_cpu
 from tests.support.ports import free_port
 from treewave.core.topology import Settings
 from treewave.generator.generate import generate
@@ -55,6 +62,8 @@ RESULTS = REPO / "bench" / "results" / "compose_footprint.json"
 SEED = 7
 MEMORY_TARGET_MIB = 60.0
 UP_ATTEMPTS = 5
+IMAGE = f"treewave:bench-{os.getpid()}"
+"""This run's own image tag (removed at the end)."""
 
 
 def _memory_mib(text: str) -> float:
@@ -110,7 +119,7 @@ def _ms(values: list[float]) -> dict[str, float]:
 
 class Deployment:
     def __init__(self, nodes: int, directory: Path) -> None:
-        settings = Settings(task_time_s=1.0, rebalance_interval_s=0, wave_timeout_s=10.0)
+        settings = Settings(task_time_s=1.0, rebalance_interval_s=0)
         self.topology = generate(nodes, SEED, extra_parents=max(1, nodes // 10), settings=settings)
         (directory / "topology.json").write_text(self.topology.dumps(), encoding="utf-8")
         render(self.topology, "topology.json", directory, build_context=str(REPO))
@@ -122,6 +131,7 @@ class Deployment:
             "TREEWAVE_BALANCER_PORT": str(self.balancer_port),
             "TREEWAVE_PROMETHEUS_PORT": str(free_port()),
             "TREEWAVE_GRAFANA_PORT": str(free_port()),
+            "TREEWAVE_IMAGE": IMAGE,
         }
         self.project = f"treewave-bench-{nodes}-{secrets.token_hex(3)}"
         self.services = [*self.topology.names, "balancer", "prometheus"]
@@ -217,7 +227,9 @@ def build(directory: Path) -> float:
     return round(time.monotonic() - start, 2)
 
 
-def measure(nodes: int, echo_samples: int, finn_samples: int) -> dict[str, Any]:
+def measure(
+    nodes: int, echo_samples: int, finn_samples: int, idle_window_s: float
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"treewave-bench-{nodes}-") as tmp:
         dep = Deployment(nodes, Path(tmp))
         row: dict[str, Any] = {"nodes": nodes, "edges": len(dep.topology.edges)}
@@ -240,6 +252,12 @@ def measure(nodes: int, echo_samples: int, finn_samples: int) -> dict[str, Any]:
             if not _first_complete(dep):
                 raise RuntimeError("no complete Echo within 600 s of start-up")
             row["first_complete_s"] = round(time.monotonic() - start, 2)
+            time.sleep(10)  # let the last links and first scrapes settle
+            row["idle_machine_percent"] = idle_cpu(
+                dep.project, idle_window_s, frozenset(dep.topology.names)
+            )
+            row["load_idle"] = [round(x, 1) for x in os.getloadavg()]
+            row["wave_deadline_s"] = _request("GET", dep.api("/api/status"))["wave_deadline_s"]
 
             reported, client, complete = _waves(dep.api("/api/tree"), "GET", None, echo_samples)
             row["echo"] = {
@@ -280,6 +298,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
         ("node MiB mean", lambda r: r.get("node_memory_mib_mean", "-")),
         ("node MiB max", lambda r: r.get("node_memory_mib_max", "-")),
         ("idle CPU %", lambda r: r.get("idle_cpu_percent_all_containers", "-")),
+        ("idle % machine", lambda r: r.get("idle_machine_percent", {}).get("stack_total", "-")),
+        ("deadline s", lambda r: r.get("wave_deadline_s", "-")),
         ("echo ms med/p95", lambda r: _pair(r, "echo", "balancer")),
         ("echo client ms", lambda r: _pair(r, "echo", "client")),
         ("finn ms med/p95", lambda r: _pair(r, "finn", "balancer")),
@@ -324,6 +344,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("sizes", nargs="*", type=int, default=[7, 30, 60])
     p.add_argument("--echo-samples", type=int, default=20)
     p.add_argument("--finn-samples", type=int, default=10)
+    p.add_argument("--idle-window", type=float, default=30.0, help="idle sample, seconds")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
 
@@ -331,11 +352,14 @@ def main(argv: list[str]) -> int:
         build_s = build(Path(tmp))
     print(f"image build (once, before timing): {build_s} s", flush=True)
     rows = []
-    for n in args.sizes:
-        print(f"measuring N={n} ...", flush=True)
-        row = measure(n, args.echo_samples, args.finn_samples)
-        rows.append(row)
-        print(_table([row]).splitlines()[1], flush=True)
+    try:
+        for n in args.sizes:
+            print(f"measuring N={n} ...", flush=True)
+            row = measure(n, args.echo_samples, args.finn_samples, args.idle_window)
+            rows.append(row)
+            print(_table([row]).splitlines()[1], flush=True)
+    finally:
+        subprocess.run(["docker", "image", "rm", IMAGE], capture_output=True, check=False)
     print()
     print(_table(rows))
 
@@ -355,7 +379,7 @@ def main(argv: list[str]) -> int:
             }
         data = {
             "seed": SEED,
-            "settings": {"wave_timeout_s": 10.0, "rebalance_interval_s": 0},
+            "settings": {"wave_timeout_s": Settings().wave_timeout_s, "rebalance_interval_s": 0},
             "memory_target_mib": MEMORY_TARGET_MIB,
             "machine": _machine(),
             "results": [by_size[n] for n in sorted(by_size)],

@@ -21,6 +21,7 @@ from treewave.generator.render import (
     DASHBOARD_PROVISIONING_FILE,
     DATASOURCE_PROVISIONING_FILE,
     PROMETHEUS_FILE,
+    periodic_intervals,
     render,
 )
 
@@ -121,7 +122,7 @@ def test_image_built_once_and_base_images_from_env(tmp_path: Path, topology: Top
     assert build["dockerfile"] == "docker/Dockerfile"
     assert build["args"] == {"PYTHON_IMAGE": "${PYTHON_IMAGE:-python:3.12-slim}"}
     for name in [*topology.names, "balancer"]:
-        assert services[name]["image"] == "treewave:local"
+        assert services[name]["image"] == "${TREEWAVE_IMAGE:-treewave:local}"
         assert services[name]["pull_policy"] == "never"
     assert services["prometheus"]["image"] == "${PROMETHEUS_IMAGE:-prom/prometheus:v2.53.0}"
     assert services["grafana"]["image"] == "${GRAFANA_IMAGE:-grafana/grafana:11.1.0}"
@@ -301,3 +302,34 @@ def test_cli_usage_errors_exit_2() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--nodes", "3", "--tasks", "4-1"])
     assert exc.value.code == 2
+
+
+def test_periodic_work_is_sized_by_the_tree() -> None:
+    # A 10-server stack keeps 5 s for both; a 300-server one runs at most 2 healthchecks
+    # (docker execs) and 20 scrapes a second.
+    assert periodic_intervals(10)["node_healthcheck_interval_s"] == 5
+    assert periodic_intervals(10)["scrape_interval_s"] == 5
+    assert periodic_intervals(100)["scrape_interval_s"] == 5
+    big = periodic_intervals(300)
+    assert big["node_healthcheck_interval_s"] == 150
+    assert big["root_healthcheck_interval_s"] == 5
+    assert big["scrape_interval_s"] == 15
+    assert periodic_intervals(3000)["scrape_interval_s"] == 15
+    for servers in (1, 7, 30, 99, 101, 300, 1000):
+        every = periodic_intervals(servers)
+        assert servers / every["node_healthcheck_interval_s"] <= 2
+        assert 5 <= every["scrape_interval_s"] <= 15
+
+
+def test_a_large_stack_checks_its_servers_less_often_but_its_root_as_often(
+    tmp_path: Path,
+) -> None:
+    topology = generate(300, 7, extra_parents=30)
+    services = _render(topology, tmp_path)["services"]
+    for name in topology.names:
+        check = services[name]["healthcheck"]
+        assert check["interval"] == ("5s" if name == topology.root else "150s"), name
+        assert "/healthz" in check["test"][-1]
+        assert check["retries"] == 3
+    prometheus = yaml.safe_load((tmp_path / PROMETHEUS_FILE).read_text(encoding="utf-8"))
+    assert prometheus["global"]["scrape_interval"] == "15s"

@@ -31,6 +31,7 @@ from treewave.balancer.status import setup_status
 from treewave.balancer.traces import WaveTraces, sampled_waves, setup_traces
 from treewave.core.addressing import peer_url
 from treewave.core.auth import link_token
+from treewave.core.deadlines import wave_deadline_s
 from treewave.core.echo import EchoInitiator
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import EchoResult, FinnResult, Send
@@ -136,6 +137,10 @@ class Balancer:
         self.topology = topology
         self.names = frozenset(topology.names)
         self.wave_timeout_s = settings.wave_timeout_s or topology.settings.wave_timeout_s
+        self.wave_deadline_s = wave_deadline_s(
+            self.wave_timeout_s, topology.depth, len(topology.servers)
+        )
+        """Every wave's deadline: the setting, grown with the tree's depth and size."""
         interval = settings.rebalance_interval_s
         self.rebalance_interval_s = (
             topology.settings.rebalance_interval_s if interval is None else interval
@@ -150,6 +155,8 @@ class Balancer:
         self.last_moves: list[dict[str, Any]] = []
         self.last_rebalance_at: float | None = None
         self.rebalance_lock = asyncio.Lock()
+        self.timer_changed = asyncio.Event()
+        """Set when a wave starts: `run_timers` recomputes the earliest deadline."""
         self.rebalance_soon = asyncio.Event()
         """Set when new work arrives: the periodic loop rebalances at once, not at the next
         tick (only when periodic rebalancing is on)."""
@@ -229,8 +236,8 @@ class Balancer:
         started = time.monotonic()
         # Deadlines step down per hop; a quarter of the budget per (depth + 2) hops leaves
         # room for spanning-tree paths longer than the topology's depth.
-        hop_s = self.wave_timeout_s / (4 * (self.topology.depth + 2))
-        sends = init.start(started, self.wave_timeout_s, hop_s)
+        hop_s = self.wave_deadline_s / (4 * (self.topology.depth + 2))
+        sends = init.start(started, self.wave_deadline_s, hop_s)
         result = await self._run_wave(wave, init, sends)
         assert isinstance(result, EchoResult)
         got = {s.name for s in result.states}
@@ -261,8 +268,8 @@ class Balancer:
         wave = self.new_id("finn")
         init = FinnInitiator(wave, self.topology.root, self.topology.leaves, self.names, work)
         started = time.monotonic()
-        expires_at = time.time() + self.wave_timeout_s
-        sends = init.start(started, self.wave_timeout_s, expires_at)
+        expires_at = time.time() + self.wave_deadline_s
+        sends = init.start(started, self.wave_deadline_s, expires_at)
         result = await self._run_wave(wave, init, sends)
         assert isinstance(result, FinnResult)
         record = WaveRecord(
@@ -283,6 +290,7 @@ class Balancer:
     ) -> EchoResult | FinnResult:
         pending = PendingWave(init)
         self.waves[wave] = pending
+        self.timer_changed.set()
         self.traces.started(init, sends)
         try:
             for send in sends:
@@ -310,8 +318,18 @@ class Balancer:
         self.publish({"event": "wave", "wave": record.summary()})
 
     async def run_timers(self) -> None:
+        """End waves at their deadlines: sleep until the earliest one (or until a wave
+        starts); with no wave in flight the balancer does not wake up at all."""
         while True:
-            await asyncio.sleep(self.settings.tick_s)
+            self.timer_changed.clear()
+            deadlines = [p.initiator.deadline for p in self.waves.values() if not p.done.done()]
+            if not deadlines:
+                await self.timer_changed.wait()
+                continue
+            delay = min(deadlines) - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.timer_changed.wait(), delay)
             now = time.monotonic()
             for pending in list(self.waves.values()):
                 result = pending.initiator.handle_timer(now)
@@ -553,6 +571,7 @@ class Balancer:
             "moves": self.last_moves,
             "last_rebalance_at": self.last_rebalance_at,
             "rebalance_interval_s": self.rebalance_interval_s,
+            "wave_deadline_s": round(self.wave_deadline_s, 3),
             "in_doubt": len(self.in_doubt),
         }
 

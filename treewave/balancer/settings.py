@@ -30,7 +30,6 @@ class BalancerSettings:
     """How long one transfer step waits for its answer."""
     status_interval_s: float = 2.0
     """How often the status page gets a fresh snapshot (at least 1 s)."""
-    tick_s: float = 0.02
     trace_history: int = 50
     """How many traced waves the balancer keeps (bounded memory); 0 turns tracing off."""
     trace_sample: float = 0.1

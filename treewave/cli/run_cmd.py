@@ -66,6 +66,7 @@ from treewave.cli.settings import (
     WAVE_TIMEOUT,
     add_options,
 )
+from treewave.core.deadlines import wave_deadline_s
 from treewave.core.secretfile import ensure_secret
 from treewave.core.topology import Topology, TopologyError, load_topology
 
@@ -455,7 +456,8 @@ class Supervisor:
         return True
 
     def tree_complete(self) -> bool:
-        timeout = (self.wave_timeout or self.topology.settings.wave_timeout_s) + 2.0
+        setting = self.wave_timeout or self.topology.settings.wave_timeout_s
+        timeout = wave_deadline_s(setting, self.topology.depth, len(self.topology.servers)) + 2.0
         body = get_json(self.balancer.url + "/api/tree", timeout=timeout)
         return isinstance(body, dict) and body.get("complete") is True
 

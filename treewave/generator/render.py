@@ -6,6 +6,7 @@ deterministic, so the committed default files can be checked for drift byte for 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -27,6 +28,36 @@ STATIC_FILES = {
 }
 PACKAGE_TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the source tree: treewave/generator/ -> root
+
+
+HEALTHCHECKS_PER_S = 2
+"""The most healthchecks per second a rendered stack runs: each is a `docker exec`, about
+50 ms of CPU in runc, the containerd shim and dockerd (measured with bench/idle_cpu.py),
+so 300 servers checked every 5 s would keep three quarters of a 2-core machine busy."""
+MIN_HEALTHCHECK_INTERVAL_S = 5
+ROOT_HEALTHCHECK_INTERVAL_S = 5
+"""The root is checked as often as a small stack's servers: the balancer waits for it."""
+MIN_SCRAPE_INTERVAL_S = 5
+MAX_SCRAPE_INTERVAL_S = 15
+"""The dashboard's rates look back one minute: at least four scrapes."""
+SCRAPES_PER_S = 20.0
+
+
+def periodic_intervals(servers: int) -> dict[str, float]:
+    """The rendered stack's periodic work, sized by its number of servers: a server's
+    healthcheck interval grows so the stack runs at most `HEALTHCHECKS_PER_S` checks a
+    second, Prometheus's scrape interval so it scrapes at most `SCRAPES_PER_S` targets a
+    second (up to 15 s). A 10-server stack keeps 5 s for both."""
+    return {
+        "healthchecks_per_s": HEALTHCHECKS_PER_S,
+        "node_healthcheck_interval_s": max(
+            MIN_HEALTHCHECK_INTERVAL_S, math.ceil(servers / HEALTHCHECKS_PER_S)
+        ),
+        "root_healthcheck_interval_s": ROOT_HEALTHCHECK_INTERVAL_S,
+        "scrape_interval_s": max(
+            MIN_SCRAPE_INTERVAL_S, min(MAX_SCRAPE_INTERVAL_S, math.ceil(servers / SCRAPES_PER_S))
+        ),
+    }
 
 
 class TemplateNotFoundError(FileNotFoundError):
@@ -90,6 +121,7 @@ def render_texts(
         "topology_file": topology_file_name,
         "topology_source": source,
         "build_context": build_context,
+        **periodic_intervals(len(topology.servers)),
     }
     compose_env = _environment(compose_template.parent)
     compose = compose_env.get_template(compose_template.name).render(context)

@@ -24,7 +24,6 @@ class NodeSettings:
     """Where the queue is persisted so it survives a crash; None keeps it in memory."""
     secret: str = ""
     """Per-deployment secret that authenticates links; empty disables the check."""
-    tick_s: float = 0.05
     crash_points: frozenset[str] = frozenset()
     """Fault injection for tests: `before:TYPE` / `after:TYPE` makes the process exit
     hard just before handling / just after handling (and persisting) a message of that
