@@ -358,6 +358,7 @@ def main(argv: list[str]) -> int:
             row = measure(n, args.echo_samples, args.finn_samples, args.idle_window)
             rows.append(row)
             print(_table([row]).splitlines()[1], flush=True)
+            print(f"    idle, % of the machine: {row.get('idle_machine_percent')}", flush=True)
     finally:
         subprocess.run(["docker", "image", "rm", IMAGE], capture_output=True, check=False)
     print()
