@@ -24,7 +24,7 @@ from treewave.core.addressing import peer_url
 from treewave.core.auth import link_token, token_ok
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import FinnDecided, Output, Send
-from treewave.core.ledger import TaskLedger
+from treewave.core.ledger import TRANSFER_REQUESTS, TaskLedger
 from treewave.core.messages import (
     MAX_MESSAGE_BYTES,
     EchoExplore,
@@ -33,21 +33,14 @@ from treewave.core.messages import (
     FinnSets,
     Hello,
     Message,
-    ReservationInfo,
     ServerState,
     SubmitTasks,
     Task,
     TasksAccepted,
     TransferAbort,
-    TransferCancel,
-    TransferCommit,
     TransferDeliver,
-    TransferOutcome,
     TransferPrepare,
-    TransferPrepared,
     TransferQuery,
-    TransferReservations,
-    TransferSettled,
     parse_message,
 )
 from treewave.core.messages import Model as MessageModel
@@ -226,14 +219,9 @@ class Server:
                     reason="sender_mismatch",
                 )
             algorithm = "finn" if isinstance(msg, FinnSets) else "echo"
-            if (
-                isinstance(msg, FinnSets)
-                and msg.expires_at is not None
-                and time.time() > msg.expires_at
-                and not self.protocol.finn_decided(msg.wave)
-            ):
-                raise StaleMessage(f"finn wave {msg.wave} expired before it reached {self.name!r}")
-            out = self.protocol.receive(msg, time.monotonic(), self.local_state())
+            out = self.protocol.receive(
+                msg, time.monotonic(), self.local_state(), wall_now=time.time()
+            )
             self.metrics.wave_messages.labels(self.name, algorithm, "in").inc()
             return self._outputs(out)
         if isinstance(msg, ErrorReply):
@@ -257,46 +245,26 @@ class Server:
             self.wakeup.set()
             # Confirmed only once on disk: the API answers 202 on this.
             return [TasksAccepted(first=msg.tasks[0].id, added=added)] if msg.tasks else []
-        if isinstance(msg, TransferPrepare):
-            if msg.target == self.name or msg.target not in self.topology:
-                raise RemoteProtocolError(
-                    f"transfer target {msg.target!r} is not another server", reason="invalid_fields"
-                )
-            reservation = led.prepare(msg.transfer, msg.target, msg.count, time.time())
+        if not isinstance(msg, TRANSFER_REQUESTS):
+            raise RemoteProtocolError(
+                f"{msg.type} is not a request a server takes", "unexpected_type"
+            )
+        if isinstance(msg, TransferPrepare) and (
+            msg.target == self.name or msg.target not in self.topology
+        ):
+            raise RemoteProtocolError(
+                f"transfer target {msg.target!r} is not another server", reason="invalid_fields"
+            )
+        before_in, before_out = led.transferred_in, led.transferred_out
+        reply = led.answer(msg, time.time())
+        self.metrics.transferred_in.inc(led.transferred_in - before_in)
+        self.metrics.transferred_out.inc(led.transferred_out - before_out)
+        if not isinstance(msg, TransferQuery):
+            # On disk before the reply: the coordinator acts on it.
             self.save()
-            return [TransferPrepared(transfer=msg.transfer, tasks=reservation.tasks)]
-        if isinstance(msg, TransferDeliver):
-            before = led.transferred_in
-            outcome = led.deliver(msg.transfer, msg.tasks)
-            self.metrics.transferred_in.inc(led.transferred_in - before)
-            self.save()
+        if isinstance(msg, (TransferDeliver, TransferAbort)):
             self.wakeup.set()
-            return [TransferOutcome(transfer=msg.transfer, outcome=outcome)]
-        if isinstance(msg, TransferCancel):
-            outcome = led.cancel(msg.transfer)
-            self.save()
-            return [TransferOutcome(transfer=msg.transfer, outcome=outcome)]
-        if isinstance(msg, TransferCommit):
-            before = led.transferred_out
-            settled = led.commit(msg.transfer)
-            self.metrics.transferred_out.inc(led.transferred_out - before)
-            self.save()
-            return [TransferSettled(transfer=msg.transfer, outcome=settled)]
-        if isinstance(msg, TransferQuery):
-            return [
-                TransferReservations(
-                    reservations=tuple(
-                        ReservationInfo(transfer=r.transfer, target=r.target, tasks=len(r.tasks))
-                        for r in led.reserved.values()
-                    )
-                )
-            ]
-        if isinstance(msg, TransferAbort):
-            aborted = led.abort(msg.transfer)
-            self.save()
-            self.wakeup.set()
-            return [TransferSettled(transfer=msg.transfer, outcome=aborted)]
-        raise RemoteProtocolError(f"{msg.type} is not a request a server takes", "unexpected_type")
+        return [reply]
 
     def _outputs(self, out: list[Output]) -> list[tuple[str, MessageModel]]:
         sends: list[tuple[str, MessageModel]] = []
