@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -48,6 +48,7 @@ from treewave.core.node import NodeProtocol
 from treewave.core.topology import BALANCER, Topology, load_topology
 from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
+from treewave.wire.http import json_errors
 from treewave.wire.links import LinkSet, dial_forever, read_frames
 
 log = logging.getLogger("treewave.node")
@@ -380,24 +381,6 @@ def _too_big(error: object) -> bool:
 SERVER_KEY = web.AppKey("server", Server)
 
 
-@web.middleware
-async def json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """HTTP errors (unknown route, wrong method, not a WebSocket upgrade) as JSON
-    `{"error": ...}` naming the problem, like every other answer of the API."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status >= 400 and exc.content_type != "application/json":
-            detail = (exc.text or "").strip()
-            if not detail or detail.startswith(f"{exc.status}:"):
-                detail = f"{exc.reason}: {request.method} {request.path}"
-            exc.text = json.dumps({"error": detail})
-            exc.content_type = "application/json"
-        raise
-
-
 async def healthz(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     return web.json_response({"status": "ok", "server": server.name})
@@ -435,7 +418,7 @@ def create_app(settings: NodeSettings, topology: Topology | None = None) -> web.
     topo = topology or load_topology(settings.topology)
     if settings.name not in topo:
         raise ValueError(f"server {settings.name!r} is not in the topology")
-    app = web.Application(middlewares=[json_errors])
+    app = web.Application(middlewares=[json_errors()])
     app[SERVER_KEY] = Server(settings, topo)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
