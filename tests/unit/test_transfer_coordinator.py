@@ -197,7 +197,7 @@ def walk(factory: Callable[..., TransferCoordinator], seed: int) -> None:
 
 
 def test_random_walks_keep_every_task_in_one_place() -> None:
-    for seed in range(150):
+    for seed in range(1000):
         walk(TransferCoordinator, seed)
 
 
@@ -373,6 +373,35 @@ def test_a_late_prepare_after_settling_reserves_nothing() -> None:
     net.in_flight.append(late)
     net.deliver(0)
     assert not net.servers["a"].ledger.reserved
+
+
+def test_an_empty_answer_is_final_even_if_the_prepare_comes_again() -> None:
+    net = TransferNetwork(tasks_for({"a": 0, "b": 0}))
+    tid = net.start("a", "b", 1)
+    net.duplicate(0)
+    late = net.in_flight.pop(0)
+    happy(net)
+    assert net.results[tid] == TransferResult(tid, 0, "empty")
+    net.servers["a"].ledger.submit(tasks_for({"a": 1})["a"])
+    net.in_flight.append(late)
+    net.deliver(0)
+    assert not net.servers["a"].ledger.reserved
+
+
+def test_a_task_may_come_back_to_its_donor_before_the_commit() -> None:
+    net = TransferNetwork(tasks_for({"a": 1, "b": 0}))
+    there = net.start("a", "b", 1)
+    for _ in range(4):
+        net.deliver(0)  # prepare, prepared, deliver, outcome: b has a.0
+    commit = net.in_flight.pop(0)  # the commit to a is held up
+    back = net.start("b", "a", 1)
+    happy(net)
+    assert net.results[back] == TransferResult(back, 1, "committed")
+    net.in_flight.append(commit)
+    happy(net)
+    assert net.results[there] == TransferResult(there, 1, "committed")
+    assert net.servers["a"].ledger.task_ids()["queued"] == ["a.0"]
+    assert not net.servers["b"].ledger.task_ids()["queued"]
 
 
 def test_an_unreachable_participant_times_the_step_out_at_once() -> None:

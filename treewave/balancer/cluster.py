@@ -118,8 +118,8 @@ class WaveRecord:
     duration_s: float
     finished_at: float
     trigger: str = "api"
-    """Who asked: "api", "rebalance" or "status" (the page's refreshes stay out of the
-    history so they do not push real waves out of it)."""
+    """Who asked: "api", "rebalance" or "status" (the page's refreshes are kept apart, in
+    `Balancer.live_history`, so they do not push real waves out of the history)."""
     states: tuple[ServerState, ...] = ()
     decided: tuple[str, ...] = ()
 

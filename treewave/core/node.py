@@ -116,10 +116,6 @@ class NodeProtocol:
         deadlines += [w.deadline for w in self.finn_waves.values()]
         return min(deadlines, default=None)
 
-    def finn_decided(self, wave: str) -> bool:
-        finn = self.finn_waves.get(wave)
-        return finn is not None and finn.phase is FinnPhase.DECIDED
-
     def _finish(self, wave_id: str) -> None:
         self.echo_waves.pop(wave_id, None)
         self.finn_waves.pop(wave_id, None)
