@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from treewave.balancer.access import access_middleware
 from treewave.balancer.cluster import (
     Balancer,
     BalancerError,
@@ -156,7 +157,11 @@ def create_app(settings: BalancerSettings, topology: Topology | None = None) -> 
     domain's links and loops run in `cleanup_ctx`."""
     topo = topology or load_topology(settings.topology)
     balancer = Balancer(settings, topo)
-    app = web.Application(middlewares=[json_errors(count_error)], client_max_size=MAX_BODY_BYTES)
+    # Access rules first: a refused request never reaches a handler (balancer/access.py).
+    check_access = access_middleware(settings.access, balancer.metrics.registry)
+    app = web.Application(
+        middlewares=[check_access, json_errors(count_error)], client_max_size=MAX_BODY_BYTES
+    )
     app[BALANCER_KEY] = balancer
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

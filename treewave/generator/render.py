@@ -26,7 +26,7 @@ STATIC_FILES = {
     DASHBOARD_PROVISIONING_FILE: "grafana-dashboards.yml",
 }
 PACKAGE_TEMPLATES = Path(__file__).resolve().parent / "templates"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the source tree: treewave/generator/ -> root
 
 
 class TemplateNotFoundError(FileNotFoundError):
