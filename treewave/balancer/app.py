@@ -61,7 +61,7 @@ def http_error(exc: BalancerError) -> web.HTTPException:
     if isinstance(exc, ServerNotConnected):
         return json_error(503, str(exc))
     if isinstance(exc, SubmitUnconfirmed):
-        answer = web.HTTPGatewayTimeout(
+        return web.HTTPGatewayTimeout(
             text=json.dumps(
                 {
                     "error": str(exc),
@@ -72,7 +72,6 @@ def http_error(exc: BalancerError) -> web.HTTPException:
             ),
             content_type="application/json",
         )
-        return answer
     return json_error(500, str(exc))
 
 
