@@ -25,6 +25,7 @@ from treewave.balancer.cluster import (
 )
 from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.status import setup_status
+from treewave.balancer.traces import setup_traces
 from treewave.core.messages import FinnWork, describe_errors
 from treewave.core.topology import Topology, load_topology
 from treewave.wire.http import json_error, json_errors
@@ -170,6 +171,7 @@ def create_app(settings: BalancerSettings, topology: Topology | None = None) -> 
     app.router.add_post("/api/rebalance", api_rebalance)
     app.router.add_post("/api/tasks", api_tasks)
     setup_status(app, balancer, settings.status_interval_s)
+    setup_traces(app, balancer.traces)
     app.cleanup_ctx.append(_background)
     return app
 

@@ -24,6 +24,7 @@ import aiohttp
 
 from treewave.balancer.metrics import BalancerMetrics
 from treewave.balancer.settings import BalancerSettings
+from treewave.balancer.traces import WaveTraces, sampled_waves
 from treewave.core.addressing import peer_url
 from treewave.core.auth import link_token
 from treewave.core.echo import EchoInitiator
@@ -43,6 +44,7 @@ from treewave.core.messages import (
     SubmitTasks,
     Task,
     TasksAccepted,
+    TracePart,
     parse_message,
 )
 from treewave.core.policy import Move, imbalance, loads_of, max_pressure, plan_moves
@@ -178,6 +180,7 @@ class Balancer:
         tick (only when periodic rebalancing is on)."""
         self.listeners: set[asyncio.Queue[dict[str, Any]]] = set()
         self._ids = itertools.count(1)
+        self.traces = WaveTraces(settings, topology, self.links, self.publish)
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{self._instance}-{next(self._ids)}"
@@ -208,6 +211,9 @@ class Balancer:
         """Apply one validated frame; returns what the transfer coordinator wants sent."""
         if isinstance(msg, (EchoExplore, EchoReply, FinnSets)):
             self._wave_message(peer, msg)
+            return []
+        if isinstance(msg, TracePart):
+            self.traces.on_part(peer, msg)
             return []
         if isinstance(msg, TRANSFER_REPLIES):
             return self.coordinator.receive(msg, time.monotonic(), peer)
@@ -242,6 +248,7 @@ class Balancer:
             if not isinstance(msg, FinnSets):
                 raise RemoteProtocolError("echo message in a finn wave", "wrong_algorithm")
             result = init.receive(msg, now)
+        self.traces.received(peer, msg)
         if result is not None and not pending.done.done():
             pending.done.set_result(result)
 
@@ -305,6 +312,7 @@ class Balancer:
     ) -> EchoResult | FinnResult:
         pending = PendingWave(init)
         self.waves[wave] = pending
+        self.traces.started(init, sends)
         try:
             for send in sends:
                 if not await self.links.send(send.to, send.message):
@@ -322,6 +330,7 @@ class Balancer:
         self.metrics.wave_duration.labels(record.algorithm).observe(record.duration_s)
         self.metrics.wave_messages.labels(record.algorithm).inc(record.messages)
         (self.live_history if record.trigger == "status" else self.history).appendleft(record)
+        self.traces.finished(record)
         if not record.complete:
             log.warning(
                 "%s wave %s partial, missing %s", record.algorithm, record.wave_id, record.missing
@@ -422,7 +431,8 @@ class Balancer:
                 await asyncio.wait_for(self.rebalance_soon.wait(), self.rebalance_interval_s)
             self.rebalance_soon.clear()
             try:
-                await self.rebalance()
+                with sampled_waves():
+                    await self.rebalance()
             except Exception:  # pragma: no cover - a round must never stop the loop
                 log.exception("periodic rebalance failed")
 

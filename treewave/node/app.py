@@ -37,6 +37,7 @@ from treewave.core.messages import (
     SubmitTasks,
     Task,
     TasksAccepted,
+    TraceRequest,
     TransferAbort,
     TransferDeliver,
     TransferPrepare,
@@ -46,6 +47,7 @@ from treewave.core.messages import (
 from treewave.core.messages import Model as MessageModel
 from treewave.core.node import NodeProtocol
 from treewave.core.topology import BALANCER, Topology, load_topology
+from treewave.core.trace import TraceRecorder
 from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
 from treewave.wire.http import json_errors
@@ -67,6 +69,8 @@ class Server:
         self.cpus = self.spec.cpus
         self.task_time_s = topology.settings.task_time_s
         self.protocol = NodeProtocol(self.name, topology)
+        self.trace = TraceRecorder(self.name, settings.trace_waves)
+        """This server's part of its recent waves, handed to the balancer on request."""
         self.metrics = NodeMetrics(self.name)
         self.metrics.cpus.set(self.cpus)
         self.links = LinkSet()
@@ -223,6 +227,9 @@ class Server:
             out = self.protocol.receive(
                 msg, time.monotonic(), self.local_state(), wall_now=time.time()
             )
+            if self.trace.enabled:
+                known = self.protocol.finn_sets(msg.wave) if algorithm == "finn" else None
+                self.trace.received(peer, msg, time.time(), known)
             self.metrics.wave_messages.labels(self.name, algorithm, "in").inc()
             return self._outputs(out)
         if isinstance(msg, ErrorReply):
@@ -246,6 +253,8 @@ class Server:
             self.wakeup.set()
             # Confirmed only once on disk: the API answers 202 on this.
             return [TasksAccepted(first=msg.tasks[0].id, added=added)] if msg.tasks else []
+        if isinstance(msg, TraceRequest):
+            return [self.trace.part(msg.wave)]
         if not isinstance(msg, TRANSFER_REQUESTS):
             raise RemoteProtocolError(
                 f"{msg.type} is not a request a server takes", "unexpected_type"
@@ -271,6 +280,7 @@ class Server:
         sends: list[tuple[str, MessageModel]] = []
         for item in out:
             if isinstance(item, FinnDecided):
+                self.trace.decided(item.wave, time.time(), self.protocol.finn_sets(item.wave))
                 tasks = [
                     self.new_task(item.wave, item.work.duration_s)
                     for _ in range(item.work.tasks_per_node)
@@ -284,6 +294,7 @@ class Server:
             elif isinstance(item, Send):
                 algorithm = "finn" if isinstance(item.message, FinnSets) else "echo"
                 self.metrics.wave_messages.labels(self.name, algorithm, "out").inc()
+                self.trace.sent(item.to, item.message, time.time())
                 sends.append((item.to, item.message))
         return sends
 
