@@ -45,6 +45,8 @@ class SubmitRequest(BaseModel):
     node: str = Field(min_length=1, max_length=63)
     count: int = Field(ge=1, le=100_000)
     duration_s: float | None = Field(default=None, gt=0, le=3600)
+    actual_s: float | None = Field(default=None, gt=0, le=3600)
+    """Emulation only: how long the tasks really run when the declaration is wrong."""
 
 
 class EmptyRequest(BaseModel):
@@ -121,7 +123,7 @@ async def api_tasks(request: web.Request) -> web.Response:
     b = request.app[BALANCER_KEY]
     body = await read_body(request, SubmitRequest)
     try:
-        ids = await b.submit(body.node, body.count, body.duration_s)
+        ids = await b.submit(body.node, body.count, body.duration_s, body.actual_s)
     except BalancerError as exc:
         raise http_error(exc) from None
     return web.json_response(

@@ -32,6 +32,7 @@ from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessag
 from treewave.core.events import EchoResult, FinnResult, Send
 from treewave.core.finn import FinnInitiator
 from treewave.core.ledger import TRANSFER_REPLIES
+from treewave.core.load import expected_work_s, pressure
 from treewave.core.messages import (
     EchoExplore,
     EchoReply,
@@ -47,7 +48,14 @@ from treewave.core.messages import (
     TracePart,
     parse_message,
 )
-from treewave.core.policy import Move, imbalance, loads_of, max_pressure, plan_moves
+from treewave.core.policy import (
+    Move,
+    expected_makespan,
+    imbalance,
+    loads_of,
+    max_pressure,
+    plan_moves,
+)
 from treewave.core.topology import BALANCER, Topology
 from treewave.core.transfer import (
     TransferCoordinator,
@@ -279,11 +287,13 @@ class Balancer:
         self._record(record)
         if result.states:
             self.last_echo = record
-            loads = loads_of(result.states)
+            task_time_s = self.topology.settings.task_time_s
+            loads = loads_of(result.states, task_time_s)
             self.metrics.max_pressure.set(max_pressure(loads))
             self.metrics.imbalance.set(imbalance(loads))
+            self.metrics.expected_makespan.set(expected_makespan(loads))
             for s in result.states:
-                self.metrics.server_pressure.labels(s.name).set(s.pressure)
+                self.metrics.server_pressure.labels(s.name).set(pressure(s, task_time_s))
         return record
 
     async def run_finn(self, work: FinnWork) -> WaveRecord:
@@ -350,12 +360,14 @@ class Balancer:
 
     # --- transfers -------------------------------------------------------------------------
 
-    async def transfer(self, source: str, target: str, count: int) -> int:
-        """Move up to `count` queued tasks from `source` to `target`, two-phase; returns
-        how many moved. On any failure the tasks stay with (or go back to) the donor, or
-        stay reserved at the donor, in doubt, until the coordinator learns which way it
-        went (it keeps at it after this returns)."""
-        tid, out = self.coordinator.start(source, target, count, time.monotonic())
+    async def transfer(
+        self, source: str, target: str, count: int, durations: tuple[float, ...] | None = None
+    ) -> int:
+        """Move up to `count` queued tasks (of about these `durations`, if given) from
+        `source` to `target`, two-phase; returns how many moved. On any failure the tasks
+        stay with (or go back to) the donor, or stay reserved at the donor, in doubt, until
+        the coordinator learns which way it went (it keeps at it after this returns)."""
+        tid, out = self.coordinator.start(source, target, count, time.monotonic(), durations)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.transfers[tid] = done
         try:
@@ -391,7 +403,8 @@ class Balancer:
     async def rebalance(self) -> dict[str, Any]:
         async with self.rebalance_lock:
             before = await self.run_echo("rebalance")
-            loads = loads_of(before.states)
+            task_time_s = self.topology.settings.task_time_s
+            loads = loads_of(before.states, task_time_s)
             moves = plan_moves(loads)
             self.metrics.rebalance_runs.inc()
             self.metrics.rebalance_moves.inc(len(moves))
@@ -413,13 +426,17 @@ class Balancer:
                     {"source": m.source, "target": m.target, "tasks": m.tasks} for m in moves
                 ],
                 "max_pressure_before": round(max_pressure(loads), 6),
-                "max_pressure_after": round(max_pressure(loads_of(after.states)), 6),
+                "max_pressure_after": round(max_pressure(loads_of(after.states, task_time_s)), 6),
+                "expected_makespan_before_s": round(expected_makespan(loads), 6),
+                "expected_makespan_after_s": round(
+                    expected_makespan(loads_of(after.states, task_time_s)), 6
+                ),
                 "complete": before.complete and after.complete,
                 "missing": sorted(set(before.missing) | set(after.missing)),
             }
 
     async def _move(self, move: Move) -> int:
-        return await self.transfer(move.source, move.target, move.tasks)
+        return await self.transfer(move.source, move.target, move.tasks, move.durations)
 
     async def run_periodic_rebalance(self) -> None:
         if self.rebalance_interval_s <= 0:
@@ -438,7 +455,9 @@ class Balancer:
 
     # --- tasks -------------------------------------------------------------------------------
 
-    async def submit(self, node: str, count: int, duration_s: float | None) -> list[str]:
+    async def submit(
+        self, node: str, count: int, duration_s: float | None, actual_s: float | None = None
+    ) -> list[str]:
         """Queue `count` new tasks at `node`; answered only once the server confirms they
         are queued and on disk (a server dying with the submission unread must not leave
         them acknowledged). Raises `UnknownServer`, `ServerNotConnected` (nothing queued)
@@ -447,7 +466,9 @@ class Balancer:
             raise UnknownServer(node)
         duration = duration_s or self.topology.settings.task_time_s
         batch = self.new_id("t")
-        tasks = tuple(Task(id=f"{batch}.{i}", duration_s=duration) for i in range(count))
+        tasks = tuple(
+            Task(id=f"{batch}.{i}", duration_s=duration, actual_s=actual_s) for i in range(count)
+        )
         confirmed: asyncio.Future[TasksAccepted] = asyncio.get_running_loop().create_future()
         self.submissions[tasks[0].id] = confirmed
         try:
@@ -533,6 +554,7 @@ class Balancer:
                 ],
                 "edges": [{"source": a, "target": b} for a, b in self.topology.edges],
                 "overload_percent": self.topology.settings.overload_percent,
+                "task_time_s": self.topology.settings.task_time_s,
             },
             "links": {n: self.links.connected(n) for n in self.topology.names},
             "snapshot": None if echo is None else tree_json(echo, self.topology),
@@ -545,6 +567,9 @@ class Balancer:
 
 
 def tree_json(record: WaveRecord, topology: Topology) -> dict[str, Any]:
+    """A snapshot for the API and the status page; `pressure` (expected work per CPU,
+    seconds) comes from `core.load`, so no client computes it."""
+    task_time_s = topology.settings.task_time_s
     return {
         **record.summary(),
         "nodes": [
@@ -555,7 +580,8 @@ def tree_json(record: WaveRecord, topology: Topology) -> dict[str, Any]:
                 "queued": s.queued,
                 "completed": s.completed,
                 "reserved": s.reserved,
-                "pressure": round(s.pressure, 6),
+                "expected_work_s": round(expected_work_s(s, task_time_s), 6),
+                "pressure": round(pressure(s, task_time_s), 6),
                 "echo_parent": s.echo_parent,
             }
             for s in sorted(record.states, key=lambda s: topology.names.index(s.name))

@@ -104,6 +104,7 @@ class _Transfer:
     target: str
     count: int
     phase: TransferPhase
+    durations: tuple[float, ...] | None = None
     tasks: tuple[Task, ...] = ()
     reserved: int = 0
     """Tasks the donor holds for it (known from `prepared` or a reservation report)."""
@@ -142,9 +143,15 @@ class TransferCoordinator:
     # --- the surface ---------------------------------------------------------------------------
 
     def start(
-        self, source: str, target: str, count: int, now: float
+        self,
+        source: str,
+        target: str,
+        count: int,
+        now: float,
+        durations: tuple[float, ...] | None = None,
     ) -> tuple[str, list[TransferOutput]]:
-        """Begin moving up to `count` queued tasks from `source` to `target`."""
+        """Begin moving up to `count` queued tasks from `source` to `target` (of about
+        these `durations`, if given: the donor picks the closest it has)."""
         if source not in self.servers or target not in self.servers:
             raise LocalProtocolError(f"transfer between unknown servers {source!r} -> {target!r}")
         if source == target:
@@ -153,7 +160,7 @@ class TransferCoordinator:
             raise LocalProtocolError(f"transfer of {count} tasks")
         self._counter += 1
         tid = f"xfer-{self.instance}-{self._counter}"
-        t = _Transfer(tid, source, target, count, TransferPhase.PREPARING)
+        t = _Transfer(tid, source, target, count, TransferPhase.PREPARING, durations=durations)
         self._active[tid] = t
         return tid, self._ask(t, now)
 
@@ -240,7 +247,10 @@ class TransferCoordinator:
         p = t.phase
         if p is TransferPhase.PREPARING:
             return TransferSend(
-                t.source, TransferPrepare(transfer=t.tid, target=t.target, count=t.count)
+                t.source,
+                TransferPrepare(
+                    transfer=t.tid, target=t.target, count=t.count, durations=t.durations
+                ),
             )
         if p is TransferPhase.DELIVERING:
             return TransferSend(
