@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from treewave.core.messages import ServerState
@@ -122,3 +122,34 @@ def apply_moves(loads: Iterable[Load], moves: Iterable[Move]) -> list[Load]:
         by[m.source] = Load(s.name, s.cpus, s.running, s.queued - m.tasks)
         by[m.target] = Load(t.name, t.cpus, t.running, t.queued + m.tasks)
     return list(by.values())
+
+
+def plan_drain(
+    sources: Mapping[str, int], targets: Iterable[Load], max_per_move: int = 1000
+) -> list[Move]:
+    """Moves that empty the draining `sources` (name -> queued tasks to give away) onto
+    `targets`: every task goes, one at a time, to the target whose pressure after taking
+    it is lowest (least pressure first; ties by name), so the new topology fills evenly.
+    A move carries at most `max_per_move` tasks (one transfer each)."""
+    if max_per_move < 1:
+        raise ValueError("max_per_move must be >= 1")
+    loads = {x.name: x for x in targets if x.name not in sources}
+    if not loads:
+        return []
+    total = {n: x.running + x.queued for n, x in loads.items()}
+    heap = [((total[n] + 1) / x.cpus, n) for n, x in loads.items()]
+    heapq.heapify(heap)
+    moved: Counter[tuple[str, str]] = Counter()
+    for source in sorted(sources):
+        for _ in range(max(0, sources[source])):
+            _, dst = heapq.heappop(heap)
+            total[dst] += 1
+            moved[(source, dst)] += 1
+            heapq.heappush(heap, ((total[dst] + 1) / loads[dst].cpus, dst))
+    moves: list[Move] = []
+    for (s, t), k in sorted(moved.items()):
+        while k > 0:
+            step = min(k, max_per_move)
+            moves.append(Move(s, t, step))
+            k -= step
+    return moves

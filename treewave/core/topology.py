@@ -44,6 +44,9 @@ class Settings(BaseModel):
     rebalance_interval_s: float = Field(default=5.0, ge=0, le=86400, alias="rebalance_interval")
     overload_percent: float = Field(default=100.0, gt=0, le=1000, alias="max_cpu")
     wave_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    drain_grace_s: float = Field(default=30.0, ge=0, le=86400)
+    """How long a server leaving the topology may go on running its tasks before they are
+    stopped and queued again elsewhere from scratch (0: at once)."""
 
 
 class ServerSpec(BaseModel):
