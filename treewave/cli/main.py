@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from treewave.cli import (
+    apply_cmd,
     client_cmd,
     deploy_cmd,
     run_cmd,
@@ -23,7 +24,15 @@ from treewave.cli.errors import CommandError
 
 __all__ = ["CommandError", "build_parser", "main"]
 
-COMMAND_MODULES = (simulate_cmd, secret_cmd, deploy_cmd, services_cmd, run_cmd, client_cmd)
+COMMAND_MODULES = (
+    simulate_cmd,
+    secret_cmd,
+    deploy_cmd,
+    services_cmd,
+    run_cmd,
+    apply_cmd,
+    client_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
