@@ -254,6 +254,12 @@ class ComposeDeployment:
     def apply(
         self, topology: Topology, topology_path: Path, timeout: float, extras: list[str]
     ) -> int:
+        try:
+            # Before anything changes: a balancer without the topology API could not drain
+            # anything, and Compose cannot be undone.
+            get_topology(self.balancer)
+        except TopologyApiError as exc:
+            raise CommandError(f"{exc}; nothing changed") from None
         before = self.server_services()
         relative = os.path.relpath(topology_path.resolve(), self.directory.resolve())
         render(topology, relative, self.directory)
