@@ -28,8 +28,7 @@ STATIC_FILES = {
     DASHBOARD_PROVISIONING_FILE: "grafana-dashboards.yml",
 }
 PACKAGE_TEMPLATES = Path(__file__).resolve().parent / "templates"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-"""The source tree (treewave/generator/render.py is two levels below it)."""
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the source tree: treewave/generator/ -> root
 
 
 class TemplateNotFoundError(FileNotFoundError):
