@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from treewave.cli.argtypes import positive_float
+from treewave.cli.client_cmd import api_token
 from treewave.cli.errors import CommandError
 from treewave.cli.run_cmd import PID_FILE, RUN_DIR_PREFIX, TOPOLOGY_PATH_FILE
 from treewave.cli.topology_api import (
@@ -107,6 +108,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="give up waiting for the drain after this many seconds (default: 600)",
     )
     p.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the balancer's API token, needed when it is published beyond loopback "
+        "(else $TREEWAVE_API_TOKEN)",
+    )
+    p.add_argument(
         "--without",
         action="append",
         default=[],
@@ -133,7 +142,7 @@ def apply(args: argparse.Namespace) -> int:
         "TREEWAVE_BALANCER_PORT", "7999"
     )
     out_dir = args.out_dir or args.topology.resolve().parent
-    deployment = ComposeDeployment(args.project, out_dir, balancer)
+    deployment = ComposeDeployment(args.project, out_dir, balancer, api_token(args.token_file))
     extras = [s for s in ("prometheus", "grafana") if s not in args.without]
     return deployment.apply(topology, args.topology, args.timeout, extras)
 
@@ -167,10 +176,13 @@ def signal_local_run(topology_path: Path) -> int:
 class ComposeDeployment:
     """One Compose project, driven by `docker compose` and the Docker SDK."""
 
-    def __init__(self, project: str, directory: Path, balancer: str, out: TextIO = sys.stdout):
+    def __init__(
+        self, project: str, directory: Path, balancer: str, token: str, out: TextIO = sys.stdout
+    ) -> None:
         self.project = project
         self.directory = directory
         self.balancer = balancer
+        self.token = token
         self.out = out
         self._engine: Any = None
 
@@ -257,7 +269,7 @@ class ComposeDeployment:
         try:
             # Before anything changes: a balancer without the topology API could not drain
             # anything, and Compose cannot be undone.
-            get_topology(self.balancer)
+            get_topology(self.balancer, token=self.token)
         except TopologyApiError as exc:
             raise CommandError(f"{exc}; nothing changed") from None
         before = self.server_services()
@@ -296,7 +308,7 @@ class ComposeDeployment:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                post_topology(self.balancer, topology.to_json_data())
+                post_topology(self.balancer, topology.to_json_data(), token=self.token)
                 return
             except TopologyApiError as exc:
                 final = isinstance(exc, TopologyRejected) or exc.missing
@@ -312,7 +324,7 @@ class ComposeDeployment:
         shown = 0
         while True:
             try:
-                state = get_topology(self.balancer)
+                state = get_topology(self.balancer, token=self.token)
             except TopologyApiError as exc:
                 if exc.missing or time.monotonic() > deadline:
                     raise CommandError(str(exc)) from None

@@ -82,10 +82,14 @@ def _opener(url: str) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
 
 
-def _request(method: str, url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
+def _request(
+    method: str, url: str, body: Any = None, timeout: float = 30.0, token: str = ""
+) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with _opener(url).open(req, timeout=timeout) as resp:
             status, raw = resp.status, resp.read()
@@ -110,10 +114,12 @@ def _problems(body: Any) -> list[str]:
     return [str(body)]
 
 
-def post_topology(balancer: str, document: dict[str, Any], timeout: float = 30.0) -> Any:
+def post_topology(
+    balancer: str, document: dict[str, Any], timeout: float = 30.0, token: str = ""
+) -> Any:
     """Make `document` the balancer's desired topology; its answer when accepted."""
     url = balancer.rstrip("/") + "/api/topology"
-    status, body = _request("POST", url, document, timeout)
+    status, body = _request("POST", url, document, timeout, token)
     if status in (200, 202):
         return body
     if status == 422:
@@ -127,9 +133,9 @@ def post_topology(balancer: str, document: dict[str, Any], timeout: float = 30.0
     raise TopologyApiError(f"POST /api/topology: {status}: {'; '.join(_problems(body))}")
 
 
-def get_topology(balancer: str, timeout: float = 10.0) -> TopologyState:
+def get_topology(balancer: str, timeout: float = 10.0, token: str = "") -> TopologyState:
     url = balancer.rstrip("/") + "/api/topology"
-    status, body = _request("GET", url, None, timeout)
+    status, body = _request("GET", url, None, timeout, token)
     if status != 200:
         raise TopologyApiError(
             f"GET /api/topology: {status}: {'; '.join(_problems(body))}", missing=status == 404
