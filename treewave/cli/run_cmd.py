@@ -712,7 +712,8 @@ class Supervisor:
             child.recovering = True
             started.append(child)
             self.say(f"server {name} started (port {port}, pid {child.pid})")
-        restarted = [*changed, *(n for n in back if server_view(old, n) != server_view(new, n))]
+        # A server back from retiring runs an older topology (or alone): restart it too.
+        restarted = [*changed, *back]
         for name in restarted:
             self.restart_with(self.node(name), snapshot)
         try:
