@@ -111,8 +111,12 @@ class Cluster:
             body["duration_s"] = duration_s
         return http_json(self.url + "/api/finn", body)  # type: ignore[no-any-return]
 
-    def submit(self, node: str, count: int, duration_s: float) -> dict[str, Any]:
-        body = {"node": node, "count": count, "duration_s": duration_s}
+    def submit(
+        self, node: str, count: int, duration_s: float, actual_s: float | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"node": node, "count": count, "duration_s": duration_s}
+        if actual_s is not None:
+            body["actual_s"] = actual_s  # emulation: the declaration is wrong
         return http_json(self.url + "/api/tasks", body)  # type: ignore[no-any-return]
 
     def states(self) -> dict[str, dict[str, Any]]:
@@ -125,6 +129,7 @@ def cluster(
     rebalance_interval: float = 0.0,
     ready_timeout: float = 600.0,
     extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
     """Start `treewave run` on `topology`; always stops it (SIGTERM, then SIGKILL)."""
     run_dir = Path(tempfile.mkdtemp(prefix="treewave-bench-"))
@@ -139,7 +144,9 @@ def cluster(
         "--rebalance-interval", str(rebalance_interval),
         "--ready-timeout", str(ready_timeout), "--log-level", "WARNING", *extra_args,
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
     c = Cluster(topology, f"http://127.0.0.1:{port}", proc, run_dir)
     try:
         deadline = time.monotonic() + ready_timeout + 10

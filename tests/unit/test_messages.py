@@ -10,6 +10,7 @@ import pytest
 
 from treewave.core import messages as m
 from treewave.core.errors import RemoteProtocolError
+from treewave.core.load import pressure
 
 STATE = m.ServerState(
     name="alpha",
@@ -55,6 +56,15 @@ EXAMPLES: list[m.Model] = [
     m.DrainRequest(hold=True, requeue_running=True),
     m.DrainReport(
         held=True, queued=3, running=0, reserved=1, completed=7, transferred_out=2, requeued=2
+    ),
+    m.TraceRequest(wave="echo-1"),
+    m.TracePart(
+        wave="finn-1",
+        server="beta",
+        events=(
+            m.TraceEvent(seq=0, event="receive", message="finn", peer="alpha", at=1.5, inc=2),
+            m.TraceEvent(seq=1, event="decide", at=1.6, inc=3, ninc=3),
+        ),
     ),
 ]
 """One example of every message type; `test_examples_cover_every_message_type` fails
@@ -103,7 +113,9 @@ def test_nested_models_are_frozen() -> None:
 
 def test_server_state_derived_values() -> None:
     assert STATE.load == 4
-    assert STATE.pressure == 2.0
+    # Pressure is core.load.pressure (expected work per CPU); STATE reports no work, so
+    # each of its 4 tasks counts for task_time_s.
+    assert pressure(STATE, task_time_s=0.5) == 1.0
     assert STATE.neighbours == ("root", "beta", "gamma")
 
 

@@ -282,7 +282,12 @@ class MigrationWorld(RuleBasedStateMachine):
     @rule()
     def target_loads(self) -> None:
         loads = tuple(
-            Load(n, self.servers[n].cpus, len(s.running), len(s.queued))
+            Load(
+                n,
+                self.servers[n].cpus,
+                tuple(t.duration_s for t in s.running.values()),
+                tuple(t.duration_s for t in s.queued),
+            )
             for n in self.machine.topology.names
             if (s := self.servers[n].ledger)
         )
@@ -365,7 +370,8 @@ def test_a_removed_server_is_held_drained_to_the_least_pressed_and_retired() -> 
     assert m.adopt(B, 0.0) == [HoldServer("old")]
     assert m.phase is MigrationPhase.DRAINING
     assert m.retiring == {"old"}
-    m.receive(TargetLoads((Load("root", 1, 0, 0), Load("keep", 1, 1, 3))), 0.0)
+    busy = Load("keep", 1, (1.0,), (1.0, 1.0, 1.0))
+    m.receive(TargetLoads((Load("root", 1), busy)), 0.0)
     moves = m.receive(ServerReport("old", True, queued=6, running=1, reserved=0), 0.1)
     # "new" (3 idle cpus) takes most, idle "root" one; "keep" (pressed) nothing.
     assert moves == [MoveQueued("old", "new", 5), MoveQueued("old", "root", 1)]
@@ -449,8 +455,8 @@ def test_bad_inputs_change_nothing() -> None:
 
 
 def test_plan_drain_fills_the_least_pressed_first() -> None:
-    targets = [Load("a", 1, 0, 0), Load("b", 4, 0, 0), Load("c", 2, 2, 2)]
-    moves = plan_drain({"x": 9}, targets, max_per_move=3)
+    targets = [Load("a", 1), Load("b", 4), Load("c", 2, (1.0, 1.0), (1.0, 1.0))]
+    moves = plan_drain({"x": 9}, targets, 1.0, max_per_move=3)
     got = Counter[str]()
     for mv in moves:
         assert mv.source == "x"

@@ -313,6 +313,7 @@ def test_lab_aliases_accepted(tmp_path: Path) -> None:
         "rebalance_interval_s",
         "overload_percent",
         "wave_timeout_s",
+        "queue_order",
     }
 
 

@@ -19,6 +19,7 @@ from treewave.cli import (
     secret_cmd,
     services_cmd,
     simulate_cmd,
+    trace_cmd,
 )
 from treewave.cli.errors import CommandError
 
@@ -32,6 +33,7 @@ COMMAND_MODULES = (
     run_cmd,
     apply_cmd,
     client_cmd,
+    trace_cmd,
 )
 
 

@@ -49,14 +49,19 @@ class ServerState(Model):
     children: tuple[Name, ...] = ()
     echo_parent: str = ""
     """Who this server took as its parent in this Echo wave (the spanning-tree edge)."""
+    running_left_s: tuple[Annotated[float, Field(ge=0, le=3600)], ...] = Field(
+        default=(), max_length=100_000
+    )
+    """Expected seconds left of each running task (empty from servers that predate it)."""
+    queued_s: tuple[tuple[Annotated[float, Field(gt=0, le=3600)], Count], ...] = Field(
+        default=(), max_length=1024
+    )
+    """The queue as (expected duration, count) pairs, longest first (see
+    `core.load.duration_histogram`; empty from servers that predate it)."""
 
     @property
     def load(self) -> int:
         return self.running + self.queued
-
-    @property
-    def pressure(self) -> float:
-        return (self.running + self.queued) / self.cpus
 
     @property
     def neighbours(self) -> tuple[str, ...]:
@@ -68,6 +73,14 @@ class Task(Model):
 
     id: TaskId
     duration_s: float = Field(gt=0, le=3600)
+    """The declared (expected) duration: what balancing plans with."""
+    actual_s: float | None = Field(default=None, gt=0, le=3600)
+    """Emulation only: how long the task really holds its slot when that differs from the
+    declaration (benchmarks of wrong declarations); never read by the policy."""
+
+    @property
+    def run_s(self) -> float:
+        return self.duration_s if self.actual_s is None else self.actual_s
 
 
 class FinnWork(Model):
@@ -135,6 +148,49 @@ class FinnSets(Model):
     reported as not done (set by the balancer; clocks are assumed roughly in sync)."""
 
 
+# --- traces (balancer <-> server, after a wave, on the direct link) --------------------------
+
+
+class TraceEvent(Model):
+    """One thing a participant did in a wave, as it recorded it: sent or received a wave
+    message, or decided. `seq` orders a participant's own events; `at` is its own wall
+    clock (hosts' clocks may disagree: causality comes from matching, not from `at`)."""
+
+    seq: int = Field(ge=0)
+    event: Literal["send", "receive", "decide"]
+    message: Literal["explore", "reply", "finn", ""] = ""
+    """The wave message's kind (empty for a decision)."""
+    peer: str = Field(default="", max_length=63)
+    """The receiver of a send, the sender of a receive."""
+    at: float
+    inc: int | None = Field(default=None, ge=0)
+    """Finn: sizes of the sets the message carried (or, for a decision, of the decider's)."""
+    ninc: int | None = Field(default=None, ge=0)
+    dec: int | None = Field(default=None, ge=0)
+    known_inc: int | None = Field(default=None, ge=0)
+    """Finn, on a receive: the receiver's own `inc` and `ninc` sizes after merging."""
+    known_ninc: int | None = Field(default=None, ge=0)
+
+
+class TraceRequest(Model):
+    """Balancer -> server: send me your part of this wave's trace."""
+
+    type: Literal["trace.request"] = "trace.request"
+    wave: WaveId
+
+
+class TracePart(Model):
+    """Server -> balancer: what this server recorded of the wave (possibly nothing: it
+    never heard of it, or it has been pushed out of the server's bounded buffer)."""
+
+    type: Literal["trace.part"] = "trace.part"
+    wave: WaveId
+    server: Name
+    events: tuple[TraceEvent, ...] = Field(max_length=100_000)
+    truncated: bool = False
+    """The server hit its per-wave event limit and dropped the rest."""
+
+
 # --- tasks and transfers (balancer <-> server) ----------------------------------------------
 
 
@@ -153,12 +209,23 @@ class TasksAccepted(Model):
 
 
 class TransferPrepare(Model):
-    """Balancer -> donor: reserve up to `count` queued tasks for `target`."""
+    """Balancer -> donor: reserve up to `count` queued tasks for `target`: the last
+    `count` in run order, or, when `durations` is given, for each listed duration the
+    queued task whose expected duration is closest to it (see `TaskLedger.prepare`)."""
 
     type: Literal["transfer.prepare"] = "transfer.prepare"
     transfer: TransferId
     target: Name
     count: int = Field(ge=1, le=100_000)
+    durations: tuple[Annotated[float, Field(gt=0, le=3600)], ...] | None = Field(
+        default=None, max_length=100_000
+    )
+
+    @model_validator(mode="after")
+    def _count_matches(self) -> TransferPrepare:
+        if self.durations is not None and len(self.durations) != self.count:
+            raise ValueError(f"count {self.count} but {len(self.durations)} durations")
+        return self
 
 
 class TransferPrepared(Model):
@@ -294,6 +361,8 @@ Message = Annotated[
     | TransferSettled
     | TransferQuery
     | TransferReservations
+    | TraceRequest
+    | TracePart
     | DrainRequest
     | DrainReport,
     Field(discriminator="type"),

@@ -374,12 +374,13 @@ class Migration:
         }
         if not sources:
             return []
+        task_s = self.topology.settings.task_time_s
         targets = []
         for spec in self.topology.servers:
-            base = self._loads.get(spec.name, Load(spec.name, spec.cpus, 0, 0))
-            extra = self._planned_in.get(spec.name, 0)
-            targets.append(Load(spec.name, spec.cpus, base.running, base.queued + extra))
-        moves = plan_drain(sources, targets, MAX_TASKS_PER_MOVE)
+            base = self._loads.get(spec.name, Load(spec.name, spec.cpus))
+            extra = (task_s,) * self._planned_in.get(spec.name, 0)
+            targets.append(Load(spec.name, spec.cpus, base.running_left, base.queued + extra))
+        moves = plan_drain(sources, targets, task_s, MAX_TASKS_PER_MOVE)
         out: list[Intent] = []
         for m in moves:
             r = self._retiring[m.source]

@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from treewave.core.ledger import QueueOrder
+
 BALANCER = "balancer"
 """Name the balancer goes by in waves; reserved, like the other compose service names."""
 
@@ -44,6 +46,8 @@ class Settings(BaseModel):
     rebalance_interval_s: float = Field(default=5.0, ge=0, le=86400, alias="rebalance_interval")
     overload_percent: float = Field(default=100.0, gt=0, le=1000, alias="max_cpu")
     wave_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    queue_order: QueueOrder = "longest-first"
+    """How servers run their queues (see `core.ledger.QUEUE_ORDERS`)."""
     drain_grace_s: float = Field(default=30.0, ge=0, le=86400)
     """How long a server leaving the topology may go on running its tasks before they are
     stopped and queued again elsewhere from scratch (0: at once)."""
