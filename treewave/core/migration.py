@@ -329,6 +329,10 @@ class Migration:
                 del self._releasing[rep.server]
             return []
         r = self._retiring.get(rep.server)
+        if r is None and rep.held and rep.server in self.topology:
+            # A hold that overtook its release (or outlived a restart): release it again.
+            self._releasing[rep.server] = now + self.probe_interval_s
+            return [ReleaseServer(rep.server)]
         if r is None:
             raise StaleMessage(f"report of {rep.server!r}, which is not retiring")
         if r.baseline_out is None:
