@@ -5,7 +5,8 @@ adopts a random topology B (overlapping names, new names, removed names). Server
 `TaskLedger`s plus a persisted hold flag, as in the node; a simple synchronous executor
 carries the machine's intents out (a transfer may succeed, fail before anything happened,
 or stop after the prepare and stay *in doubt* until resolved). Hypothesis then picks, at
-every step, *any* pending intent or outcome to deliver, or a clock tick, a task finishing,
+every step, any pending intent (in order per server, as on its link) or outcome to
+deliver, or a clock tick, a task finishing,
 a server crash (its ledger goes through JSON: running tasks come back queued), a balancer
 crash (the machine goes through JSON and every message in flight is lost), fresh target
 loads, or a newer topology C superseding the migration mid-way.
@@ -234,7 +235,12 @@ class MigrationWorld(RuleBasedStateMachine):
     @precondition(lambda self: self.intents)
     @rule(data=st.data(), mode=st.sampled_from(["ok", "ok", "fail", "doubt"]))
     def deliver_intent(self, data: st.DataObject, mode: str) -> None:
-        i = data.draw(st.integers(0, len(self.intents) - 1), label="intent")
+        # Requests to one server travel in order on its link; across servers, any order.
+        firsts: dict[str, int] = {}
+        for i, intent in enumerate(self.intents):
+            key = intent.source if isinstance(intent, MoveQueued) else intent.server
+            firsts.setdefault(key, i)
+        i = data.draw(st.sampled_from(sorted(firsts.values())), label="intent")
         self.execute(self.intents.pop(i), mode)
 
     @precondition(lambda self: self.outcomes)
