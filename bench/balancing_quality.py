@@ -1,8 +1,8 @@
 """How well the cluster is balanced: makespan against the lower bound, treewave vs Dask.
 
-    python bench/balancing_quality.py --interval 0.2 --no-none  # old vs new vs Dask
-    python bench/balancing_quality.py --servers 10 --interval 0.5 --workloads skewed-fixed
-    python bench/balancing_quality.py --no-dask --no-old        # the current policy only
+    python -m bench.balancing_quality --interval 0.2 --no-none  # old vs new vs Dask
+    python -m bench.balancing_quality --servers 10 --interval 0.5 --workloads skewed-fixed
+    python -m bench.balancing_quality --no-dask --no-old        # the current policy only
 
 Needs Dask for the comparison: `pip install -e '.[bench]'`.
 
@@ -47,13 +47,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.waves_scale import Cluster, bench_topology, cluster
+from bench.workloads import Workload, all_workloads
+from tests.support.http import get_json
+from treewave.core.topology import Topology
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.waves_scale import Cluster, bench_topology, cluster  # noqa: E402
-from bench.workloads import Workload, all_workloads  # noqa: E402
-from treewave.core.topology import Topology  # noqa: E402
-
 RESULTS = REPO / "bench" / "results" / "balancing_quality.json"
 SEED = 5
 POLL_S = 0.02
@@ -90,9 +89,7 @@ def run_treewave(c: Cluster, w: Workload, pool: ThreadPoolExecutor) -> dict[str,
         return list(pool.map(lambda u: c_state(u), c.node_urls.values()))
 
     def c_state(url: str) -> dict[str, Any]:
-        from bench.waves_scale import http_json
-
-        return http_json(url + "/api/state", timeout=10)  # type: ignore[no-any-return]
+        return get_json(url + "/api/state", timeout=10)  # type: ignore[no-any-return]
 
     before = states()
     done0 = sum(s["completed"] for s in before)
@@ -318,7 +315,7 @@ def main() -> int:
         f"targets met: {met_all}"
     )
     report = {
-        "command": "python bench/balancing_quality.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.balancing_quality " + " ".join(sys.argv[1:]),
         "machine": {
             "cpus": os.cpu_count(),
             "loadavg_start": load_start,

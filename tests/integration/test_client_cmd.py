@@ -12,15 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_run_cmd import (
-    NAMES,
-    RunProcess,
-    clean_env,
-    free_port_block,
-    get_json,
-    start_run,
-    treewave_command,
-)
+
+from tests.support.commands import clean_env, treewave_command
+from tests.support.http import get_json
+from tests.support.ports import free_port_block
+from tests.support.run import NAMES, RunProcess, start_run
 
 LONG_S = 300
 """Tasks that outlive the test, so counts only change when a test changes them."""

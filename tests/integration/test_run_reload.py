@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_run_cmd import (
+
+from tests.support.http import get_json
+from tests.support.run import (
     NAMES,
     TOPOLOGY,
     RunProcess,
     cmdline,
-    get_json,
     proc_stat,
     start_run,
     write_topology,

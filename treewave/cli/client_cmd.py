@@ -28,24 +28,15 @@ from typing import Any
 
 from treewave.cli.argtypes import non_negative_int, positive_float, positive_int
 from treewave.cli.errors import CommandError
+from treewave.cli.settings import BALANCER_URL, add_options
 from treewave.core.load import pressure_of
 
-DEFAULT_BALANCER = "http://127.0.0.1:7999"
 BAR_WIDTH = 12
 RUN_CELL, QUEUED_CELL, FREE_CELL = "█", "▓", "░"
 MIDDLE, LAST = "├── ", "└── "
 
 
 # --- HTTP ------------------------------------------------------------------------------------
-
-
-def balancer_url(text: str) -> str:
-    """Validate and normalise `--balancer` (no trailing slash)."""
-    url = text.strip().rstrip("/")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL like {DEFAULT_BALANCER}")
-    return url
 
 
 def _is_loopback(url: str) -> bool:
@@ -330,13 +321,7 @@ def render_rebalance(result: Mapping[str, Any]) -> str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--balancer",
-        type=balancer_url,
-        default=os.environ.get("TREEWAVE_BALANCER") or DEFAULT_BALANCER,
-        metavar="URL",
-        help="the balancer's URL (default: $TREEWAVE_BALANCER or %(default)s)",
-    )
+    add_options(p, BALANCER_URL)
     p.add_argument(
         "--timeout",
         type=positive_float,

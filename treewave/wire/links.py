@@ -16,6 +16,9 @@ from treewave.core.messages import MAX_MESSAGE_BYTES, Hello, Model, encode
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PEER_TEMPLATE = "ws://{name}:8000/ws"
+"""Where a server's links are found by default: its compose service name, port 8000."""
+
 FrameHandler = Callable[[str, str], Awaitable[None]]
 """Called with (peer name, frame text) for every text frame a peer sends."""
 
