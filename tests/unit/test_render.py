@@ -306,12 +306,14 @@ def test_cli_usage_errors_exit_2() -> None:
 
 def test_periodic_work_is_sized_by_the_tree() -> None:
     # A 10-server stack keeps 5 s for both; a 300-server one runs at most 2 healthchecks
-    # (docker execs) and 20 scrapes a second.
+    # (docker execs) and 20 scrapes a second; the healthcheck interval moves in doublings.
     assert periodic_intervals(10)["node_healthcheck_interval_s"] == 5
     assert periodic_intervals(10)["scrape_interval_s"] == 5
     assert periodic_intervals(100)["scrape_interval_s"] == 5
     big = periodic_intervals(300)
-    assert big["node_healthcheck_interval_s"] == 150
+    assert big["node_healthcheck_interval_s"] == 160
+    assert periodic_intervals(30)["node_healthcheck_interval_s"] == 20
+    assert periodic_intervals(100)["node_healthcheck_interval_s"] == 80
     assert big["root_healthcheck_interval_s"] == 5
     assert big["scrape_interval_s"] == 15
     assert periodic_intervals(3000)["scrape_interval_s"] == 15
@@ -328,7 +330,7 @@ def test_a_large_stack_checks_its_servers_less_often_but_its_root_as_often(
     services = _render(topology, tmp_path)["services"]
     for name in topology.names:
         check = services[name]["healthcheck"]
-        assert check["interval"] == ("5s" if name == topology.root else "150s"), name
+        assert check["interval"] == ("5s" if name == topology.root else "160s"), name
         assert "/healthz" in check["test"][-1]
         assert check["retries"] == 3
     prometheus = yaml.safe_load((tmp_path / PROMETHEUS_FILE).read_text(encoding="utf-8"))

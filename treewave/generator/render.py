@@ -6,6 +6,8 @@ deterministic, so the committed default files can be checked for drift byte for 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -43,15 +45,26 @@ MAX_SCRAPE_INTERVAL_S = 15
 SCRAPES_PER_S = 20.0
 
 
+def _doubling(smallest: int, at_least: float) -> int:
+    """The first of smallest, 2 x smallest, 4 x smallest, ... that is >= `at_least`."""
+    interval = smallest
+    while interval < at_least:
+        interval *= 2
+    return interval
+
+
 def periodic_intervals(servers: int) -> dict[str, float]:
     """The rendered stack's periodic work, sized by its number of servers: a server's
     healthcheck interval grows so the stack runs at most `HEALTHCHECKS_PER_S` checks a
     second, Prometheus's scrape interval so it scrapes at most `SCRAPES_PER_S` targets a
-    second (up to 15 s). A 10-server stack keeps 5 s for both."""
+    second (up to 15 s). A 10-server stack keeps 5 s for both. The healthcheck interval
+    doubles in steps (5, 10, 20, 40, 80, 160 s ...) rather than following the count: it is
+    part of every server's service definition, and a change makes Compose recreate every
+    server, so adding one server to a topology should rarely change it."""
     return {
         "healthchecks_per_s": HEALTHCHECKS_PER_S,
-        "node_healthcheck_interval_s": max(
-            MIN_HEALTHCHECK_INTERVAL_S, math.ceil(servers / HEALTHCHECKS_PER_S)
+        "node_healthcheck_interval_s": _doubling(
+            MIN_HEALTHCHECK_INTERVAL_S, servers / HEALTHCHECKS_PER_S
         ),
         "root_healthcheck_interval_s": ROOT_HEALTHCHECK_INTERVAL_S,
         "scrape_interval_s": max(
@@ -108,6 +121,28 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def topology_hash(topology: Topology) -> str:
+    """A short content hash of the whole topology: in the balancer's definition, so Compose
+    recreates the balancer whenever the topology changes (a bind-mounted file changing
+    underneath would not)."""
+    return hashlib.sha256(topology.dumps().encode()).hexdigest()[:16]
+
+
+def view_hash(topology: Topology, name: str) -> str:
+    """A short hash of what one server takes from the topology at start (cpus, parents,
+    children, whether it is the root, the settings): in its definition, so Compose
+    recreates exactly the servers whose view changed (their queue volume stays)."""
+    spec = topology.server(name)
+    view = {
+        "cpus": spec.cpus,
+        "parents": list(topology.parents(name)),
+        "children": list(spec.children),
+        "root": topology.root == name,
+        "settings": topology.settings.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def render_texts(
     topology: Topology,
     topology_file_name: str,
@@ -122,6 +157,8 @@ def render_texts(
         "topology_source": source,
         "build_context": build_context,
         **periodic_intervals(len(topology.servers)),
+        "topology_hash": topology_hash(topology),
+        "view_hashes": {name: view_hash(topology, name) for name in topology.names},
     }
     compose_env = _environment(compose_template.parent)
     compose = compose_env.get_template(compose_template.name).render(context)

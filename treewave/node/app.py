@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -24,17 +24,18 @@ from treewave.core.addressing import peer_url
 from treewave.core.auth import link_token, token_ok
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import FinnDecided, Output, Send
-from treewave.core.ledger import TaskLedger
+from treewave.core.ledger import TRANSFER_REQUESTS, TaskLedger, TransferRequest
 from treewave.core.load import duration_histogram, expected_work_s, pressure
 from treewave.core.messages import (
     MAX_MESSAGE_BYTES,
+    DrainReport,
+    DrainRequest,
     EchoExplore,
     EchoReply,
     ErrorReply,
     FinnSets,
     Hello,
     Message,
-    ReservationInfo,
     ServerState,
     SubmitTasks,
     Task,
@@ -42,22 +43,18 @@ from treewave.core.messages import (
     TraceRequest,
     TransferAbort,
     TransferCancel,
-    TransferCommit,
     TransferDeliver,
-    TransferOutcome,
     TransferPrepare,
-    TransferPrepared,
     TransferQuery,
-    TransferReservations,
-    TransferSettled,
     parse_message,
 )
 from treewave.core.messages import Model as MessageModel
 from treewave.core.node import NodeProtocol
-from treewave.core.topology import BALANCER, Topology, load_topology
+from treewave.core.topology import BALANCER, ServerSpec, Topology, load_topology
 from treewave.core.trace import TraceRecorder
 from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
+from treewave.wire.http import json_errors
 from treewave.wire.links import HEARTBEAT_S, LinkSet, dial_forever, read_frames
 
 log = logging.getLogger("treewave.node")
@@ -91,6 +88,8 @@ class Server:
             settings.state_dir / f"{self.name}.json" if settings.state_dir is not None else None
         )
         self._task_counter = 0
+        self.held = False
+        """Leaving the topology: start no queued task, take no new work (persisted)."""
         self.ledger = self._load_ledger()
         self._save_pending = False
         self.allowed_inbound = {*topology.parents(self.name), BALANCER}
@@ -104,6 +103,7 @@ class Server:
         if self.state_file is not None and self.state_file.exists():
             data = json.loads(self.state_file.read_text(encoding="utf-8"))
             ledger = TaskLedger.from_json_data(data, self.topology.settings.queue_order)
+            self.held = bool(data.get("held", False))
             log.info(
                 "%s: restored %d queued and %d reserved tasks from %s",
                 self.name,
@@ -122,7 +122,8 @@ class Server:
             return
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.ledger.to_json_data()), encoding="utf-8")
+        data = {**self.ledger.to_json_data(), "held": self.held, "cpus": self.cpus}
+        tmp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(tmp, self.state_file)
 
     def save_soon(self) -> None:
@@ -191,6 +192,7 @@ class Server:
             "pressure": round(pressure(state, self.task_time_s), 6),
             "reserved": led.reserved_count,
             "completed": led.completed,
+            "held": self.held,
             "transferred_in": led.transferred_in,
             "transferred_out": led.transferred_out,
             "parents": list(self.topology.parents(self.name)),
@@ -258,17 +260,15 @@ class Server:
                     reason="sender_mismatch",
                 )
             algorithm = "finn" if isinstance(msg, FinnSets) else "echo"
-            if (
-                isinstance(msg, FinnSets)
-                and msg.expires_at is not None
-                and time.time() > msg.expires_at
-                and not self.protocol.finn_decided(msg.wave)
-            ):
-                raise StaleMessage(f"finn wave {msg.wave} expired before it reached {self.name!r}")
+            if self.held:
+                raise RemoteProtocolError(
+                    f"{self.name!r} is leaving the topology: it takes no part in waves",
+                    reason="retiring",
+                )
             # Finn never reads the local state: build it (a queue histogram) for Echo only.
             local = self._last_state if algorithm == "finn" else self.local_state()
             waves = len(self.protocol.echo_waves) + len(self.protocol.finn_waves)
-            out = self.protocol.receive(msg, time.monotonic(), local)
+            out = self.protocol.receive(msg, time.monotonic(), local, wall_now=time.time())
             if len(self.protocol.echo_waves) + len(self.protocol.finn_waves) > waves:
                 self._wave_started()
             if self.trace.enabled:
@@ -290,57 +290,73 @@ class Server:
 
     def _balancer_request(self, msg: Message) -> list[MessageModel]:
         led = self.ledger
+        if isinstance(msg, DrainRequest):
+            return [self._drain(msg)]
         if isinstance(msg, SubmitTasks):
+            if self.held:
+                raise RemoteProtocolError(
+                    f"{self.name!r} is leaving the topology: it takes no new tasks",
+                    reason="retiring",
+                )
             added = led.submit(msg.tasks)
             self.metrics.submitted.inc(added)
             self.save()
             self.wakeup.set()
             # Confirmed only once on disk: the API answers 202 on this.
             return [TasksAccepted(first=msg.tasks[0].id, added=added)] if msg.tasks else []
-        if isinstance(msg, TransferPrepare):
-            if msg.target == self.name or msg.target not in self.topology:
-                raise RemoteProtocolError(
-                    f"transfer target {msg.target!r} is not another server", reason="invalid_fields"
-                )
-            reservation = led.prepare(
-                msg.transfer, msg.target, msg.count, time.time(), msg.durations
-            )
-            self.save()
-            return [TransferPrepared(transfer=msg.transfer, tasks=reservation.tasks)]
-        if isinstance(msg, TransferDeliver):
-            before = led.transferred_in
-            outcome = led.deliver(msg.transfer, msg.tasks)
-            self.metrics.transferred_in.inc(led.transferred_in - before)
-            self.save()
-            self.wakeup.set()
-            return [TransferOutcome(transfer=msg.transfer, outcome=outcome)]
-        if isinstance(msg, TransferCancel):
-            outcome = led.cancel(msg.transfer)
-            self.save()
-            return [TransferOutcome(transfer=msg.transfer, outcome=outcome)]
-        if isinstance(msg, TransferCommit):
-            before = led.transferred_out
-            settled = led.commit(msg.transfer)
-            self.metrics.transferred_out.inc(led.transferred_out - before)
-            self.save()
-            return [TransferSettled(transfer=msg.transfer, outcome=settled)]
-        if isinstance(msg, TransferQuery):
-            return [
-                TransferReservations(
-                    reservations=tuple(
-                        ReservationInfo(transfer=r.transfer, target=r.target, tasks=len(r.tasks))
-                        for r in led.reserved.values()
-                    )
-                )
-            ]
         if isinstance(msg, TraceRequest):
             return [self.trace.part(msg.wave)]
-        if isinstance(msg, TransferAbort):
-            aborted = led.abort(msg.transfer)
+        if not isinstance(msg, TRANSFER_REQUESTS):
+            raise RemoteProtocolError(
+                f"{msg.type} is not a request a server takes", "unexpected_type"
+            )
+        # The target may be a server this one has never heard of: a server leaving the
+        # topology still runs with the old one and hands its tasks to the new servers.
+        if isinstance(msg, TransferPrepare) and msg.target == self.name:
+            raise RemoteProtocolError(
+                f"transfer target {msg.target!r} is not another server", reason="invalid_fields"
+            )
+        request: TransferRequest = msg
+        if self.held and isinstance(msg, TransferDeliver):
+            # A held server refuses new work: the refusal is pinned like a cancel, so the
+            # donor takes its tasks back (unless they had already arrived here).
+            request = TransferCancel(transfer=msg.transfer)
+        before_in, before_out = led.transferred_in, led.transferred_out
+        reply = led.answer(request, time.time())
+        self.metrics.transferred_in.inc(led.transferred_in - before_in)
+        self.metrics.transferred_out.inc(led.transferred_out - before_out)
+        if not isinstance(msg, TransferQuery):
+            # On disk before the reply: the coordinator acts on it.
             self.save()
+        if isinstance(msg, (TransferDeliver, TransferAbort)):
             self.wakeup.set()
-            return [TransferSettled(transfer=msg.transfer, outcome=aborted)]
-        raise RemoteProtocolError(f"{msg.type} is not a request a server takes", "unexpected_type")
+        return [reply]
+
+    def _drain(self, msg: DrainRequest) -> DrainReport:
+        """Hold (or release) this server, requeueing its running tasks if asked; answered
+        once on disk, with what it still holds."""
+        requeued = 0
+        if msg.requeue_running:
+            for runner in list(self.running_tasks):
+                runner.cancel()
+            requeued = self.ledger.requeue_running()
+            if requeued:
+                log.info("%s: stopped and requeued %d running tasks", self.name, requeued)
+        if msg.hold != self.held:
+            log.info("%s: %s", self.name, "held: leaving the topology" if msg.hold else "released")
+        self.held = msg.hold
+        self.save()
+        self.wakeup.set()
+        led = self.ledger
+        return DrainReport(
+            held=self.held,
+            queued=len(led.queued),
+            running=len(led.running),
+            reserved=led.reserved_count,
+            completed=led.completed,
+            transferred_out=led.transferred_out,
+            requeued=requeued,
+        )
 
     def _outputs(self, out: list[Output]) -> list[tuple[str, MessageModel]]:
         sends: list[tuple[str, MessageModel]] = []
@@ -371,7 +387,7 @@ class Server:
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
-            while len(self.ledger.running) < self.cpus:
+            while not self.held and len(self.ledger.running) < self.cpus:
                 task = self.ledger.start_next(time.monotonic())
                 if task is None:
                     break
@@ -477,24 +493,6 @@ def _too_big(error: object) -> bool:
 SERVER_KEY = web.AppKey("server", Server)
 
 
-@web.middleware
-async def json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """HTTP errors (unknown route, wrong method, not a WebSocket upgrade) as JSON
-    `{"error": ...}` naming the problem, like every other answer of the API."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status >= 400 and exc.content_type != "application/json":
-            detail = (exc.text or "").strip()
-            if not detail or detail.startswith(f"{exc.status}:"):
-                detail = f"{exc.reason}: {request.method} {request.path}"
-            exc.text = json.dumps({"error": detail})
-            exc.content_type = "application/json"
-        raise
-
-
 async def healthz(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     return web.json_response({"status": "ok", "server": server.name})
@@ -531,8 +529,8 @@ def create_app(settings: NodeSettings, topology: Topology | None = None) -> web.
     """The server's app; background tasks and links live in `cleanup_ctx`."""
     topo = topology or load_topology(settings.topology)
     if settings.name not in topo:
-        raise ValueError(f"server {settings.name!r} is not in the topology")
-    app = web.Application(middlewares=[json_errors])
+        topo = _leaving_topology(settings, topo)
+    app = web.Application(middlewares=[json_errors()])
     app[SERVER_KEY] = Server(settings, topo)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -542,6 +540,25 @@ def create_app(settings: NodeSettings, topology: Topology | None = None) -> web.
     app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_close_links)
     return app
+
+
+def _leaving_topology(settings: NodeSettings, topology: Topology) -> Topology:
+    """A server missing from the topology file but with a saved queue is leaving the
+    topology (under Compose a retiring container restarts with the new, bind-mounted
+    file): it comes back on its own, linked to the balancer only, to be drained."""
+    saved = settings.state_dir / f"{settings.name}.json" if settings.state_dir else None
+    if saved is None or not saved.is_file():
+        raise ValueError(f"server {settings.name!r} is not in the topology")
+    try:
+        cpus = int(json.loads(saved.read_text(encoding="utf-8")).get("cpus", 1))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"server {settings.name!r}: cannot read {saved}: {exc}") from None
+    log.warning(
+        "%s is not in the topology but has a saved queue: starting alone, to be drained",
+        settings.name,
+    )
+    spec = ServerSpec(name=settings.name, cpus=max(1, cpus))
+    return Topology.from_servers([spec], topology.settings)
 
 
 async def _close_links(app: web.Application) -> None:
