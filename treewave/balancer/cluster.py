@@ -524,7 +524,9 @@ class Balancer:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Links to every server, the timers and periodic rebalancing, while inside."""
-        session = aiohttp.ClientSession()
+        # No connection limit: every open link holds one of the session's connections, and
+        # aiohttp's default of 100 left a 300-server balancer with 100 links (Finn partial).
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         tasks = [
             asyncio.create_task(self.run_timers(), name="balancer-timers"),
             asyncio.create_task(self.run_periodic_rebalance(), name="balancer-rebalance"),

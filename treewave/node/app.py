@@ -570,7 +570,9 @@ async def _close_links(app: web.Application) -> None:
 async def _background(app: web.Application) -> AsyncIterator[None]:
     server = app[SERVER_KEY]
     settings = server.settings
-    session = aiohttp.ClientSession()
+    # No connection limit: every open link holds one of the session's connections, and
+    # aiohttp's default of 100 left a 300-server balancer with 100 links (Finn partial).
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     tasks = [
         asyncio.create_task(server.run_slots(), name=f"{server.name}-slots"),
         asyncio.create_task(server.run_timers(), name=f"{server.name}-timers"),
