@@ -439,6 +439,10 @@ class Supervisor:
             *self.common_args(snapshot),
             "--port",
             str(self.port),
+            # Its own directory ("balancer" is no server's name): the desired topology and
+            # a drain in progress survive its restart.
+            "--state-dir",
+            str(self.state_dir / "balancer"),
             "--log-level",
             self.log_level,
         ]

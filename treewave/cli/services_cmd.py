@@ -84,6 +84,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         opts.STATUS_INTERVAL,
         opts.TRACE_HISTORY,
         opts.TRACE_SAMPLE,
+        opts.BALANCER_STATE_DIR,
     )
     opts.add_options(b, *opts.ACCESS_OPTIONS, title="access (who may change the cluster)")
     b.set_defaults(handler=serve_balancer)
@@ -159,6 +160,8 @@ def balancer_settings(args: argparse.Namespace) -> BalancerSettings:
         status_interval_s=args.status_interval,
         trace_history=args.trace_history,
         trace_sample=args.trace_sample,
+        state_dir=args.state_dir,
+        peers_file=args.peers,
         access=access_settings(args, args.host),
     )
 
