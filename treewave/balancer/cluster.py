@@ -432,9 +432,22 @@ class Balancer:
         `source` to `target`, two-phase; returns how many moved. On any failure the tasks
         stay with (or go back to) the donor, or stay reserved at the donor, in doubt, until
         the coordinator learns which way it went (it keeps at it after this returns)."""
+        tid, done, out = self._start_transfer(source, target, count, durations)
+        return await self._finish_transfer(tid, done, out)
+
+    def _start_transfer(
+        self, source: str, target: str, count: int, durations: tuple[float, ...] | None = None
+    ) -> tuple[str, asyncio.Future[int], list[TransferOutput]]:
+        """Register a transfer with the coordinator at once (so it counts as unsettled for
+        both servers from now on); its first request is in the outputs."""
         tid, out = self.coordinator.start(source, target, count, time.monotonic(), durations)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.transfers[tid] = done
+        return tid, done, out
+
+    async def _finish_transfer(
+        self, tid: str, done: asyncio.Future[int], out: list[TransferOutput]
+    ) -> int:
         try:
             await self._apply(out)
             return await done
@@ -695,19 +708,28 @@ class Balancer:
             elif isinstance(intent, ReleaseServer):
                 await self.links.send(intent.server, DrainRequest(hold=False))
             elif isinstance(intent, MoveQueued):
-                task = asyncio.create_task(self._drain_move(intent), name="balancer-drain-move")
+                # Started here, not in the task: a report of either server that arrives
+                # before the task runs must already count this transfer as unsettled.
+                try:
+                    started = self._start_transfer(intent.source, intent.target, intent.count)
+                except LocalProtocolError as exc:
+                    log.warning("drain move %s -> %s: %s", intent.source, intent.target, exc)
+                    started = None
+                task = asyncio.create_task(
+                    self._drain_move(intent, started), name="balancer-drain-move"
+                )
                 self.drain_moves.add(task)
                 task.add_done_callback(self.drain_moves.discard)
             elif isinstance(intent, Retired):
                 self._retire(intent.server)
 
-    async def _drain_move(self, move: MoveQueued) -> None:
+    async def _drain_move(
+        self,
+        move: MoveQueued,
+        started: tuple[str, asyncio.Future[int], list[TransferOutput]] | None,
+    ) -> None:
         """One `MoveQueued`: a two-phase transfer, answered with exactly one `MoveDone`."""
-        try:
-            moved = await self.transfer(move.source, move.target, move.count)
-        except (LocalProtocolError, BalancerError) as exc:
-            log.warning("drain move %s -> %s failed: %s", move.source, move.target, exc)
-            moved = 0
+        moved = 0 if started is None else await self._finish_transfer(*started)
         self.metrics.drain_moved.inc(moved)
         self.metrics.tasks_moved.inc(moved)
         try:
