@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.commands import clean_env, treewave_command
 from tests.support.http import get_json, http_request
 from tests.support.run import (
     TOPOLOGY,
@@ -296,6 +298,22 @@ def test_a_second_change_during_a_drain_brings_a_retiring_server_back(
     # beta keeps running its long tasks (grace 600 s): it is still retiring when...
     assert {"beta", "delta"} <= set(topology_state(run)["migration"]["retiring"])
     check.sample()
+    # (the status page and `treewave status` show them, with what they still hold)
+    page = urllib_text(run.balancer_url + "/")
+
+    assert 'id="retiring-card" hidden' not in page
+    assert 'data-server="beta"' in page
+    assert 'data-server="delta"' in page
+    cli = subprocess.run(
+        [*treewave_command(), "status", "--balancer", run.balancer_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        check=True,
+    )
+    assert "draining: 2 retiring servers" in cli.stdout, cli.stdout
+    assert re.search(r"^  beta +retiring: 1 running \+ \d+ queued", cli.stdout, re.M), cli.stdout
     # ...a newer topology brings beta back (as a leaf under alpha) and removes eta.
     back = copy.deepcopy(changed)
     back["servers"][0]["children"] = ["zeta", "gamma", "beta"]

@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -111,6 +111,8 @@ LIVE_HISTORY = 10
 """The status page's own refresh Echoes kept (apart, so they do not crowd out the rest)."""
 RETRY_S = 1.0
 """How soon an unanswered transfer resolution step is sent again."""
+LINK_WAIT_S = 5.0
+"""How long a drain move waits for its servers' links (an added server is still dialled)."""
 STATE_FILE = "balancer-topology.json"
 """The desired topology and the migration, in the balancer's state directory."""
 
@@ -226,6 +228,10 @@ class Balancer:
         """The link task of every server linked to (the topology's and the retiring)."""
         self.session: aiohttp.ClientSession | None = None
         self.drain_moves: set[asyncio.Task[None]] = set()
+        self.pending_moves: Counter[str] = Counter()
+        """Drain moves not started yet, by source and target (they count as unsettled)."""
+        self.link_changed = asyncio.Condition()
+        """Notified when a link comes up (drain moves wait for theirs)."""
         self.topology_lock = asyncio.Lock()
         self.transfers: dict[str, asyncio.Future[int]] = {}
         """Callers waiting for a transfer's result, by transfer id."""
@@ -474,6 +480,8 @@ class Balancer:
 
     async def on_link_up(self, name: str) -> None:
         """A server (re)connected: ask for reservations we may have lost track of."""
+        async with self.link_changed:
+            self.link_changed.notify_all()
         await self._apply(self.coordinator.link_up(name, time.monotonic()))
 
     # --- rebalancing ---------------------------------------------------------------------------
@@ -690,7 +698,7 @@ class Balancer:
             completed=msg.completed,
             transferred_out=msg.transferred_out,
             requeued=msg.requeued,
-            in_doubt=self.coordinator.involving(peer),
+            in_doubt=self.coordinator.involving(peer) + self.pending_moves[peer],
         )
         intents = self.migration.receive(report, time.time())
         self._save()
@@ -708,27 +716,37 @@ class Balancer:
             elif isinstance(intent, ReleaseServer):
                 await self.links.send(intent.server, DrainRequest(hold=False))
             elif isinstance(intent, MoveQueued):
-                # Started here, not in the task: a report of either server that arrives
-                # before the task runs must already count this transfer as unsettled.
-                try:
-                    started = self._start_transfer(intent.source, intent.target, intent.count)
-                except LocalProtocolError as exc:
-                    log.warning("drain move %s -> %s: %s", intent.source, intent.target, exc)
-                    started = None
-                task = asyncio.create_task(
-                    self._drain_move(intent, started), name="balancer-drain-move"
-                )
+                # Counted at once, not when the task runs: a report of either server that
+                # arrives before the transfer starts must see it as unsettled.
+                self.pending_moves.update((intent.source, intent.target))
+                task = asyncio.create_task(self._drain_move(intent), name="balancer-drain-move")
                 self.drain_moves.add(task)
                 task.add_done_callback(self.drain_moves.discard)
             elif isinstance(intent, Retired):
                 self._retire(intent.server)
 
-    async def _drain_move(
-        self,
-        move: MoveQueued,
-        started: tuple[str, asyncio.Future[int], list[TransferOutput]] | None,
-    ) -> None:
-        """One `MoveQueued`: a two-phase transfer, answered with exactly one `MoveDone`."""
+    async def _drain_move(self, move: MoveQueued) -> None:
+        """One `MoveQueued`: a two-phase transfer, answered with exactly one `MoveDone`.
+        A server just added may not be linked yet: the transfer waits for both links a
+        little (rather than go in doubt at once), then starts whatever their state."""
+        started = None
+        try:
+            async with self.link_changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.link_changed.wait_for(
+                            lambda: (
+                                self.links.connected(move.source)
+                                and self.links.connected(move.target)
+                            )
+                        ),
+                        LINK_WAIT_S,
+                    )
+            started = self._start_transfer(move.source, move.target, move.count)
+        except LocalProtocolError as exc:
+            log.warning("drain move %s -> %s: %s", move.source, move.target, exc)
+        finally:
+            self.pending_moves.subtract((move.source, move.target))
         moved = 0 if started is None else await self._finish_transfer(*started)
         self.metrics.drain_moved.inc(moved)
         self.metrics.tasks_moved.inc(moved)
@@ -863,7 +881,11 @@ def tree_json(record: WaveRecord, topology: Topology) -> dict[str, Any]:
                 "pressure": round(pressure(s, task_time_s), 6),
                 "echo_parent": s.echo_parent,
             }
-            for s in sorted(record.states, key=lambda s: topology.names.index(s.name))
+            # (a snapshot taken before a topology change may name servers that left)
+            for s in sorted(
+                (s for s in record.states if s.name in topology),
+                key=lambda s: topology.names.index(s.name),
+            )
         ],
         "edges": [{"source": a, "target": b} for a, b in topology.edges],
     }
