@@ -146,7 +146,7 @@ def main() -> int:
         result = measure(args, Path(tmp))
     result.update(
         {
-            "command": "python -m bench.topology_change " + " ".join(sys.argv[1:]),
+            "command": " ".join(["python -m bench.topology_change", *sys.argv[1:]]),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
             f"{platform.python_version()}",
             "load_average": [round(x, 1) for x in os.getloadavg()],
