@@ -52,6 +52,7 @@ EXAMPLES: list[m.Model] = [
     m.TransferReservations(
         reservations=(m.ReservationInfo(transfer="tr-1", target="beta", tasks=2),)
     ),
+    m.Challenge(nonce="0123456789abcdef0123456789abcdef"),
 ]
 """One example of every message type; `test_examples_cover_every_message_type` fails
 when a type is added to the union without one here."""
@@ -170,6 +171,7 @@ def test_unknown_nested_field() -> None:
         ({"type": "tasks.submit", "tasks": [{"id": "bad id", "duration_s": 1}]}, "id"),
         ({"type": "transfer.prepare", "transfer": "t", "target": "b", "count": 0}, "count"),
         ({"type": "transfer.outcome", "transfer": "t", "outcome": "maybe"}, "outcome"),
+        ({"type": "challenge", "nonce": "not hex"}, "nonce"),
         ({"type": "hello", "sender": ""}, "sender"),
         ({"type": "finn", "wave": "w", "sender": "a", "inc": "a", "ninc": [], "dec": {},
           "work": {}, "budget_s": 1}, "inc"),

@@ -27,8 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from treewave.balancer.metrics import BalancerMetrics
 from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.status import setup_status
-from treewave.core.addressing import peer_url
-from treewave.core.auth import link_token
 from treewave.core.echo import EchoInitiator
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import EchoResult, FinnResult, Send
@@ -39,7 +37,6 @@ from treewave.core.messages import (
     ErrorReply,
     FinnSets,
     FinnWork,
-    Hello,
     ServerState,
     SubmitTasks,
     Task,
@@ -60,6 +57,7 @@ from treewave.core.messages import (
 from treewave.core.messages import Model as MessageModel
 from treewave.core.policy import Move, imbalance, loads_of, max_pressure, plan_moves
 from treewave.core.topology import BALANCER, Topology, load_topology
+from treewave.wire.addressing import peer_url
 from treewave.wire.links import LinkSet, dial_forever
 
 log = logging.getLogger("treewave.balancer")
@@ -693,11 +691,13 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(b.run_periodic_rebalance(), name="balancer-rebalance"),
     ]
     for name in b.topology.names:
-        hello = Hello(sender=BALANCER, token=link_token(b.settings.secret, BALANCER, name))
         url = peer_url(name, b.settings.peer_url_template, b.settings.peer_urls)
+        link = dial_forever(
+            session, name, url, BALANCER, b.settings.secret, b.links, b.on_frame, b.on_link_up
+        )
         tasks.append(
             asyncio.create_task(
-                dial_forever(session, name, url, hello, b.links, b.on_frame, b.on_link_up),
+                link,
                 name=f"balancer-link-{name}",
             )
         )

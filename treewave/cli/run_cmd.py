@@ -57,8 +57,8 @@ from typing import Any, Literal, TextIO
 
 from treewave.cli.argtypes import non_negative_float, positive_float
 from treewave.cli.errors import CommandError
-from treewave.core.secretfile import ensure_secret
 from treewave.core.topology import Topology, TopologyError, load_topology
+from treewave.wire.secretfile import ensure_secret
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 7999

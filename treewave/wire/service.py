@@ -15,8 +15,8 @@ from typing import Protocol, TypeVar
 
 from aiohttp import web
 
-from treewave.core.secretfile import read_secret
 from treewave.core.topology import TopologyError
+from treewave.wire.secretfile import read_secret
 
 DEFAULT_PEER_TEMPLATE = "ws://{name}:8000/ws"
 
