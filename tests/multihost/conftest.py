@@ -179,6 +179,13 @@ class SwarmStack:
         )
         assert done.returncode == 0, f"docker stack deploy: {done.stderr}"
 
+    def redeploy(self, topology: Topology) -> None:
+        """Render `topology` into the same directory (same secrets) and deploy it again."""
+        (self.directory / "topology.json").write_text(topology.dumps(), encoding="utf-8")
+        render_swarm(topology, "topology.json", self.directory, hosts=len(self.lab.sockets))
+        self.topology = topology
+        self.deploy()
+
     def services(self) -> list[str]:
         return [*self.topology.names, "balancer", "prometheus"]
 
@@ -372,9 +379,13 @@ def _launch(
         stack.notes.append(f"deploy -> all healthy in {time.monotonic() - started:.1f} s")
         yield stack
     finally:
-        if stack is not None and request.session.testsfailed > failed_before:
-            with contextlib.suppress(Exception):
-                stack.dump_logs(request)
+        if stack is not None:
+            artifacts = REPO / "artifacts"
+            artifacts.mkdir(exist_ok=True)
+            (artifacts / "multihost-notes.txt").write_text("\n".join(stack.notes) + "\n")
+            if request.session.testsfailed > failed_before:
+                with contextlib.suppress(Exception):
+                    stack.dump_logs(request)
         try:
             _lab_down(directory)
         finally:
