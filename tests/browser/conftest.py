@@ -57,6 +57,8 @@ class Cluster:
     topology: Topology
     directory: Path
     status_interval_s: float = 1.0
+    balancer_args: list[str] = field(default_factory=list)
+    """Extra arguments for the balancer (e.g. an API token)."""
     ports: dict[str, int] = field(default_factory=dict)
     balancer_port: int = 0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -102,6 +104,7 @@ class Cluster:
                 "--status-interval",
                 str(self.status_interval_s),
                 *common,
+                *self.balancer_args,
             ],
         )
         self.wait_links(len(self.topology), timeout_s)
@@ -199,12 +202,17 @@ def driver(browser_available: None, tmp_path: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def start_cluster(browser_available: None) -> Iterator[Callable[..., Cluster]]:
-    """Start a cluster: `start_cluster(topology, directory, timeout_s=...)`; all of them
-    are stopped at teardown."""
+    """Start a cluster: `start_cluster(topology, directory, timeout_s=..., balancer_args=[...])`;
+    all of them are stopped at teardown."""
     started: list[Cluster] = []
 
-    def start(topology: Topology, directory: Path, timeout_s: float = 90.0) -> Cluster:
-        cluster = Cluster(topology, directory)
+    def start(
+        topology: Topology,
+        directory: Path,
+        timeout_s: float = 90.0,
+        balancer_args: tuple[str, ...] = (),
+    ) -> Cluster:
+        cluster = Cluster(topology, directory, balancer_args=list(balancer_args))
         started.append(cluster)
         cluster.start(timeout_s)
         return cluster

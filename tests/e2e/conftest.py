@@ -201,10 +201,8 @@ class Stack:
             print(text)
 
 
-LaunchStack = Callable[
-    [pytest.FixtureRequest, pytest.TempPathFactory, Topology, str],
-    contextlib.AbstractContextManager[Stack],
-]
+LaunchStack = Callable[..., contextlib.AbstractContextManager[Stack]]
+"""`(request, tmp_path_factory, topology, purpose, bind_address="127.0.0.1")`."""
 
 
 @contextlib.contextmanager
@@ -213,6 +211,7 @@ def _launch(
     tmp_path_factory: pytest.TempPathFactory,
     topology: Topology,
     purpose: str,
+    bind_address: str = "127.0.0.1",
 ) -> Iterator[Stack]:
     problem = compose_problem()
     if problem:
@@ -232,15 +231,16 @@ def _launch(
     env = {
         **os.environ,
         **{k: str(v) for k, v in ports.items()},
-        "TREEWAVE_BIND_ADDRESS": "127.0.0.1",
+        "TREEWAVE_BIND_ADDRESS": bind_address,
     }
+    host = f"[{bind_address}]" if ":" in bind_address else bind_address
     stack = Stack(
         topology=topology,
         project=f"treewave-{purpose}-{secrets.token_hex(4)}",
         directory=directory,
         env=env,
-        balancer_url=f"http://127.0.0.1:{ports['TREEWAVE_BALANCER_PORT']}",
-        prometheus_url=f"http://127.0.0.1:{ports['TREEWAVE_PROMETHEUS_PORT']}",
+        balancer_url=f"http://{host}:{ports['TREEWAVE_BALANCER_PORT']}",
+        prometheus_url=f"http://{host}:{ports['TREEWAVE_PROMETHEUS_PORT']}",
     )
     failed_before = request.session.testsfailed
     services = [*topology.names, "balancer", "prometheus"]  # Grafana cannot run here
@@ -259,6 +259,7 @@ def _launch(
 
 @pytest.fixture(scope="session")
 def launch_stack() -> LaunchStack:
-    """`launch_stack(request, tmp_path_factory, topology, purpose)`: a context manager
-    that renders `topology`, brings it up and yields a `Stack`, tearing it down on exit."""
+    """`launch_stack(request, tmp_path_factory, topology, purpose, bind_address=...)`: a
+    context manager that renders `topology`, brings it up with its ports published on
+    `bind_address` (default 127.0.0.1) and yields a `Stack`, tearing it down on exit."""
     return _launch

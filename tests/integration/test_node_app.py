@@ -522,7 +522,7 @@ async def test_in_process_cluster_echo_finn_and_rebalance(
             bal.make_url("/api/tasks"), json={"node": "gamma", "count": 12, "duration_s": 0.2}
         )
         assert resp.status == 202
-        rebalance = await (await http.post(bal.make_url("/api/rebalance"))).json()
+        rebalance = await (await http.post(bal.make_url("/api/rebalance"), json={})).json()
         assert rebalance["moves"], rebalance
         assert all(m["source"] == "gamma" for m in rebalance["moves"])
         assert rebalance["max_pressure_after"] < rebalance["max_pressure_before"]

@@ -82,7 +82,13 @@ def test_every_service_has_init_restart_and_healthcheck(tmp_path: Path, topology
     assert secret["init"] is True
     assert secret["restart"] == "on-failure"
     assert secret["network_mode"] == "none"
-    assert secret["command"] == ["secret", "--out", "/run/treewave/secret"]
+    assert secret["command"] == [
+        "secret",
+        "--out",
+        "/run/treewave/secret",
+        "--out",
+        "/run/treewave-api/token",
+    ]
     for name, service in services.items():
         assert service["init"] is True, name
         assert service["restart"] == "unless-stopped", name
@@ -145,6 +151,28 @@ def test_links_authenticated_by_a_secret_in_a_volume(tmp_path: Path, topology: T
             "target": "/run/treewave",
             "read_only": True,
         }
+
+
+def test_api_token_made_once_and_seen_only_by_the_balancer(
+    tmp_path: Path, topology: Topology
+) -> None:
+    services = _render(topology, tmp_path)["services"]
+    token_mounts = {
+        name: [
+            v for v in s.get("volumes", []) if isinstance(v, dict) and v["source"] == "api-token"
+        ]
+        for name, s in services.items()
+    }
+    assert {name for name, mounts in token_mounts.items() if mounts} == {"secret", "balancer"}
+    assert token_mounts["balancer"] == [
+        {"type": "volume", "source": "api-token", "target": "/run/treewave-api", "read_only": True}
+    ]
+    env = services["balancer"]["environment"]
+    assert env["TREEWAVE_API_TOKEN_FILE"] == "/run/treewave-api/token"
+    # The balancer learns where compose publishes it, so a non-loopback bind requires
+    # the token (the container itself always listens on 0.0.0.0).
+    assert env["TREEWAVE_PUBLISHED_ADDRESS"] == "${TREEWAVE_BIND_ADDRESS:-127.0.0.1}"
+    assert env["TREEWAVE_ALLOWED_HOSTS"] == "${TREEWAVE_ALLOWED_HOSTS:-}"
 
 
 def test_grafana_settings(tmp_path: Path, topology: Topology) -> None:

@@ -24,6 +24,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from treewave.balancer.access import access_middleware
 from treewave.balancer.metrics import BalancerMetrics
 from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.status import setup_status
@@ -668,8 +669,11 @@ async def count_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 def create_app(settings: BalancerSettings, topology: Topology | None = None) -> web.Application:
     topo = topology or load_topology(settings.topology)
-    app = web.Application(middlewares=[count_errors], client_max_size=MAX_BODY_BYTES)
-    app[BALANCER_KEY] = Balancer(settings, topo)
+    balancer = Balancer(settings, topo)
+    # Access rules first: a refused request never reaches a handler (balancer/access.py).
+    check_access = access_middleware(settings.access, balancer.metrics.registry)
+    app = web.Application(middlewares=[check_access, count_errors], client_max_size=MAX_BODY_BYTES)
+    app[BALANCER_KEY] = balancer
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/tree", api_tree)

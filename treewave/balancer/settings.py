@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from treewave.balancer.access import AccessSettings, access_settings, add_access_arguments
 from treewave.wire.service import DEFAULT_PEER_TEMPLATE, add_link_arguments, link_settings
 
 DEFAULT_PORT = 7999
@@ -29,6 +30,8 @@ class BalancerSettings:
     status_interval_s: float = 2.0
     """How often the status page gets a fresh snapshot (at least 1 s)."""
     tick_s: float = 0.02
+    access: AccessSettings = field(default_factory=AccessSettings)
+    """Host, Origin, Content-Type and API-token rules of the HTTP API (balancer/access.py)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=float(env("TREEWAVE_STATUS_INTERVAL_S", "2")),
         help="seconds between live status updates, at least 1 (default: 2)",
     )
+    add_access_arguments(p)
 
 
 def _float_or_none(text: str | None) -> float | None:
@@ -72,4 +76,5 @@ def from_arguments(args: argparse.Namespace) -> BalancerSettings:
         rebalance_interval_s=args.rebalance_interval,
         wave_timeout_s=args.wave_timeout,
         status_interval_s=args.status_interval,
+        access=access_settings(args, link.host),
     )

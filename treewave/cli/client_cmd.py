@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from treewave.cli.argtypes import non_negative_int, positive_float, positive_int
@@ -60,6 +61,8 @@ def _is_loopback(url: str) -> bool:
 class Client:
     base: str
     timeout: float = 30.0
+    token: str = ""
+    """The balancer's API token, sent as `Authorization: Bearer` when set."""
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
@@ -75,6 +78,8 @@ class Client:
             method=method,
             headers={"Content-Type": "application/json", "Accept": "application/json"},
         )
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
         # A local balancer is never reached through a proxy from the environment.
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback(self.base) else []
         opener = urllib.request.build_opener(*handlers)
@@ -324,6 +329,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds to wait for an answer (default: 30)",
     )
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="file holding the balancer's API token (else $TREEWAVE_API_TOKEN, else the "
+        "file named by $TREEWAVE_API_TOKEN_FILE); needed when the balancer requires it",
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -418,7 +431,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.balancer, args.timeout)
+    return Client(args.balancer, args.timeout, api_token(args.token_file))
+
+
+def api_token(token_file: Path | None) -> str:
+    """The API token to send: `--token-file`, else $TREEWAVE_API_TOKEN, else the file in
+    $TREEWAVE_API_TOKEN_FILE, else none."""
+    path = token_file
+    if path is None:
+        env_token = os.environ.get("TREEWAVE_API_TOKEN", "").strip()
+        if env_token:
+            return env_token
+        env_file = os.environ.get("TREEWAVE_API_TOKEN_FILE", "").strip()
+        if not env_file:
+            return ""
+        path = Path(env_file)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        why = exc.strerror or exc
+        raise CommandError(f"cannot read the API token file {path}: {why}") from None
+    if not token:
+        raise CommandError(f"the API token file {path} is empty")
+    return token
 
 
 def status(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""`treewave secret`: make the per-deployment link secret (compose runs it once)."""
+"""`treewave secret`: make the per-deployment secrets (compose runs it once): the link
+secret and the balancer's API token, each a file of its own."""
 
 from __future__ import annotations
 
@@ -12,20 +13,31 @@ from treewave.wire.secretfile import ensure_secret
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "secret",
-        help="create the per-deployment link secret file if it does not exist",
+        help="create per-deployment secret files (link secret, API token) if missing",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write a random secret to FILE unless it already holds one. Servers "
-        "and the balancer read it (--secret-file) to authenticate their links.",
-        epilog="example:\n  treewave secret --out .treewave/secret",
+        description="Write a random secret to each FILE unless it already holds one (each "
+        "file its own secret). Servers and the balancer read the link secret "
+        "(--secret-file) to authenticate their links; the balancer reads the API token "
+        "(--api-token-file) and clients send it (--token-file).",
+        epilog="examples:\n  treewave secret --out .treewave/secret\n"
+        "  treewave secret --out .treewave/secret --out .treewave/api-token",
     )
-    p.add_argument("--out", type=Path, required=True, help="the secret file")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        action="append",
+        metavar="FILE",
+        help="a secret file to create (repeat for several)",
+    )
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        made = ensure_secret(args.out)
-    except (OSError, ValueError) as exc:
-        raise CommandError(str(exc)) from None
-    print(f"{'created' if made else 'kept'} the link secret in {args.out}")
+    for path in args.out:
+        try:
+            made = ensure_secret(path)
+        except (OSError, ValueError) as exc:
+            raise CommandError(str(exc)) from None
+        print(f"{'created' if made else 'kept'} the secret in {path}")
     return 0

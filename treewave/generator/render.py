@@ -60,7 +60,7 @@ DEFAULT_CPU_PER_SLOT = 0.05
 """CPU reserved per CPU slot: tasks are emulated (a slot is held, not burnt), so a server
 needs little real CPU; the reservation still makes the scheduler spread big servers."""
 PACKAGE_TEMPLATES = Path(__file__).resolve().parent / "templates"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the source tree: treewave/generator/ -> root
 
 
 class TemplateNotFoundError(FileNotFoundError):

@@ -7,14 +7,15 @@ import secrets
 from pathlib import Path
 
 
-def read_secret(path: Path) -> str:
-    """The secret in `path` (stripped); a missing or empty file is a clear error."""
+def read_secret(path: Path, what: str = "link secret") -> str:
+    """The secret in `path` (stripped); a missing or empty file is a clear error naming
+    `what` it should hold."""
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ValueError(f"cannot read the link secret {path}: {exc.strerror or exc}") from None
+        raise ValueError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
     if len(text) < 16:
-        raise ValueError(f"the link secret in {path} is too short (need 16+ characters)")
+        raise ValueError(f"the {what} in {path} is too short (need 16+ characters)")
     return text
 
 

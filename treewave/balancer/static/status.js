@@ -248,16 +248,71 @@
 
   // --- actions --------------------------------------------------------------------------
 
+  // The API token, when the balancer requires one: asked for once (on the first 401) and
+  // kept in sessionStorage, so it lasts for this tab and is never written to disk.
+  const TOKEN_KEY = "treewave.apiToken";
+
+  function storedToken() {
+    try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch (_) { return ""; }
+  }
+
+  function storeToken(token) {
+    try {
+      if (token) sessionStorage.setItem(TOKEN_KEY, token);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    } catch (_) { /* storage disabled: asked again next time */ }
+  }
+
+  let tokenAnswer = null; // resolves the pending question; one form for every request
+
+  function askToken(message) {
+    if (!tokenAnswer) {
+      $("token-hint").textContent = message;
+      $("token-input").value = "";
+      $("token-form").hidden = false;
+      $("token-input").focus();
+    }
+    return new Promise((resolve) => {
+      const previous = tokenAnswer;
+      tokenAnswer = (value) => { if (previous) previous(value); resolve(value); };
+    });
+  }
+
+  function answerToken(value) {
+    const answer = tokenAnswer;
+    tokenAnswer = null;
+    $("token-form").hidden = true;
+    if (answer) answer(value);
+  }
+
+  $("token-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    answerToken($("token-input").value.trim());
+  });
+  $("token-cancel").addEventListener("click", () => answerToken(""));
+
   async function api(method, path, body) {
     let resp;
-    try {
-      resp = await fetch(path, {
-        method,
-        headers: { "Content-Type": "application/json", Accept: "application/json" },
-        body: body === undefined ? undefined : JSON.stringify(body),
-      });
-    } catch (err) {
-      throw new Error(`${method} ${path}: network error, cannot reach the balancer (${err.message})`);
+    for (;;) {
+      const headers = { "Content-Type": "application/json", Accept: "application/json" };
+      const token = storedToken();
+      if (token) headers.Authorization = "Bearer " + token;
+      try {
+        resp = await fetch(path, {
+          method,
+          headers,
+          body: body === undefined ? undefined : JSON.stringify(body),
+        });
+      } catch (err) {
+        throw new Error(`${method} ${path}: network error, cannot reach the balancer (${err.message})`);
+      }
+      if (resp.status !== 401) break;
+      storeToken("");
+      const given = await askToken(token
+        ? "The balancer did not accept that token; enter its API token."
+        : "This balancer needs its API token to change the cluster.");
+      if (!given) throw new Error(`${method} ${path}: not done, the balancer needs its API token`);
+      storeToken(given);
     }
     const text = await resp.text();
     let data = null;

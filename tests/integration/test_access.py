@@ -1,0 +1,393 @@
+"""Who may change the cluster (issue 15), against real processes on loopback: cross-site
+requests, DNS rebinding and the API token. Every refusal must leave the cluster exactly as
+it was, be counted by reason and be logged at most once a minute per client.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_run_cmd import clean_env, treewave_command
+
+from treewave.core.secretfile import ensure_secret
+
+if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
+    from conftest import Cluster, StartCluster
+
+HOUR = 3600
+TOPOLOGY: dict[str, Any] = {
+    "settings": {"task_time_s": HOUR, "wave_timeout_s": 10},
+    "servers": [
+        {"name": "aurora", "cpus": 1, "tasks": 1, "children": ["birch", "cedar"]},
+        {"name": "birch", "cpus": 1, "tasks": 1, "children": []},
+        {"name": "cedar", "cpus": 1, "tasks": 0, "children": []},
+    ],
+}
+JSON = {"Content-Type": "application/json"}
+TASK = json.dumps({"node": "cedar", "count": 2})
+FINN = json.dumps({"tasks_per_node": 1})
+
+
+async def state(http: aiohttp.ClientSession, cluster: Cluster) -> Any:
+    """Everything a request could change: every server's task ids and the balancer's
+    waves and moves."""
+    out: dict[str, Any] = {}
+    for name in cluster.names:
+        async with http.get(cluster.url(name) + "/api/tasks") as resp:
+            out[name] = await resp.json()
+    async with http.get(cluster.balancer_url + "/api/status") as resp:
+        status = await resp.json()
+    out["waves"] = status["waves"]
+    out["moves"] = status["moves"]
+    return out
+
+
+async def rejected(http: aiohttp.ClientSession, cluster: Cluster) -> dict[str, float]:
+    async with http.get(cluster.balancer_url + "/metrics") as resp:
+        text = await resp.text()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "treewave_api_rejected":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["reason"]] = sample.value
+    return counts
+
+
+async def call(
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    data: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    async with http.request(method, url, data=data, headers=headers or {}) as resp:
+        assert resp.content_type == "application/json", await resp.text()
+        return resp.status, await resp.json()
+
+
+def held(snapshot: dict[str, Any], name: str) -> int:
+    """Tasks a server holds (running or queued)."""
+    return len(snapshot[name]["running"]) + len(snapshot[name]["queued"])
+
+
+def own_origin(cluster: Cluster) -> str:
+    return cluster.balancer_url  # http://127.0.0.1:PORT
+
+
+@pytest.fixture(scope="module")
+def cluster(start_module_cluster: StartCluster) -> Cluster:
+    return start_module_cluster(TOPOLOGY)
+
+
+# --- cross-site requests ------------------------------------------------------------------------
+
+
+async def test_cross_origin_posts_are_refused_and_change_nothing(
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    before = await state(http, cluster)
+    counts = await rejected(http, cluster)
+    base = cluster.balancer_url
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:1", "https://127.0.0.1"):
+        for path, body in (("/api/tasks", TASK), ("/api/finn", FINN), ("/api/rebalance", "{}")):
+            status, answer = await call(http, "POST", base + path, body, {**JSON, "Origin": origin})
+            assert status == 403, (origin, path, answer)
+            assert answer["reason"] == "origin"
+            assert "cross-origin" in answer["error"]
+            assert origin in answer["error"]
+    # A future route is covered too: the rule is by method, not by route.
+    status, answer = await call(
+        http, "DELETE", base + "/api/topology", "{}", {**JSON, "Origin": "http://evil.example"}
+    )
+    assert status == 403, answer
+    assert await state(http, cluster) == before
+    after = await rejected(http, cluster)
+    assert after["origin"] - counts["origin"] == 13
+
+
+async def test_same_origin_and_originless_posts_are_accepted(
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    url = cluster.balancer_url + "/api/tasks"
+    status, answer = await call(http, "POST", url, TASK, {**JSON, "Origin": own_origin(cluster)})
+    assert status == 202, answer
+    status, answer = await call(http, "POST", url, TASK, JSON)
+    assert status == 202, answer
+    port = cluster.services["balancer"].port
+    # The page opened as http://localhost:PORT posts with that origin and Host.
+    headers = {**JSON, "Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"}
+    status, answer = await call(http, "POST", url, TASK, headers)
+    assert status == 202, answer
+
+
+async def test_non_json_bodies_are_refused_and_change_nothing(
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    before = await state(http, cluster)
+    counts = await rejected(http, cluster)
+    base = cluster.balancer_url
+    cases: list[tuple[str, Any, dict[str, str]]] = [
+        ("/api/tasks", TASK, {"Content-Type": "text/plain"}),
+        ("/api/tasks", TASK, {"Content-Type": "text/plain;charset=UTF-8"}),
+        ("/api/finn", {"tasks_per_node": "1"}, {}),  # a form: x-www-form-urlencoded
+        ("/api/finn", FINN, {"Content-Type": "multipart/form-data; boundary=x"}),
+        ("/api/rebalance", None, {}),  # no body, no Content-Type
+        ("/api/rebalance", "{}", {"Content-Type": "application/x-www-form-urlencoded"}),
+    ]
+    for path, body, headers in cases:
+        status, answer = await call(http, "POST", base + path, body, headers)
+        assert status == 415, (path, headers, answer)
+        assert answer["reason"] == "content_type"
+        assert "application/json" in answer["error"]
+    assert await state(http, cluster) == before
+    after = await rejected(http, cluster)
+    assert after["content_type"] - counts["content_type"] == len(cases)
+
+
+# --- DNS rebinding ------------------------------------------------------------------------------
+
+
+async def test_foreign_host_names_are_refused_for_reads_and_writes(
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    before = await state(http, cluster)
+    counts = await rejected(http, cluster)
+    base = cluster.balancer_url
+    port = cluster.services["balancer"].port
+    # 127.0.0.1.nip.io resolves to 127.0.0.1: the name a rebinding page would use.
+    for host in (f"evil.example:{port}", "127.0.0.1.nip.io", "localhost.evil.example", "treewave"):
+        for method, path, body in (
+            ("GET", "/api/status", None),
+            ("GET", "/api/tree", None),
+            ("GET", "/", None),
+            ("POST", "/api/finn", FINN),
+            ("POST", "/api/tasks", TASK),
+        ):
+            status, answer = await call(http, method, base + path, body, {**JSON, "Host": host})
+            assert status == 421, (host, method, path, answer)
+            assert answer["reason"] == "host"
+            assert "DNS-rebinding" in answer["error"]
+            assert "--allowed-hosts" in answer["error"]
+    assert await state(http, cluster) == before
+    after = await rejected(http, cluster)
+    assert after["host"] - counts["host"] == 20
+    # The names the balancer serves under: loopback, its IP, the compose service name.
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "balancer:7999", f"[::1]:{port}"):
+        status, _ = await call(http, "GET", base + "/api/status", headers={"Host": host})
+        assert status == 200, host
+
+
+async def test_allowed_hosts_and_origins_are_configurable(
+    start_cluster: StartCluster, http: aiohttp.ClientSession
+) -> None:
+    cluster = start_cluster(
+        TOPOLOGY,
+        extra_args={
+            "balancer": [
+                "--allowed-hosts",
+                "treewave.example.org, .lab.example",
+                "--allowed-origins",
+                "https://treewave.example.org",
+            ]
+        },
+    )
+    base = cluster.balancer_url
+    for host, expected in (
+        ("treewave.example.org", 200),
+        ("node1.lab.example:7999", 200),
+        ("lab.example", 200),
+        ("evil.example", 421),
+        ("treewave.example.org.evil.example", 421),
+    ):
+        status, _ = await call(http, "GET", base + "/api/status", headers={"Host": host})
+        assert status == expected, host
+    # Behind a TLS proxy the page's origin is https://treewave.example.org.
+    headers = {**JSON, "Host": "treewave.example.org", "Origin": "https://treewave.example.org"}
+    status, answer = await call(http, "POST", base + "/api/tasks", TASK, headers)
+    assert status == 202, answer
+    headers["Origin"] = "https://evil.example"
+    status, answer = await call(http, "POST", base + "/api/tasks", TASK, headers)
+    assert status == 403, answer
+
+
+async def test_refusals_are_logged_once_a_minute_per_client(
+    start_cluster: StartCluster, http: aiohttp.ClientSession
+) -> None:
+    cluster = start_cluster(TOPOLOGY)
+    base = cluster.balancer_url
+    for _ in range(25):
+        await call(http, "POST", base + "/api/finn", FINN, {"Content-Type": "text/plain"})
+        await call(http, "GET", base + "/api/status", headers={"Host": "evil.example"})
+        await call(http, "POST", base + "/api/finn", FINN, {**JSON, "Origin": "http://x.test"})
+    counts = await rejected(http, cluster)
+    assert counts == {
+        "host": 25,
+        "origin": 25,
+        "content_type": 25,
+        "token_missing": 0,
+        "token_wrong": 0,
+    }
+    log = cluster.services["balancer"].log_text()
+    refusals = [line for line in log.splitlines() if "refused " in line]
+    assert len(refusals) == 1, refusals
+    assert "127.0.0.1" in refusals[0]
+    assert "only counted" in refusals[0]
+
+
+# --- the API token ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "api-token"
+    ensure_secret(path)
+    return path
+
+
+@pytest.fixture
+def token(token_file: Path) -> str:
+    return token_file.read_text(encoding="utf-8").strip()
+
+
+async def test_token_required_missing_or_wrong_is_401_right_is_accepted(
+    start_cluster: StartCluster, http: aiohttp.ClientSession, token_file: Path, token: str
+) -> None:
+    cluster = start_cluster(
+        TOPOLOGY,
+        extra_args={"balancer": ["--require-token", "--api-token-file", str(token_file)]},
+    )
+    base = cluster.balancer_url
+    before = await state(http, cluster)
+    for auth, reason in (
+        (None, "token_missing"),
+        ("Bearer " + "x" * len(token), "token_wrong"),
+        ("Bearer " + token[:-1], "token_wrong"),
+        ("Bearer ", "token_wrong"),
+        ("Basic " + token, "token_wrong"),
+        (token, "token_wrong"),
+    ):
+        headers = {**JSON, **({"Authorization": auth} if auth is not None else {})}
+        for path, body in (("/api/tasks", TASK), ("/api/finn", FINN), ("/api/rebalance", "{}")):
+            async with http.post(base + path, data=body, headers=headers) as resp:
+                assert resp.status == 401, (auth, path, await resp.text())
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+                answer = await resp.json()
+            assert answer["reason"] == reason, (auth, answer)
+            assert "Authorization: Bearer" in answer["error"]
+            assert token not in answer["error"]
+    assert await state(http, cluster) == before
+    counts = await rejected(http, cluster)
+    assert counts["token_missing"] == 3
+    assert counts["token_wrong"] == 15
+    # Reads stay open; the right token is accepted.
+    status, _ = await call(http, "GET", base + "/api/status")
+    assert status == 200
+    auth = {**JSON, "Authorization": f"Bearer {token}"}
+    status, answer = await call(http, "POST", base + "/api/tasks", TASK, auth)
+    assert status == 202, answer
+    status, answer = await call(http, "POST", base + "/api/finn", FINN, auth)
+    assert status == 200, answer
+    assert answer["complete"] is True, answer
+    # The token does not excuse a cross-site request.
+    status, answer = await call(
+        http, "POST", base + "/api/tasks", TASK, {**auth, "Origin": "http://evil.example"}
+    )
+    assert status == 403, answer
+    after = await state(http, cluster)
+    assert held(after, "cedar") == held(before, "cedar") + 2 + 1
+
+
+def treewave(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*treewave_command(), *args],
+        capture_output=True,
+        text=True,
+        env=env or clean_env(),
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+async def test_cli_sends_the_token(
+    start_cluster: StartCluster, http: aiohttp.ClientSession, token_file: Path, token: str
+) -> None:
+    cluster = start_cluster(
+        TOPOLOGY,
+        extra_args={"balancer": ["--require-token", "--api-token-file", str(token_file)]},
+    )
+    url = cluster.balancer_url
+    before = await state(http, cluster)
+
+    refused = treewave("submit", "--balancer", url, "--node", "birch", "--count", "3")
+    assert refused.returncode == 1
+    assert "requires its API token" in refused.stderr
+    assert "--token-file" in refused.stderr
+    wrong = {**clean_env(), "TREEWAVE_API_TOKEN": "y" * 40}
+    refused = treewave("rebalance", "--balancer", url, env=wrong)
+    assert refused.returncode == 1
+    assert "not this balancer's" in refused.stderr
+    assert await state(http, cluster) == before
+    # Reads need no token.
+    assert treewave("status", "--balancer", url).returncode == 0
+
+    ok = treewave(
+        "submit",
+        "--balancer",
+        url,
+        "--node",
+        "birch",
+        "--count",
+        "3",
+        "--token-file",
+        str(token_file),
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert re.search(r"queued 3 tasks on birch", ok.stdout), ok.stdout
+    ok = treewave("finn", "--balancer", url, env={**clean_env(), "TREEWAVE_API_TOKEN": token})
+    assert ok.returncode == 0, ok.stderr
+    by_file = {**clean_env(), "TREEWAVE_API_TOKEN_FILE": str(token_file)}
+    ok = treewave("rebalance", "--balancer", url, env=by_file)
+    assert ok.returncode == 0, ok.stderr
+    after = await state(http, cluster)
+    total = sum(held(after, n) for n in cluster.names)
+    assert total == sum(held(before, n) for n in cluster.names) + 3 + len(cluster.names)
+
+    missing = treewave("rebalance", "--balancer", url, "--token-file", str(token_file) + ".nope")
+    assert missing.returncode == 1
+    assert "cannot read the API token file" in missing.stderr
+
+
+# --- start-up -----------------------------------------------------------------------------------
+
+
+def test_balancer_beyond_loopback_will_not_start_without_a_token(tmp_path: Path) -> None:
+    topo = tmp_path / "topology.json"
+    topo.write_text(json.dumps(TOPOLOGY), encoding="utf-8")
+    common = ["balancer", "--topology", str(topo), "--port", "1"]
+    for extra in (
+        ["--host", "0.0.0.0"],
+        ["--host", "0.0.0.0", "--published-address", "192.0.2.7"],
+        ["--published-address", "treewave.example.org"],
+        ["--require-token"],
+    ):
+        done = treewave(*common, *extra)
+        assert done.returncode == 2, (extra, done.stderr)
+        assert "need an API token" in done.stderr, done.stderr
+        assert "--api-token-file" in done.stderr
+    short = tmp_path / "short"
+    short.write_text("abc\n", encoding="utf-8")
+    done = treewave(*common, "--host", "0.0.0.0", "--api-token-file", str(short))
+    assert done.returncode == 2
+    assert "API token" in done.stderr
+    assert "too short" in done.stderr
+    done = treewave(*common, "--allowed-hosts", "http://evil.example/")
+    assert done.returncode == 2
+    assert "allowed host" in done.stderr
