@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_run_cmd import clean_env, treewave_command
 
-from treewave.core.secretfile import ensure_secret
+from treewave.wire.secretfile import ensure_secret
 
 if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
     from conftest import Cluster, StartCluster
