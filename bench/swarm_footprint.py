@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,31 @@ class Lab:
         return _run(["docker", "-H", self.sockets[host - 1], *args]).stdout
 
 
+def _request(method: str, url: str, token: str, body: Any = None) -> Any:
+    """One API call with the stack's API token (the Swarm balancer always requires it)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def _waves(
+    url: str, token: str, method: str, body: Any, samples: int
+) -> tuple[list[float], list[float], int]:
+    """(balancer-reported seconds, client seconds, how many were complete)."""
+    reported, client, complete = [], [], 0
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        answer = _request(method, url, token, body)
+        client.append(time.perf_counter() - t0)
+        reported.append(float(answer["duration_s"]))
+        complete += bool(answer["complete"])
+    return reported, client, complete
+
+
 def _healthy(lab: Lab, stack: str, services: list[str]) -> bool:
     seen = set()
     for host in range(1, HOSTS + 1):
@@ -149,6 +175,7 @@ def measure_swarm(lab: Lab, nodes: int, echo_samples: int, finn_samples: int) ->
         out = Path(tmp)
         (out / "topology.json").write_text(topology.dumps(), encoding="utf-8")
         render_swarm(topology, "topology.json", out, hosts=HOSTS)
+        token = (out / "secrets" / "api-token").read_text().strip()
         services = [*topology.names, "balancer", "prometheus"]
         try:
             row["load_before"] = [round(x, 1) for x in os.getloadavg()]
@@ -163,7 +190,7 @@ def measure_swarm(lab: Lab, nodes: int, echo_samples: int, finn_samples: int) ->
             row["deploy_s"] = round(time.monotonic() - start, 2)
             while True:
                 try:
-                    if cf._request("GET", f"{api}/api/tree")["complete"]:
+                    if _request("GET", f"{api}/api/tree", token)["complete"]:
                         break
                 except OSError:
                     pass
@@ -171,11 +198,11 @@ def measure_swarm(lab: Lab, nodes: int, echo_samples: int, finn_samples: int) ->
                     raise RuntimeError("no complete Echo within 900 s")
                 time.sleep(0.5)
             row["first_complete_s"] = round(time.monotonic() - start, 2)
-            reported, client, complete = cf._waves(f"{api}/api/tree", "GET", None, echo_samples)
+            reported, client, complete = _waves(f"{api}/api/tree", token, "GET", None, echo_samples)
             row["echo"] = {"samples": echo_samples, "complete": complete,
                            "balancer": cf._ms(reported), "client": cf._ms(client)}  # fmt: skip
-            reported, client, complete = cf._waves(
-                f"{api}/api/finn", "POST", {"tasks_per_node": 0}, finn_samples
+            reported, client, complete = _waves(
+                f"{api}/api/finn", token, "POST", {"tasks_per_node": 0}, finn_samples
             )
             row["finn"] = {"samples": finn_samples, "complete": complete,
                            "balancer": cf._ms(reported), "client": cf._ms(client)}  # fmt: skip
@@ -217,21 +244,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("--echo-samples", type=int, default=20)
     p.add_argument("--finn-samples", type=int, default=10)
     p.add_argument("--no-compose", action="store_true", help="skip the Compose comparison")
+    p.add_argument("--no-swarm", action="store_true", help="only the Compose comparison")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
 
-    lab = Lab()
     rows: list[dict[str, Any]] = []
-    setup: dict[str, float] = {}
-    try:
-        setup = lab.up()
-        print(f"image build {setup['image_build_s']} s, lab up {setup['lab_up_s']} s", flush=True)
-        for n in args.sizes:
-            row = measure_swarm(lab, n, args.echo_samples, args.finn_samples)
-            rows.append({"target": "swarm", **row})
-            print(_line("swarm", row), flush=True)
-    finally:
-        lab.down()
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    command = " ".join(["python bench/swarm_footprint.py", *argv])
+    if not args.no_swarm:
+        lab = Lab()
+        try:
+            setup = lab.up()
+            print(f"image build {setup['image_build_s']} s, lab up {setup['lab_up_s']} s")
+            for n in args.sizes:
+                row = measure_swarm(lab, n, args.echo_samples, args.finn_samples)
+                rows.append({"target": "swarm", **row, **setup})
+                print(_line("swarm", row), flush=True)
+        finally:
+            lab.down()
     if not args.no_compose:
         with tempfile.TemporaryDirectory(prefix="treewave-bench-build-") as tmp:
             cf.build(Path(tmp))
@@ -241,15 +271,18 @@ def main(argv: list[str]) -> int:
             print(_line("compose", row), flush=True)
 
     if not args.no_write:
+        previous: dict[str, Any] = {}
+        if RESULTS.exists():
+            previous = json.loads(RESULTS.read_text(encoding="utf-8"))
+        keyed = {(r["target"], r["nodes"]): r for r in previous.get("results", [])}
+        for row in rows:
+            keyed[(row["target"], row["nodes"])] = {**row, "measured_at": now, "command": command}
         data = {
             "seed": cf.SEED,
             "settings": {"wave_timeout_s": 10.0, "rebalance_interval_s": 0},
             "hosts": HOSTS,
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(["python bench/swarm_footprint.py", *argv]),
-            "setup": setup,
             "machine": cf._machine(),
-            "results": rows,
+            "results": [keyed[k] for k in sorted(keyed)],
         }
         RESULTS.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {RESULTS.relative_to(REPO)}")
