@@ -363,6 +363,8 @@ class Server:
             if self.settings.secret:
                 await ws.send_str(encode(Challenge(nonce=nonce)))
             first = await ws.receive(timeout=HELLO_TIMEOUT_S)
+        except (ConnectionError, RuntimeError):  # the dialer hung up before its hello
+            return ws
         except TimeoutError:
             self.metrics.invalid.labels(self.name, "no_hello").inc()
             log.warning("%s: refused a link: no hello within %s s", self.name, HELLO_TIMEOUT_S)
