@@ -71,8 +71,16 @@ def treewave_command() -> list[str]:
 class Cluster:
     """`treewave run` in the background; `stop()` always leaves nothing behind."""
 
-    def __init__(self, topology: Path, port: int, base_port: int) -> None:
+    def __init__(
+        self,
+        topology: Path,
+        port: int,
+        base_port: int,
+        extra_env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TREEWAVE_")}
+        env.update(extra_env or {})
         self.port = port
         self.lines: list[str] = []
         self.ready = threading.Event()
@@ -90,6 +98,7 @@ class Cluster:
                 "0",
                 "--log-level",
                 "WARNING",
+                *extra_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -53,6 +53,15 @@ EXAMPLES: list[m.Model] = [
         reservations=(m.ReservationInfo(transfer="tr-1", target="beta", tasks=2),)
     ),
     m.Challenge(nonce="0123456789abcdef0123456789abcdef"),
+    m.TraceRequest(wave="echo-1"),
+    m.TracePart(
+        wave="finn-1",
+        server="beta",
+        events=(
+            m.TraceEvent(seq=0, event="receive", message="finn", peer="alpha", at=1.5, inc=2),
+            m.TraceEvent(seq=1, event="decide", at=1.6, inc=3, ninc=3),
+        ),
+    ),
 ]
 """One example of every message type; `test_examples_cover_every_message_type` fails
 when a type is added to the union without one here."""

@@ -28,6 +28,7 @@ from treewave.balancer.access import access_middleware
 from treewave.balancer.metrics import BalancerMetrics
 from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.status import setup_status
+from treewave.balancer.traces import WaveTraces, sampled_waves, setup_traces
 from treewave.core.echo import EchoInitiator
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import EchoResult, FinnResult, Send
@@ -42,6 +43,7 @@ from treewave.core.messages import (
     SubmitTasks,
     Task,
     TasksAccepted,
+    TracePart,
     TransferAbort,
     TransferCancel,
     TransferCommit,
@@ -145,6 +147,7 @@ class Balancer:
         self._resolving: set[str] = set()
         self._ids = itertools.count(1)
         self._instance = secrets.token_hex(3)
+        self.traces = WaveTraces(settings, topology, self.links, self.publish)
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{self._instance}-{next(self._ids)}"
@@ -183,8 +186,12 @@ class Balancer:
                 if not isinstance(msg, FinnSets):
                     raise RemoteProtocolError("echo message in a finn wave", "wrong_algorithm")
                 result = init.receive(msg)
+            self.traces.received(peer, msg)
             if result is not None and not pending.done.done():
                 pending.done.set_result(result)
+            return
+        if isinstance(msg, TracePart):
+            self.traces.on_part(peer, msg)
             return
         if isinstance(msg, (TransferPrepared, TransferOutcome, TransferSettled, TasksAccepted)):
             key = msg.first if isinstance(msg, TasksAccepted) else msg.transfer
@@ -264,6 +271,7 @@ class Balancer:
     ) -> EchoResult | FinnResult:
         pending = PendingWave(init)
         self.waves[wave] = pending
+        self.traces.started(init, sends)
         try:
             for send in sends:
                 if not await self.links.send(send.to, send.message):
@@ -282,6 +290,7 @@ class Balancer:
         self.metrics.wave_messages.labels(record.algorithm).inc(record.messages)
         if record.trigger != "status":
             self.history.appendleft(record)
+        self.traces.finished(record)
         if not record.complete:
             log.warning(
                 "%s wave %s partial, missing %s", record.algorithm, record.wave_id, record.missing
@@ -452,7 +461,8 @@ class Balancer:
                 await asyncio.wait_for(self.rebalance_soon.wait(), self.rebalance_interval_s)
             self.rebalance_soon.clear()
             try:
-                await self.rebalance()
+                with sampled_waves():
+                    await self.rebalance()
             except Exception:  # pragma: no cover - a round must never stop the loop
                 log.exception("periodic rebalance failed")
 
@@ -682,6 +692,7 @@ def create_app(settings: BalancerSettings, topology: Topology | None = None) -> 
     app.router.add_post("/api/rebalance", api_rebalance)
     app.router.add_post("/api/tasks", api_tasks)
     setup_status(app)
+    setup_traces(app, app[BALANCER_KEY].traces)
     app.cleanup_ctx.append(_background)
     return app
 

@@ -30,6 +30,10 @@ class BalancerSettings:
     status_interval_s: float = 2.0
     """How often the status page gets a fresh snapshot (at least 1 s)."""
     tick_s: float = 0.02
+    trace_history: int = 50
+    """How many traced waves the balancer keeps (bounded memory); 0 turns tracing off."""
+    trace_sample: float = 0.1
+    """The share of periodic rebalancing waves that are traced (API waves always are)."""
     access: AccessSettings = field(default_factory=AccessSettings)
     """Host, Origin, Content-Type and API-token rules of the HTTP API (balancer/access.py)."""
 
@@ -55,6 +59,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=float(env("TREEWAVE_STATUS_INTERVAL_S", "2")),
         help="seconds between live status updates, at least 1 (default: 2)",
     )
+    p.add_argument(
+        "--trace-history",
+        type=int,
+        default=int(env("TREEWAVE_TRACE_HISTORY", "50")),
+        help="traced waves kept for /api/waves, 0 = no tracing (default: 50)",
+    )
+    p.add_argument(
+        "--trace-sample",
+        type=float,
+        default=float(env("TREEWAVE_TRACE_SAMPLE", "0.1")),
+        help="share of periodic rebalancing waves traced, 0-1 (default: 0.1)",
+    )
     add_access_arguments(p)
 
 
@@ -65,6 +81,10 @@ def _float_or_none(text: str | None) -> float | None:
 def from_arguments(args: argparse.Namespace) -> BalancerSettings:
     if args.status_interval < 1:
         raise ValueError("--status-interval must be at least 1 second")
+    if args.trace_history < 0:
+        raise ValueError("--trace-history must be 0 or more")
+    if not 0 <= args.trace_sample <= 1:
+        raise ValueError("--trace-sample must be between 0 and 1")
     link = link_settings(args)
     return BalancerSettings(
         topology=link.topology,
@@ -76,5 +96,7 @@ def from_arguments(args: argparse.Namespace) -> BalancerSettings:
         rebalance_interval_s=args.rebalance_interval,
         wave_timeout_s=args.wave_timeout,
         status_interval_s=args.status_interval,
+        trace_history=args.trace_history,
+        trace_sample=args.trace_sample,
         access=access_settings(args, link.host),
     )

@@ -18,12 +18,21 @@ from treewave.cli import (
     secret_cmd,
     services_cmd,
     simulate_cmd,
+    trace_cmd,
 )
 from treewave.cli.errors import CommandError
 
 __all__ = ["CommandError", "build_parser", "main"]
 
-COMMAND_MODULES = (simulate_cmd, secret_cmd, deploy_cmd, services_cmd, run_cmd, client_cmd)
+COMMAND_MODULES = (
+    simulate_cmd,
+    secret_cmd,
+    deploy_cmd,
+    services_cmd,
+    run_cmd,
+    client_cmd,
+    trace_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,13 +7,19 @@ import gc
 import json
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from treewave.cli.argtypes import positive_int
+from treewave.cli.errors import CommandError
 from treewave.core.messages import FinnWork
 from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.simulation import SimNetwork
 from treewave.core.topology import BALANCER
+
+MAX_TRACED_NODES = 2000
+"""`--trace` keeps a vector clock per event, which grows with the servers a wave has
+reached: some N^2 numbers in all, so traces are for networks people can look at."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,12 +42,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="extra parent edges (default: 5%% of the servers)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--trace",
+        type=Path,
+        metavar="FILE",
+        default=None,
+        help=f"write both waves' traces to FILE, in the format of the balancer's "
+        f"/api/waves/{{id}} (at most {MAX_TRACED_NODES} servers); read it with "
+        "`treewave trace WAVE_ID --file FILE`",
+    )
     p.set_defaults(handler=run)
 
 
 def simulate(
-    nodes: int, seed: int, max_children: int = 3, extra: int | None = None
+    nodes: int,
+    seed: int,
+    max_children: int = 3,
+    extra: int | None = None,
+    trace_to: Path | None = None,
 ) -> dict[str, Any]:
+    if trace_to is not None and nodes > MAX_TRACED_NODES:
+        raise CommandError(f"--trace is for at most {MAX_TRACED_NODES} servers, not {nodes}")
     extra_parents = nodes // 20 if extra is None else extra
     # The run allocates millions of long-lived objects and frees almost none: the cyclic
     # garbage collector would only rescan them (some 40% of the time at 50k servers).
@@ -49,7 +70,7 @@ def simulate(
     gc.disable()
     try:
         topology = random_topology(nodes, seed, TreeShape(max_children, extra_parents))
-        net = SimNetwork(topology)
+        net = SimNetwork(topology, trace=trace_to is not None)
         rng = random.Random(seed)
         t0 = time.perf_counter()
         net.start_echo("echo-1")
@@ -63,6 +84,12 @@ def simulate(
             gc.enable()
     echo, finn = net.logs["echo-1"], net.logs["finn-1"]
     decisions = [s.decisions.count("finn-1") for s in net.servers.values()]
+    if trace_to is not None:
+        traces = {"waves": [net.trace("echo-1"), net.trace("finn-1")]}
+        try:
+            trace_to.write_text(json.dumps(traces, separators=(",", ":")), encoding="utf-8")
+        except OSError as exc:
+            raise CommandError(f"cannot write the trace file {trace_to}: {exc}") from None
     return {
         "nodes": nodes,
         "edges": topology.echo_edge_count,
@@ -85,7 +112,7 @@ def simulate(
 
 
 def run(args: argparse.Namespace) -> int:
-    report = simulate(args.nodes, args.seed, args.max_children, args.extra_parents)
+    report = simulate(args.nodes, args.seed, args.max_children, args.extra_parents, args.trace)
     if args.json:
         print(json.dumps(report))
     else:

@@ -137,6 +137,49 @@ class FinnSets(Model):
     reported as not done (set by the balancer; clocks are assumed roughly in sync)."""
 
 
+# --- traces (balancer <-> server, after a wave, on the direct link) --------------------------
+
+
+class TraceEvent(Model):
+    """One thing a participant did in a wave, as it recorded it: sent or received a wave
+    message, or decided. `seq` orders a participant's own events; `at` is its own wall
+    clock (hosts' clocks may disagree: causality comes from matching, not from `at`)."""
+
+    seq: int = Field(ge=0)
+    event: Literal["send", "receive", "decide"]
+    message: Literal["explore", "reply", "finn", ""] = ""
+    """The wave message's kind (empty for a decision)."""
+    peer: str = Field(default="", max_length=63)
+    """The receiver of a send, the sender of a receive."""
+    at: float
+    inc: int | None = Field(default=None, ge=0)
+    """Finn: sizes of the sets the message carried (or, for a decision, of the decider's)."""
+    ninc: int | None = Field(default=None, ge=0)
+    dec: int | None = Field(default=None, ge=0)
+    known_inc: int | None = Field(default=None, ge=0)
+    """Finn, on a receive: the receiver's own `inc` and `ninc` sizes after merging."""
+    known_ninc: int | None = Field(default=None, ge=0)
+
+
+class TraceRequest(Model):
+    """Balancer -> server: send me your part of this wave's trace."""
+
+    type: Literal["trace.request"] = "trace.request"
+    wave: WaveId
+
+
+class TracePart(Model):
+    """Server -> balancer: what this server recorded of the wave (possibly nothing: it
+    never heard of it, or it has been pushed out of the server's bounded buffer)."""
+
+    type: Literal["trace.part"] = "trace.part"
+    wave: WaveId
+    server: Name
+    events: tuple[TraceEvent, ...] = Field(max_length=100_000)
+    truncated: bool = False
+    """The server hit its per-wave event limit and dropped the rest."""
+
+
 # --- tasks and transfers (balancer <-> server) ----------------------------------------------
 
 
@@ -255,7 +298,9 @@ Message = Annotated[
     | TransferAbort
     | TransferSettled
     | TransferQuery
-    | TransferReservations,
+    | TransferReservations
+    | TraceRequest
+    | TracePart,
     Field(discriminator="type"),
 ]
 WaveMessage = EchoExplore | EchoReply | FinnSets

@@ -110,6 +110,11 @@ class NodeProtocol:
         finn = self.finn_waves.get(wave)
         return finn is not None and finn.phase is FinnPhase.DECIDED
 
+    def finn_sets(self, wave: str) -> tuple[int, int] | None:
+        """Sizes of this server's (inc, ninc) in a Finn wave still in memory (traces)."""
+        finn = self.finn_waves.get(wave)
+        return None if finn is None else (len(finn.sets.inc), len(finn.sets.ninc))
+
     def _finish(self, wave_id: str) -> None:
         self.echo_waves.pop(wave_id, None)
         self.finn_waves.pop(wave_id, None)

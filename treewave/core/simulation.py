@@ -3,6 +3,8 @@
 Every message sent goes into one in-flight pool; `deliver(i)` hands the i-th to its
 receiver, so a test (or a seeded random generator) picks any delivery order. Servers'
 loads are plain counters: a Finn decision adds its tasks to the server's queue.
+With `trace=True` every participant records its part of each wave as the real services
+do (the simulated clock is everyone's clock), and `trace(wave)` assembles it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from treewave.core.finn import FinnInitiator
 from treewave.core.messages import EchoExplore, EchoReply, FinnSets, FinnWork, ServerState
 from treewave.core.node import NodeProtocol
 from treewave.core.topology import BALANCER, Topology
+from treewave.core.trace import TraceJson, TraceRecorder, assemble
 
 
 @dataclass
@@ -47,7 +50,7 @@ class WaveLog:
 
 
 class SimNetwork:
-    def __init__(self, topology: Topology, now: float = 0.0) -> None:
+    def __init__(self, topology: Topology, now: float = 0.0, trace: bool = False) -> None:
         self.topology = topology
         self.now = now
         self.servers = {
@@ -60,6 +63,11 @@ class SimNetwork:
         self.finn: dict[str, FinnInitiator] = {}
         self.logs: dict[str, WaveLog] = {}
         self._expected = frozenset(topology.names)
+        self.recorders: dict[str, TraceRecorder] = (
+            {n: TraceRecorder(n, max_waves=1_000_000) for n in (BALANCER, *topology.names)}
+            if trace
+            else {}
+        )
 
     # --- starting waves --------------------------------------------------------------------
 
@@ -84,32 +92,45 @@ class SimNetwork:
         _sender, to, msg = pool.pop()
         log = self.logs[msg.wave]
         if to == BALANCER:
-            self._to_balancer(msg, log)
+            self._to_balancer(_sender, msg)
             return
         server = self.servers[to]
         log.participants.add(to)
         out = server.protocol.receive(msg, self.now, server.state())
+        recorder = self.recorders.get(to)
+        if recorder is not None:
+            recorder.received(_sender, msg, self.now, server.protocol.finn_sets(msg.wave))
         sends: list[Send] = []
         for item in out:
             if isinstance(item, FinnDecided):
                 server.decisions.append(item.wave)
                 server.queued += item.work.tasks_per_node
                 log.decide_order.append(to)
+                if recorder is not None:
+                    recorder.decided(item.wave, self.now, server.protocol.finn_sets(item.wave))
             else:
                 sends.append(item)
         self._post(to, sends)
 
-    def _to_balancer(self, msg: EchoExplore | EchoReply | FinnSets, log: WaveLog) -> None:
+    def _to_balancer(self, sender: str, msg: EchoExplore | EchoReply | FinnSets) -> None:
+        known: tuple[int, int] | None = None
         if isinstance(msg, FinnSets):
-            result: EchoResult | FinnResult | None = self.finn[msg.wave].receive(msg)
+            finn = self.finn[msg.wave]
+            result: EchoResult | FinnResult | None = finn.receive(msg)
+            known = (len(finn.sets.inc), len(finn.sets.ninc))
         else:
             result = self.echo[msg.wave].receive(msg)
+        recorder = self.recorders.get(BALANCER)
+        if recorder is not None:
+            recorder.received(sender, msg, self.now, known)
         if result is not None:
-            log.result = result
-            log.decide_order.append(BALANCER)
+            self._decided(result)
 
     def _post(self, sender: str, sends: list[Send]) -> None:
+        recorder = self.recorders.get(sender)
         for s in sends:
+            if recorder is not None:
+                recorder.sent(s.to, s.message, self.now)
             log = self.logs[s.message.wave]
             log.messages += 1
             if log.result is not None:
@@ -128,8 +149,40 @@ class SimNetwork:
         results += [f.handle_timer(now) for f in self.finn.values()]
         for result in results:
             if result is not None:
-                self.logs[result.wave].result = result
-                self.logs[result.wave].decide_order.append(BALANCER)
+                self._decided(result)
+
+    def _decided(self, result: EchoResult | FinnResult) -> None:
+        log = self.logs[result.wave]
+        log.result = result
+        log.decide_order.append(BALANCER)
+        recorder = self.recorders.get(BALANCER)
+        if recorder is not None:
+            sets: tuple[int, int] | None = None
+            finn = self.finn.get(result.wave)
+            if finn is not None:
+                sets = (len(finn.sets.inc), len(finn.sets.ninc))
+            recorder.decided(result.wave, self.now, sets)
+
+    def trace(self, wave: str) -> TraceJson:
+        """The wave's trace, put together like the balancer does (needs `trace=True`)."""
+        if not self.recorders:
+            raise ValueError("this network was made without trace=True")
+        log = self.logs[wave]
+        parts = {name: r.events(wave) for name, r in self.recorders.items() if r.events(wave)}
+        complete = log.result is not None and log.result.complete
+        missing: set[str] = set()
+        if isinstance(log.result, EchoResult):
+            missing = set(self._expected) - {s.name for s in log.result.states}
+        elif isinstance(log.result, FinnResult):
+            missing = set(self._expected) - set(log.result.decided)
+        return assemble(
+            wave,
+            log.algorithm,
+            parts,
+            lanes=(BALANCER, *self.topology.names),
+            wave_complete=complete,
+            wave_missing=missing,
+        )
 
     def run(self, rng: random.Random, drop: set[str] | None = None) -> None:
         """Deliver in random order until nothing is in flight. Messages to servers in

@@ -37,6 +37,7 @@ from treewave.core.messages import (
     SubmitTasks,
     Task,
     TasksAccepted,
+    TraceRequest,
     TransferAbort,
     TransferCancel,
     TransferCommit,
@@ -53,6 +54,7 @@ from treewave.core.messages import (
 from treewave.core.messages import Model as MessageModel
 from treewave.core.node import NodeProtocol
 from treewave.core.topology import BALANCER, Topology, load_topology
+from treewave.core.trace import TraceRecorder
 from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
 from treewave.wire.addressing import peer_url
@@ -73,6 +75,8 @@ class Server:
         self.cpus = self.spec.cpus
         self.task_time_s = topology.settings.task_time_s
         self.protocol = NodeProtocol(self.name, topology)
+        self.trace = TraceRecorder(self.name, settings.trace_waves)
+        """This server's part of its recent waves, handed to the balancer on request."""
         self.metrics = NodeMetrics(self.name)
         self.metrics.cpus.set(self.cpus)
         self.links = LinkSet()
@@ -234,6 +238,9 @@ class Server:
             ):
                 raise StaleMessage(f"finn wave {msg.wave} expired before it reached {self.name!r}")
             out = self.protocol.receive(msg, time.monotonic(), self.local_state())
+            if self.trace.enabled:
+                known = self.protocol.finn_sets(msg.wave) if algorithm == "finn" else None
+                self.trace.received(peer, msg, time.time(), known)
             self.metrics.wave_messages.labels(self.name, algorithm, "in").inc()
             return self._outputs(out)
         if isinstance(msg, ErrorReply):
@@ -293,6 +300,8 @@ class Server:
                     )
                 )
             ]
+        if isinstance(msg, TraceRequest):
+            return [self.trace.part(msg.wave)]
         if isinstance(msg, TransferAbort):
             aborted = led.abort(msg.transfer)
             self.save()
@@ -304,6 +313,7 @@ class Server:
         sends: list[tuple[str, MessageModel]] = []
         for item in out:
             if isinstance(item, FinnDecided):
+                self.trace.decided(item.wave, time.time(), self.protocol.finn_sets(item.wave))
                 tasks = [
                     self.new_task(item.wave, item.work.duration_s)
                     for _ in range(item.work.tasks_per_node)
@@ -317,6 +327,7 @@ class Server:
             elif isinstance(item, Send):
                 algorithm = "finn" if isinstance(item.message, FinnSets) else "echo"
                 self.metrics.wave_messages.labels(self.name, algorithm, "out").inc()
+                self.trace.sent(item.to, item.message, time.time())
                 sends.append((item.to, item.message))
         return sends
 

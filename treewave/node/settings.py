@@ -31,17 +31,28 @@ class NodeSettings:
     flood_rate: float = 2000.0
     """Frames per second a link may send on average (bursts of twice that) before its
     frames are dropped and counted."""
+    trace_waves: int = 64
+    """How many recent waves this server keeps its part of the trace for (bounded
+    memory; 0 records nothing). The balancer asks for a part after a traced wave."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=os.environ.get("TREEWAVE_NAME"), help="this server's name")
     add_link_arguments(p, default_port=8000)
     p.add_argument("--state-dir", type=Path, default=os.environ.get("TREEWAVE_STATE_DIR"))
+    p.add_argument(
+        "--trace-waves",
+        type=int,
+        default=int(os.environ.get("TREEWAVE_TRACE_WAVES", "64")),
+        help="recent waves whose trace this server keeps, 0 = none (default: 64)",
+    )
 
 
 def from_arguments(args: argparse.Namespace) -> NodeSettings:
     if not args.name:
         raise ValueError("--name (or TREEWAVE_NAME) is required")
+    if args.trace_waves < 0:
+        raise ValueError("--trace-waves must be 0 or more")
     link = link_settings(args)
     return NodeSettings(
         name=args.name,
@@ -52,6 +63,7 @@ def from_arguments(args: argparse.Namespace) -> NodeSettings:
         peer_urls=link.peer_urls,
         state_dir=args.state_dir,
         secret=link.secret,
+        trace_waves=args.trace_waves,
         crash_points=frozenset(
             p.strip() for p in os.environ.get("TREEWAVE_CRASH", "").split(",") if p.strip()
         ),

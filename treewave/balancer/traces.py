@@ -1,0 +1,352 @@
+"""Wave traces at the balancer: its own part of every wave, gathering the servers' parts
+after a traced wave, a bounded history, and the API (`/api/waves`, `/api/waves/{id}`).
+
+Which waves are traced: every wave started from the API (and so from the page's buttons);
+periodic rebalancing waves with probability `trace_sample`; the page's own refresh Echoes
+never (they run every few seconds and would push everything else out of the history).
+Gathering happens after the wave has decided, on the balancer's direct links
+(`trace.request` -> `trace.part`), so the wave's own messages are exactly what they are
+without tracing. A server that does not answer within `step_timeout_s` is named in the
+trace's `missing` and makes it partial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from treewave.core.echo import EchoInitiator
+from treewave.core.events import Send
+from treewave.core.finn import FinnInitiator
+from treewave.core.messages import (
+    EchoExplore,
+    EchoReply,
+    FinnSets,
+    TraceEvent,
+    TracePart,
+    TraceRequest,
+)
+from treewave.core.topology import BALANCER, Topology
+from treewave.core.trace import TraceJson, TraceRecorder, assemble, shiviz_log
+from treewave.wire.links import LinkSet
+
+__all__ = [
+    "TRACES_KEY",
+    "TraceSettings",
+    "WaveTraces",
+    "sampled_waves",
+    "setup_traces",
+]
+
+log = logging.getLogger("treewave.traces")
+
+OWN_WAVES = 256
+"""Waves whose balancer-side events are kept until the wave ends (in flight at once)."""
+
+_SAMPLED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "treewave_trace_sampled", default=False
+)
+
+
+@contextlib.contextmanager
+def sampled_waves() -> Iterator[None]:
+    """Waves started inside this block (in this task) are traced only with probability
+    `trace_sample`: the periodic rebalancing loop runs its rounds in one."""
+    token = _SAMPLED.set(True)
+    try:
+        yield
+    finally:
+        _SAMPLED.reset(token)
+
+
+class TraceSettings(Protocol):
+    @property
+    def trace_history(self) -> int: ...
+
+    @property
+    def trace_sample(self) -> float: ...
+
+    @property
+    def step_timeout_s(self) -> float: ...
+
+
+class FinishedWave(Protocol):
+    """What the balancer knows of a wave when it has decided (its `WaveRecord`)."""
+
+    @property
+    def wave_id(self) -> str: ...
+
+    @property
+    def algorithm(self) -> str: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+    @property
+    def missing(self) -> list[str]: ...
+
+    @property
+    def messages(self) -> int: ...
+
+    @property
+    def duration_s(self) -> float: ...
+
+    @property
+    def finished_at(self) -> float: ...
+
+    @property
+    def trigger(self) -> str: ...
+
+
+@dataclass
+class StoredTrace:
+    summary: dict[str, Any]
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    trace: TraceJson | None = None
+
+
+class WaveTraces:
+    """The balancer's trace bookkeeping; the balancer calls `started`, `received`,
+    `finished` and `on_part` from where it drives waves."""
+
+    def __init__(
+        self,
+        settings: TraceSettings,
+        topology: Topology,
+        links: LinkSet,
+        publish: Callable[[dict[str, Any]], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topology = topology
+        self.links = links
+        self.publish = publish
+        self.rng = rng or random.Random()
+        self.enabled = settings.trace_history > 0
+        self.recorder = TraceRecorder(BALANCER, OWN_WAVES if self.enabled else 0)
+        self.initiators: dict[str, EchoInitiator | FinnInitiator] = {}
+        self.history: OrderedDict[str, StoredTrace] = OrderedDict()
+        self.parts: dict[tuple[str, str], asyncio.Future[TracePart]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.skipped = 0
+        """Finished waves not traced (page refreshes, unsampled periodic waves)."""
+
+    # --- hooks the balancer calls --------------------------------------------------------
+
+    def started(self, init: EchoInitiator | FinnInitiator, sends: list[Send]) -> None:
+        """A wave begins: record the initiator's first sends (before they go out)."""
+        if not self.enabled:
+            return
+        self.initiators[init.wave] = init
+        now = time.time()
+        for send in sends:
+            self.recorder.sent(send.to, send.message, now)
+
+    def received(self, peer: str, msg: EchoExplore | EchoReply | FinnSets) -> None:
+        """The initiator accepted a wave message."""
+        if not self.enabled:
+            return
+        init = self.initiators.get(msg.wave)
+        known = None
+        if isinstance(init, FinnInitiator):
+            known = (len(init.sets.inc), len(init.sets.ninc))
+        self.recorder.received(peer, msg, time.time(), known)
+
+    def finished(self, record: FinishedWave) -> None:
+        """The wave decided: record the decision; if the wave is traced, gather it."""
+        if not self.enabled:
+            return
+        init = self.initiators.pop(record.wave_id, None)
+        sets = None
+        if isinstance(init, FinnInitiator):
+            sets = (len(init.sets.inc), len(init.sets.ninc))
+        self.recorder.decided(record.wave_id, time.time(), sets)
+        own = self.recorder.events(record.wave_id)
+        self.recorder.waves.pop(record.wave_id, None)
+        if not self._traced(record.trigger):
+            self.skipped += 1
+            return
+        stored = StoredTrace(
+            summary={
+                "wave_id": record.wave_id,
+                "algorithm": record.algorithm,
+                "trigger": record.trigger,
+                "wave_complete": record.complete,
+                "wave_missing": list(record.missing),
+                "wave_messages": record.messages,
+                "duration_s": round(record.duration_s, 6),
+                "finished_at": record.finished_at,
+            }
+        )
+        self.history[record.wave_id] = stored
+        while len(self.history) > self.settings.trace_history:
+            self.history.popitem(last=False)
+        task = asyncio.create_task(self._gather(stored, own), name=f"trace-{record.wave_id}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def on_part(self, peer: str, part: TracePart) -> None:
+        fut = self.parts.get((peer, part.wave))
+        if fut is None or fut.done() or part.server != peer:
+            log.debug("unexpected trace part for %s from %s", part.wave, peer)
+            return
+        fut.set_result(part)
+
+    # --- gathering -------------------------------------------------------------------------
+
+    def _traced(self, trigger: str) -> bool:
+        if trigger == "status":
+            return False
+        if _SAMPLED.get():
+            return self.rng.random() < self.settings.trace_sample
+        return True
+
+    async def _ask(self, server: str, wave: str) -> TracePart | None:
+        key = (server, wave)
+        fut: asyncio.Future[TracePart] = asyncio.get_running_loop().create_future()
+        self.parts[key] = fut
+        try:
+            if not await self.links.send(server, TraceRequest(wave=wave)):
+                return None
+            return await asyncio.wait_for(fut, self.settings.step_timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            self.parts.pop(key, None)
+
+    async def _gather(self, stored: StoredTrace, own: tuple[TraceEvent, ...]) -> None:
+        summary = stored.summary
+        wave = summary["wave_id"]
+        try:
+            names = self.topology.names
+            got = await asyncio.gather(*(self._ask(n, wave) for n in names))
+            parts: dict[str, tuple[TraceEvent, ...]] = {BALANCER: own}
+            missing: list[str] = []
+            truncated: list[str] = []
+            for name, part in zip(names, got, strict=True):
+                if part is None:
+                    missing.append(name)
+                    continue
+                if part.truncated:
+                    truncated.append(name)
+                if part.events:
+                    parts[name] = part.events
+            trace = assemble(
+                wave,
+                summary["algorithm"],
+                parts,
+                lanes=(BALANCER, *names),
+                missing=missing,
+                wave_complete=summary["wave_complete"],
+                wave_missing=summary["wave_missing"],
+                truncated=truncated,
+            )
+            stored.trace = {**trace, **{k: v for k, v in summary.items() if k not in trace}}
+            summary["complete"] = trace["complete"]
+            summary["missing"] = trace["missing"]
+            summary["messages"] = trace["messages"]
+            if missing:
+                log.warning("trace of %s is partial: no part from %s", wave, ", ".join(missing))
+        finally:
+            stored.ready.set()
+        self.publish(
+            {
+                "event": "trace",
+                "wave_id": wave,
+                "algorithm": summary["algorithm"],
+                "complete": summary["complete"],
+            }
+        )
+
+    async def get(self, wave: str, wait_s: float) -> TraceJson | None:
+        """A traced wave's trace, waiting for its gathering if it is still under way;
+        None if the wave is not (or no longer) in the history."""
+        stored = self.history.get(wave)
+        if stored is None:
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stored.ready.wait(), wait_s)
+        return stored.trace
+
+    def listing(self) -> list[dict[str, Any]]:
+        out = []
+        for stored in reversed(self.history.values()):
+            out.append({**stored.summary, "ready": stored.trace is not None})
+        return out
+
+    async def close(self) -> None:
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for fut in self.parts.values():
+            if not fut.done():
+                fut.cancel()
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+
+TRACES_KEY = web.AppKey("wave_traces", WaveTraces)
+
+
+def _json_error(status: int, message: str) -> web.HTTPException:
+    exc = web.HTTPException(text=json.dumps({"error": message}), content_type="application/json")
+    exc.set_status(status)
+    return exc
+
+
+async def api_waves(request: web.Request) -> web.Response:
+    traces = request.app[TRACES_KEY]
+    return web.json_response(
+        {
+            "enabled": traces.enabled,
+            "history": traces.settings.trace_history,
+            "sample": traces.settings.trace_sample,
+            "waves": traces.listing(),
+        }
+    )
+
+
+async def api_wave(request: web.Request) -> web.Response:
+    traces = request.app[TRACES_KEY]
+    wave = request.match_info["wave_id"]
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "shiviz"):
+        raise _json_error(400, f"unknown format {fmt!r}: use format=json or format=shiviz")
+    wait_s = traces.settings.step_timeout_s + 2.0
+    trace = await traces.get(wave, wait_s)
+    if trace is None:
+        if wave in traces.history:
+            raise _json_error(503, f"the trace of wave {wave!r} is still being gathered")
+        kept = len(traces.history)
+        raise _json_error(
+            404,
+            f"unknown wave {wave!r}: it is not among the {kept} traced waves kept "
+            f"(at most {traces.settings.trace_history}; see GET /api/waves)",
+        )
+    if fmt == "shiviz":
+        return web.Response(text=shiviz_log(trace), content_type="text/plain")
+    return web.json_response(trace)
+
+
+def setup_traces(app: web.Application, traces: WaveTraces) -> None:
+    """Add the trace API to the balancer's app; pending gatherings end with it."""
+    app[TRACES_KEY] = traces
+    app.router.add_get("/api/waves", api_waves, name="waves")
+    app.router.add_get("/api/waves/{wave_id}", api_wave, name="wave_trace")
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await traces.close()
+
+    app.cleanup_ctx.append(ctx)
