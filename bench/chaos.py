@@ -1,8 +1,8 @@
 """Chaos on a local cluster: steady load, periodic rebalancing, a server killed every 10 s.
 
-    python bench/chaos.py                          # topology.json, 300 s
-    python bench/chaos.py --duration 60            # a quick run
-    python bench/chaos.py --servers 10 --seed 3    # a generated 10-server topology
+    python -m bench.chaos                          # topology.json, 300 s
+    python -m bench.chaos --duration 60            # a quick run
+    python -m bench.chaos --servers 10 --seed 3    # a generated 10-server topology
 
 Starts every server and the balancer as real processes on free loopback ports (each
 server with a state directory, links authenticated with a fresh secret), rebalancing every
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -44,10 +43,7 @@ import random
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -60,100 +56,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.cluster import Service
+from tests.support.http import get_json
+from tests.support.ports import free_ports
+from treewave.core.randomtree import random_topology
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "chaos.json"
 BALANCER = "balancer"
 READY_TIMEOUT_S = 120.0
-STOP_GRACE_S = 15.0
 
 
 # --- processes ----------------------------------------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _die_with_parent() -> None:
-    """Children get SIGKILL if this script dies, so a killed run leaves no servers."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-@dataclass
-class Proc:
-    name: str
-    port: int
-    args: list[str]
-    log: Path
-    env: dict[str, str]
-    popen: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "treewave.cli.main", *self.args],
-                cwd=REPO,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            )
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def kill(self) -> None:
-        if self.popen is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.kill()
-            self.popen.wait()
-
-    def stop(self) -> bool:
-        """SIGTERM, then SIGKILL after a grace period; always reaped. False if it had to
-        be killed."""
-        if self.popen is None:
-            return True
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-                return False
-        self.popen.wait()
-        return True
-
-
-def http_json(url: str, method: str = "GET", body: Any = None, timeout: float = 30.0) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
 def load_topology_data(args: argparse.Namespace) -> dict[str, Any]:
     if args.servers:
-        sys.path.insert(0, str(REPO))
-        from treewave.core.randomtree import random_topology
-
         data: dict[str, Any] = random_topology(args.servers, args.seed).to_json_data()
     else:
         data = json.loads(Path(args.topology).read_text(encoding="utf-8"))
@@ -179,14 +97,13 @@ class LocalCluster:
         peers_file = run_dir / "peers.json"
         peers = {n: f"ws://127.0.0.1:{ports[n]}/ws" for n in self.names}
         peers_file.write_text(json.dumps(peers), encoding="utf-8")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TREEWAVE_")}
-        env.update({"PYTHONUNBUFFERED": "1", "TREEWAVE_SECRET": secrets.token_hex(24)})
+        env = {"TREEWAVE_SECRET": secrets.token_hex(24)}
         common = ["--topology", str(topo_file), "--peers", str(peers_file)]
-        self.procs: dict[str, Proc] = {}
+        self.procs: dict[str, Service] = {}
         for n in self.names:
             node_args = ["node", "--name", n, "--port", str(ports[n])]
             node_args += ["--state-dir", str(run_dir / "state"), *common]
-            self.procs[n] = Proc(n, ports[n], node_args, run_dir / f"{n}.log", env)
+            self.procs[n] = Service(n, ports[n], node_args, run_dir / f"{n}.log", env, tied=True)
         balancer_args = [
             "balancer",
             "--port",
@@ -197,8 +114,8 @@ class LocalCluster:
             str(args.wave_timeout),
             *common,
         ]
-        self.procs[BALANCER] = Proc(
-            BALANCER, ports[BALANCER], balancer_args, run_dir / "balancer.log", env
+        self.procs[BALANCER] = Service(
+            BALANCER, ports[BALANCER], balancer_args, run_dir / "balancer.log", env, tied=True
         )
 
     @property
@@ -218,7 +135,7 @@ class LocalCluster:
             if dead:
                 raise RuntimeError(f"exited during start-up: {dead} (logs in {self.run_dir})")
             try:
-                tree = http_json(self.balancer_url + "/api/tree", timeout=10)
+                tree = get_json(self.balancer_url + "/api/tree", timeout=10)
                 if tree["complete"]:
                     return
                 last = tree["missing"]
@@ -228,10 +145,12 @@ class LocalCluster:
         raise RuntimeError(f"cluster not complete after {timeout:.0f} s: {last}")
 
     def tasks(self) -> dict[str, dict[str, Any]]:
-        return {n: http_json(self.procs[n].url + "/api/tasks", timeout=10) for n in self.names}
+        return {n: get_json(self.procs[n].url + "/api/tasks", timeout=10) for n in self.names}
 
     def stop_all(self) -> list[str]:
-        return [n for n, p in self.procs.items() if not p.stop()]
+        for p in self.procs.values():
+            p.stop()
+        return [n for n, p in self.procs.items() if p.killed]
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -277,7 +196,7 @@ def ids_of(answer: dict[str, Any]) -> list[str]:
 def run_echo(cluster: LocalCluster, rec: Record, probe: bool) -> Wave | None:
     started = time.monotonic()
     try:
-        tree = http_json(cluster.balancer_url + "/api/tree", timeout=60)
+        tree = get_json(cluster.balancer_url + "/api/tree", timeout=60)
     except (OSError, ValueError) as exc:
         with rec.lock:
             rec.wave_errors[type(exc).__name__] += 1
@@ -307,7 +226,7 @@ def load_loop(
     def submit() -> None:
         body = {"node": rng.choice(cluster.names), "count": args.batch, "duration_s": args.task_s}
         try:
-            answer = http_json(cluster.balancer_url + "/api/tasks", "POST", body, timeout=60)
+            answer = get_json(cluster.balancer_url + "/api/tasks", "POST", body, timeout=60)
         except urllib.error.HTTPError as exc:
             status = str(exc.code)
             if exc.code == 504:
@@ -361,7 +280,7 @@ def drain(cluster: LocalCluster, timeout: float) -> tuple[float, dict[str, dict[
     while True:
         try:
             tasks = cluster.tasks()
-            in_doubt = http_json(cluster.balancer_url + "/api/status")["in_doubt"]
+            in_doubt = get_json(cluster.balancer_url + "/api/status")["in_doubt"]
             busy = sum(
                 len(t["queued"]) + len(t["running"]) + len(t["reserved"]) for t in tasks.values()
             )
@@ -494,7 +413,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     waves_metric = metric_total(metrics_text, "treewave_waves_total")
     over_metric = histogram_over(metrics_text, limit) if abs(limit - 2.5) < 1e-9 else {"n/a": 0}
     return {
-        "command": "python bench/chaos.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "python -m bench.chaos " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),

@@ -3,8 +3,8 @@ memory and CPU per node container, and the Echo and Finn wave times across conta
 for topologies of growing size.
 
     eval "$(bash ../shared/offline-docker/setup.sh)"   # here: engine, compose, base images
-    python bench/compose_footprint.py                   # N = 7, 30, 60
-    python bench/compose_footprint.py 7 30 60 100 --echo-samples 20
+    python -m bench.compose_footprint                   # N = 7, 30, 60
+    python -m bench.compose_footprint 7 30 60 100 --echo-samples 20
 
 For each size a topology is generated (fixed seed, no periodic rebalancing so only the
 measured waves run), rendered into a temporary directory and brought up with
@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,24 +45,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.support.ports import free_port
+from treewave.core.topology import Settings
+from treewave.generator.generate import generate
+from treewave.generator.render import render
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from treewave.core.topology import Settings  # noqa: E402
-from treewave.generator.generate import generate  # noqa: E402
-from treewave.generator.render import render  # noqa: E402
-
 RESULTS = REPO / "bench" / "results" / "compose_footprint.json"
 SEED = 7
 MEMORY_TARGET_MIB = 60.0
 UP_ATTEMPTS = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _memory_mib(text: str) -> float:
@@ -124,13 +115,13 @@ class Deployment:
         (directory / "topology.json").write_text(self.topology.dumps(), encoding="utf-8")
         render(self.topology, "topology.json", directory, build_context=str(REPO))
         self.directory = directory
-        self.balancer_port = _free_port()
+        self.balancer_port = free_port()
         self.env = {
             **os.environ,
             "TREEWAVE_BIND_ADDRESS": "127.0.0.1",
             "TREEWAVE_BALANCER_PORT": str(self.balancer_port),
-            "TREEWAVE_PROMETHEUS_PORT": str(_free_port()),
-            "TREEWAVE_GRAFANA_PORT": str(_free_port()),
+            "TREEWAVE_PROMETHEUS_PORT": str(free_port()),
+            "TREEWAVE_GRAFANA_PORT": str(free_port()),
         }
         self.project = f"treewave-bench-{nodes}-{secrets.token_hex(3)}"
         self.services = [*self.topology.names, "balancer", "prometheus"]
@@ -354,7 +345,7 @@ def main(argv: list[str]) -> int:
             previous = json.loads(RESULTS.read_text(encoding="utf-8"))
         by_size = {r["nodes"]: r for r in previous.get("results", [])}
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        command = " ".join(["python bench/compose_footprint.py", *argv])
+        command = " ".join(["python -m bench.compose_footprint", *argv])
         for row in rows:
             by_size[row["nodes"]] = {
                 **row,

@@ -1,7 +1,7 @@
 """Echo and Finn over the real services on one machine, started with `treewave run`.
 
-    python bench/local_waves.py                    # topology.json, 200 runs of each
-    python bench/local_waves.py --runs 500 --topology big.json
+    python -m bench.local_waves                    # topology.json, 200 runs of each
+    python -m bench.local_waves --runs 500 --topology big.json
 
 Starts `treewave run` on free ports with periodic rebalancing off, then measures, after a
 few warm-up waves:
@@ -24,115 +24,22 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tests.support.run import start_run
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "local_waves.json"
 WARMUP = 10
 TARGETS_MS = {"echo": 50.0, "finn": 100.0}
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def treewave_command() -> list[str]:
-    script = Path(sys.executable).parent / "treewave"
-    if script.is_file():
-        return [sys.executable, str(script)]
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from treewave.cli.main import main; sys.exit(main())",
-    ]
-
-
-class Cluster:
-    """`treewave run` in the background; `stop()` always leaves nothing behind."""
-
-    def __init__(
-        self,
-        topology: Path,
-        port: int,
-        base_port: int,
-        extra_env: dict[str, str] | None = None,
-        extra_args: tuple[str, ...] = (),
-    ) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TREEWAVE_")}
-        env.update(extra_env or {})
-        self.port = port
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.proc = subprocess.Popen(
-            [
-                *treewave_command(),
-                "run",
-                "--topology",
-                str(topology),
-                "--port",
-                str(port),
-                "--base-port",
-                str(base_port),
-                "--rebalance-interval",
-                "0",
-                "--log-level",
-                "WARNING",
-                *extra_args,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if line.startswith("try: treewave status"):
-                self.ready.set()
-        self.ready.set()
-
-    def wait_ready(self, timeout: float) -> None:
-        if not self.ready.wait(timeout) or self.proc.poll() is not None:
-            raise SystemExit("treewave run did not become ready:\n" + "\n".join(self.lines))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.reader.join(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
 
 
 class Api:
@@ -256,17 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     topology = json.loads(args.topology.read_text(encoding="utf-8"))
     servers = len(topology["servers"])
     edges = sum(len(s.get("children", [])) for s in topology["servers"])
-    port = args.port or free_port()
-    base = args.base_port or next(
-        b for b in range(20000, 30000, 50) if all(port_free(p) for p in range(b, b + servers))
-    )
-
     started = time.monotonic()
-    cluster = Cluster(args.topology.resolve(), port, base)
+    run_dir = Path(tempfile.mkdtemp(prefix="treewave-bench-"))
+    cluster = start_run(
+        run_dir,
+        "--log-level",
+        "WARNING",
+        port=args.port or None,
+        base_port=args.base_port or None,
+        topology=topology,
+    )
     try:
         cluster.wait_ready(120)
         ready_s = time.monotonic() - started
-        api = Api(port)
+        api = Api(cluster.balancer_port)
         try:
             for _ in range(WARMUP):
                 api.call("GET", "/api/tree")
@@ -277,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             api.close()
     finally:
-        code = cluster.stop()
+        try:
+            code = cluster.stop(signal.SIGINT)
+        finally:
+            cluster.kill_everything()
+            shutil.rmtree(run_dir, ignore_errors=True)
 
     result: dict[str, Any] = {
         "benchmark": "local_waves",

@@ -9,8 +9,8 @@ per wave; "total s" includes start-up and building the topology; "cpu s" is the 
 CPU time, which is what to compare on a busy machine). The parent prints a table and writes
 `bench/results/simulate_scale.json`.
 
-    .venv/bin/python bench/simulate_scale.py                  # 1k, 10k, 100k
-    .venv/bin/python bench/simulate_scale.py --sizes 1000 5000 --seed 7
+    .venv/bin/python -m bench.simulate_scale                  # 1k, 10k, 100k
+    .venv/bin/python -m bench.simulate_scale --sizes 1000 5000 --seed 7
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ seconds from `docker stack deploy` to every service healthy, Echo and Finn wave 
 across hosts, memory per container.
 
     eval "$(bash ../shared/offline-docker/setup.sh)"    # here: engine, compose, base images
-    python bench/swarm_footprint.py                      # N = 12, 30 over 3 hosts
-    python bench/swarm_footprint.py 12 30 --no-compose   # Swarm only
+    python -m bench.swarm_footprint                      # N = 12, 30 over 3 hosts
+    python -m bench.swarm_footprint 12 30 --no-compose   # Swarm only
 
 Needs root and the multihost lab (`../shared/multihost-lab`, or TREEWAVE_MULTIHOST_LAB):
 a real 3-host swarm on this machine, one network namespace and `dockerd` per host. The
@@ -40,15 +40,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench import compose_footprint as cf
+from treewave.core.topology import Settings
+from treewave.generator.generate import generate
+from treewave.generator.render import HOST_LABEL, render_swarm
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-import compose_footprint as cf  # noqa: E402
-
-from treewave.core.topology import Settings  # noqa: E402
-from treewave.generator.generate import generate  # noqa: E402
-from treewave.generator.render import HOST_LABEL, render_swarm  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "swarm_footprint.json"
 HOSTS = 3
@@ -250,7 +247,7 @@ def main(argv: list[str]) -> int:
 
     rows: list[dict[str, Any]] = []
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    command = " ".join(["python bench/swarm_footprint.py", *argv])
+    command = " ".join(["python -m bench.swarm_footprint", *argv])
     if not args.no_swarm:
         lab = Lab()
         try:

@@ -1,7 +1,7 @@
 """What tracing costs: Echo and Finn with tracing on vs off, and the trace history's memory.
 
-    python bench/trace_overhead.py                  # default topology and 100 servers
-    python bench/trace_overhead.py --runs 100 --sizes default
+    python -m bench.trace_overhead                  # default topology and 100 servers
+    python -m bench.trace_overhead --runs 100 --sizes default
 
 For each topology (the default `topology.json`, and a random 100-server tree) it starts
 `treewave run` twice, both up at once: tracing off (`TREEWAVE_TRACE_HISTORY=0` at the
@@ -29,6 +29,7 @@ import gc
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -36,18 +37,17 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from bench.local_waves import Api, git_commit, stats
+from tests.support.commands import clean_env
+from tests.support.ports import port_free
+from tests.support.run import RunProcess, start_run
+from treewave.core.messages import FinnWork
+from treewave.core.randomtree import TreeShape, random_topology
+from treewave.core.simulation import SimNetwork
+from treewave.core.topology import BALANCER, Settings, Topology, load_topology
+from treewave.core.trace import DEFAULT_EVENTS_PER_WAVE, TraceRecorder
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from local_waves import Api, Cluster, free_port, git_commit, port_free, stats  # noqa: E402
-
-from treewave.core.messages import FinnWork  # noqa: E402
-from treewave.core.randomtree import TreeShape, random_topology  # noqa: E402
-from treewave.core.simulation import SimNetwork  # noqa: E402
-from treewave.core.topology import BALANCER, Settings, Topology, load_topology  # noqa: E402
-from treewave.core.trace import DEFAULT_EVENTS_PER_WAVE, TraceRecorder  # noqa: E402
-
 RESULTS = REPO / "bench" / "results" / "trace_overhead.json"
 WARMUP = 10
 HISTORY_BOUND = 50
@@ -108,9 +108,8 @@ class Side:
 
 def start(
     topo_file: Path, servers: int, tracing: bool, avoid: range | None
-) -> tuple[Cluster, range]:
+) -> tuple[RunProcess, range]:
     """A ready cluster and its servers' ports (clear of `avoid`)."""
-    port = free_port()
     base = next(
         b
         for b in range(20000, 40000, 150)
@@ -118,8 +117,15 @@ def start(
         and all(port_free(p) for p in range(b, b + servers))
     )
     # `treewave run` hands its environment to every child: tracing is switched off there.
-    cluster = Cluster(
-        topo_file, port, base, None if tracing else OFF_ENV, ("--ready-timeout", "600")
+    cluster = start_run(
+        Path(tempfile.mkdtemp(prefix="treewave-bench-")),
+        "--log-level",
+        "WARNING",
+        "--ready-timeout",
+        "600",
+        base_port=base,
+        topology=json.loads(topo_file.read_text(encoding="utf-8")),
+        env=clean_env(**({} if tracing else OFF_ENV)),
     )
     cluster.wait_ready(660)
     return cluster, range(base, base + servers)
@@ -128,14 +134,14 @@ def start(
 def run_pair(topo_file: Path, servers: int, runs: int) -> dict[str, Any]:
     """Both clusters up at once, waves alternating between them (off, on, on, off, ...),
     so both see the same machine: on a shared machine the load moves by the minute."""
-    clusters: list[Cluster] = []
+    clusters: list[RunProcess] = []
     apis: list[Api] = []
     try:
         off, used = start(topo_file, servers, False, None)
         clusters.append(off)
         on, _ = start(topo_file, servers, True, used)
         clusters.append(on)
-        apis = [Api(off.port), Api(on.port)]
+        apis = [Api(off.balancer_port), Api(on.balancer_port)]
         sides = [Side(False), Side(True)]
         for _ in range(WARMUP):
             for api in apis:
@@ -152,7 +158,9 @@ def run_pair(topo_file: Path, servers: int, runs: int) -> dict[str, Any]:
     finally:
         for api in apis:
             api.close()
-        codes = [c.stop() for c in clusters]
+        codes = [c.stop(signal.SIGINT) for c in clusters]
+        for c in clusters:
+            c.kill_everything()
     result["run_exit_codes"] = codes
     return result
 

@@ -1,8 +1,8 @@
 """What a wave costs as the tree grows: Echo and Finn on real services, and the simulator.
 
-    python bench/waves_scale.py                   # real: 10, 30, 100 servers; sim: 1k, 10k, 100k
-    python bench/waves_scale.py --real 10 30 --sim 1000 --samples 20
-    python bench/waves_scale.py --no-sim          # only the real services
+    python -m bench.waves_scale                   # real: 10, 30, 100 servers; sim: 1k, 10k, 100k
+    python -m bench.waves_scale --real 10 30 --sim 1000 --samples 20
+    python -m bench.waves_scale --no-sim          # only the real services
 
 Real services: for each size and shape (`balanced`: random tree, max 3 children; `chain`:
 max 1 child) the whole cluster is started with `treewave run` (local processes, periodic
@@ -25,68 +25,30 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.http import get_json
+from tests.support.ports import free_port
+from tests.support.run import start_run
+from treewave.core.randomtree import TreeShape, random_topology
+from treewave.core.topology import Settings, Topology
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from treewave.core.randomtree import TreeShape, random_topology  # noqa: E402
-from treewave.core.topology import Settings, Topology  # noqa: E402
-
 RESULTS = REPO / "bench" / "results" / "waves_scale.json"
 SEED = 11
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # --- HTTP -------------------------------------------------------------------------------------
-
-
-def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
-    """GET (body None) or POST JSON; the decoded answer. Loopback only, never a proxy."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    with _OPENER.open(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def free_base_port(count: int) -> int:
-    """A base port with `count` ports above it that look free (treewave run skips taken ones)."""
-    for base in range(20000, 60000, 997):
-        if all(_port_free(p) for p in range(base, base + min(count, 20))):
-            return base
-    return 30000
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 # --- a cluster as local processes ---------------------------------------------------------------
@@ -98,25 +60,27 @@ class Cluster:
 
     topology: Topology
     url: str
-    proc: subprocess.Popen[bytes]
-    run_dir: Path
     node_urls: dict[str, str] = field(default_factory=dict)
 
     def tree(self) -> dict[str, Any]:
-        return http_json(self.url + "/api/tree")  # type: ignore[no-any-return]
+        return get_json(self.url + "/api/tree")  # type: ignore[no-any-return]
 
     def finn(self, tasks_per_node: int = 0, duration_s: float | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"tasks_per_node": tasks_per_node}
         if duration_s is not None:
             body["duration_s"] = duration_s
-        return http_json(self.url + "/api/finn", body)  # type: ignore[no-any-return]
+        return get_json(self.url + "/api/finn", "POST", body)  # type: ignore[no-any-return]
 
-    def submit(self, node: str, count: int, duration_s: float) -> dict[str, Any]:
-        body = {"node": node, "count": count, "duration_s": duration_s}
-        return http_json(self.url + "/api/tasks", body)  # type: ignore[no-any-return]
+    def submit(
+        self, node: str, count: int, duration_s: float, actual_s: float | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"node": node, "count": count, "duration_s": duration_s}
+        if actual_s is not None:
+            body["actual_s"] = actual_s  # emulation: the declaration is wrong
+        return get_json(self.url + "/api/tasks", "POST", body)  # type: ignore[no-any-return]
 
     def states(self) -> dict[str, dict[str, Any]]:
-        return {n: http_json(u + "/api/state", timeout=10.0) for n, u in self.node_urls.items()}
+        return {n: get_json(u + "/api/state", timeout=10.0) for n, u in self.node_urls.items()}
 
 
 @contextlib.contextmanager
@@ -125,54 +89,29 @@ def cluster(
     rebalance_interval: float = 0.0,
     ready_timeout: float = 600.0,
     extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
-    """Start `treewave run` on `topology`; always stops it (SIGTERM, then SIGKILL)."""
+    """Start `treewave run` on `topology`; always stops it and everything it started."""
     run_dir = Path(tempfile.mkdtemp(prefix="treewave-bench-"))
-    topo_file = run_dir / "topology.json"
-    topo_file.write_text(topology.dumps(), encoding="utf-8")
-    port = free_port()
-    base = free_base_port(len(topology))
-    out = (run_dir / "run.out").open("wb")
-    argv = [
-        sys.executable, "-m", "treewave.cli.main", "run",
-        "--topology", str(topo_file), "--port", str(port), "--base-port", str(base),
-        "--rebalance-interval", str(rebalance_interval),
-        "--ready-timeout", str(ready_timeout), "--log-level", "WARNING", *extra_args,
-    ]  # fmt: skip
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    c = Cluster(topology, f"http://127.0.0.1:{port}", proc, run_dir)
+    extra = ["--rebalance-interval", str(rebalance_interval), "--log-level", "WARNING"]
+    extra += ["--ready-timeout", str(ready_timeout), *extra_args]
+    run = start_run(
+        run_dir, *extra, topology=topology.to_json_data(), env={**os.environ, **(env or {})}
+    )
     try:
-        deadline = time.monotonic() + ready_timeout + 10
-        text = ""
-        while "ready:" not in text:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"treewave run did not get ready:\n{_tail(run_dir)}")
-            time.sleep(0.2)
-            text = (run_dir / "run.out").read_text(errors="replace")
-        # "    name  http://127.0.0.1:PORT  pid N" lines of the ready banner
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0] in topology and parts[1].startswith("http://"):
-                c.node_urls[parts[0]] = parts[1]
+        run.wait_ready(ready_timeout + 10)
+        c = Cluster(topology, run.balancer_url)
+        c.node_urls = {
+            name: f"http://127.0.0.1:{port}"
+            for name, (port, _) in run.servers.items()
+            if name in topology
+        }
         if len(c.node_urls) != len(topology):
-            raise RuntimeError(f"could not read every server URL from:\n{text[-2000:]}")
+            raise RuntimeError(f"could not read every server URL from:\n{run.output[-2000:]}")
         yield c
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        out.close()
-        subprocess.run(["rm", "-rf", str(run_dir)], check=False)
-
-
-def _tail(run_dir: Path) -> str:
-    with contextlib.suppress(OSError):
-        return (run_dir / "run.out").read_text(errors="replace")[-3000:]
-    return ""
+        run.kill_everything()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def bench_topology(
@@ -304,7 +243,6 @@ def bench_real(nodes: int, shape: str, samples: int, rtt: float) -> dict[str, An
 _SIM = textwrap.dedent(
     """
     import json, resource, sys, time
-    sys.path.insert(0, sys.argv[3])
     from treewave.cli.simulate_cmd import simulate
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
@@ -319,7 +257,7 @@ _SIM = textwrap.dedent(
 
 def bench_sim(nodes: int, seed: int = SEED) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-c", _SIM, str(nodes), str(seed), str(REPO)],
+        [sys.executable, "-c", _SIM, str(nodes), str(seed)],
         capture_output=True,
         text=True,
         check=True,
@@ -353,7 +291,7 @@ def main() -> int:
 
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
-        "command": "python bench/waves_scale.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.waves_scale " + " ".join(sys.argv[1:]),
     }
     rtt = measure_rtt()
     report["ws_rtt"] = rtt

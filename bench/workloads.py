@@ -10,6 +10,11 @@ Kinds (each with `fixed` or `varied` task durations):
 - `skewed`: all the work lands on a few servers (`hot`, default 2) at once.
 - `zipf`: every server gets work, server of rank k a share proportional to 1/k^s.
 - `bursts`: a few bursts spaced in time, each on one random server.
+- `wrong` (varied only): `skewed`, but every task really runs its declared duration times
+  a factor drawn uniformly in [0.5, 1.5] (`Batch.actual_s`): the balancer plans with
+  declarations that are wrong by up to +-50 % and learns nothing until tasks finish.
+- `stream` (varied only): a batch every `stream_gap_s` over 1.5 x `target_s` seconds, each
+  on a server drawn Zipf-like (a few servers get most arrivals); about 2/3 of capacity.
 
 Sizes are chosen from the total cpus so that the lower bound (`lower_bound`) is about
 `target_s` seconds: runs stay short (a few seconds each).
@@ -24,6 +29,9 @@ from dataclasses import dataclass
 
 KINDS = ("skewed", "zipf", "bursts")
 DURATIONS = ("fixed", "varied")
+EXTRA_KINDS = ("wrong", "stream")
+"""Kinds that come with varied durations only."""
+WRONG_FACTOR = (0.5, 1.5)
 FIXED_S = 0.5
 VARIED_S = (0.1, 1.5)
 """Varied durations: drawn log-uniformly in this range (many short, some long)."""
@@ -35,6 +43,13 @@ class Batch:
     node: str
     count: int
     duration_s: float
+    """The declared duration (what the balancer plans with)."""
+    actual_s: float | None = None
+    """How long each task really runs, when that differs from the declaration."""
+
+    @property
+    def run_s(self) -> float:
+        return self.duration_s if self.actual_s is None else self.actual_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +64,12 @@ class Workload:
 
     @property
     def work_s(self) -> float:
-        return sum(b.count * b.duration_s for b in self.batches)
+        """Work really done (actual durations)."""
+        return sum(b.count * b.run_s for b in self.batches)
 
     @property
     def longest_s(self) -> float:
-        return max((b.duration_s for b in self.batches), default=0.0)
+        return max((b.run_s for b in self.batches), default=0.0)
 
     def lower_bound(self, total_cpus: int) -> float:
         """No schedule on `total_cpus` slots, counting from the first arrival, can finish
@@ -63,9 +79,9 @@ class Workload:
         if not self.batches:
             return 0.0
         start = min(b.at_s for b in self.batches)
-        bound = max(b.at_s - start + b.duration_s for b in self.batches)
+        bound = max(b.at_s - start + b.run_s for b in self.batches)
         for a in sorted({b.at_s for b in self.batches}):
-            later = sum(b.count * b.duration_s for b in self.batches if b.at_s >= a)
+            later = sum(b.count * b.run_s for b in self.batches if b.at_s >= a)
             bound = max(bound, a - start + later / total_cpus)
         return bound
 
@@ -109,13 +125,15 @@ def make(
     zipf_s: float = 1.2,
     bursts: int = 3,
     burst_gap_s: float = 1.0,
+    stream_gap_s: float = 0.5,
 ) -> Workload:
     """The workload `kind`/`durations` on `servers` (name -> cpus), about `target_s` of work
     per cpu in all."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    if durations not in DURATIONS:
-        raise ValueError(f"durations must be one of {DURATIONS}, not {durations!r}")
+    if kind not in KINDS + EXTRA_KINDS:
+        raise ValueError(f"kind must be one of {KINDS + EXTRA_KINDS}, not {kind!r}")
+    if durations not in DURATIONS or (kind in EXTRA_KINDS and durations != "varied"):
+        allowed = ("varied",) if kind in EXTRA_KINDS else DURATIONS
+        raise ValueError(f"durations must be one of {allowed}, not {durations!r}")
     if not servers:
         raise ValueError("need at least one server")
     rng = random.Random(f"{kind}/{durations}/{seed}")
@@ -128,6 +146,18 @@ def make(
         targets = rng.sample(names, min(hot, len(names)))
         for i, t in enumerate(targets):
             out += _batches(rng, 0.0, t, ds[i :: len(targets)])
+    elif kind == "wrong":
+        targets = rng.sample(names, min(hot, len(names)))
+        for i, d in enumerate(ds):
+            actual = round(d * rng.uniform(*WRONG_FACTOR), 3)
+            out.append(Batch(0.0, targets[i % len(targets)], 1, d, actual))
+    elif kind == "stream":
+        ranked = rng.sample(names, len(names))
+        weights = [1 / (k + 1) ** zipf_s for k in range(len(ranked))]
+        arrivals = max(1, round(1.5 * target_s / stream_gap_s))
+        for i in range(arrivals):
+            node = rng.choices(ranked, weights)[0]
+            out += _batches(rng, round(i * stream_gap_s, 3), node, ds[i::arrivals])
     elif kind == "zipf":
         ranked = rng.sample(names, len(names))
         weights = [1 / (k + 1) ** zipf_s for k in range(len(ranked))]
@@ -147,4 +177,6 @@ def make(
 def all_workloads(
     servers: Mapping[str, int], seed: int = 0, target_s: float = 4.0
 ) -> list[Workload]:
-    return [make(k, d, servers, seed, target_s) for k in KINDS for d in DURATIONS]
+    return [make(k, d, servers, seed, target_s) for k in KINDS for d in DURATIONS] + [
+        make(k, "varied", servers, seed, target_s) for k in EXTRA_KINDS
+    ]

@@ -11,12 +11,8 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,30 +20,15 @@ from typing import Any
 
 import pytest
 
+from tests.support.cluster import Service
+from tests.support.commands import REPO
+from tests.support.http import get_json
+from tests.support.ports import free_ports
 from treewave.core.topology import Topology
 
-REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def get_json(url: str, timeout: float = 5.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
 
 
 @dataclass
@@ -69,15 +50,10 @@ class Cluster:
         return f"http://127.0.0.1:{self.balancer_port}"
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        log = self.directory / f"{name}.log"
-        with log.open("wb") as out:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "treewave.cli.main", *args],
-                cwd=REPO,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        service = Service(name, 0, args, self.directory / f"{name}.log")
+        service.start()
+        assert service.proc is not None
+        self.procs[name] = service.proc
 
     def start(self, timeout_s: float = 90.0) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

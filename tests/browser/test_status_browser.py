@@ -4,16 +4,22 @@ server plus the balancer). Screenshots go to artifacts/ (status-page.png, status
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from tests.support.waiting import wait_for as poll
 from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.topology import ServerSpec, Settings, Topology
 from treewave.generator.words import random_names
+
+
+def wait_for(what: str, probe: Callable[[], T], timeout: float = 30.0) -> T:
+    """Poll a page probe; any exception (a DOM mid-update) means "not yet"."""
+    return poll(what, probe, timeout, retry_on=(Exception,))
+
 
 pytestmark = pytest.mark.browser
 
@@ -32,20 +38,6 @@ SMALL = Topology.from_servers(
     ],
     Settings(task_time_s=900, rebalance_interval_s=0, wave_timeout_s=3),
 )
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except Exception as exc:  # a DOM mid-update; try again
-            last = exc
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what} (last probe: {last!r})")
 
 
 SERVERS_JS = """

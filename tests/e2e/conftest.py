@@ -21,11 +21,7 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +29,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.support.http import http_request
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 from treewave.core.topology import Topology
 from treewave.generator.render import render
 
@@ -52,32 +51,6 @@ def compose_problem() -> str | None:
     if probe.returncode != 0:
         return f"`docker compose version` failed: {probe.stderr.strip() or probe.stdout.strip()}"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def http_request(method: str, url: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
-    """(status, decoded JSON body) of one request; HTTP errors are answers, not raised."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            status: int = resp.status
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        status = exc.code
-    try:
-        return status, json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        return status, raw.decode(errors="replace")
 
 
 _NODE_TASKS = (
@@ -167,20 +140,12 @@ class Stack:
 
     @staticmethod
     def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 1) -> T:
-        """Poll `probe` until it returns something other than None."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            try:
-                value = probe()
-            except (AssertionError, OSError, urllib.error.URLError) as exc:
-                last = exc
-            else:
-                if value is not None:
-                    return value
-                last = "not yet"
-            time.sleep(every)
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+        """`wait_for`, retrying on the failures a stack has while it heals."""
+        value = wait_for(
+            what, probe, timeout, interval=every, retry_on=(AssertionError, OSError, ValueError)
+        )
+        assert value is not None
+        return value
 
     # --- failures ------------------------------------------------------------------------------
 

@@ -9,17 +9,15 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_run_cmd import clean_env, treewave_command
 
+from tests.support.cluster import Cluster, StartCluster
+from tests.support.commands import clean_env, treewave_command
 from treewave.wire.secretfile import ensure_secret
-
-if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
-    from conftest import Cluster, StartCluster
 
 HOUR = 3600
 TOPOLOGY: dict[str, Any] = {

@@ -14,13 +14,12 @@ import contextlib
 import copy
 import json
 import math
-import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -29,6 +28,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.cluster import Cluster, StartCluster
+from tests.support.commands import REPO
+from tests.support.http import fetch_json
+from tests.support.ports import free_port
 from treewave.balancer.app import BALANCER_KEY
 from treewave.balancer.app import create_app as create_balancer
 from treewave.balancer.settings import BalancerSettings
@@ -39,10 +42,6 @@ from treewave.node.app import SERVER_KEY
 from treewave.node.app import create_app as create_node
 from treewave.node.settings import NodeSettings
 
-if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
-    from conftest import Cluster, StartCluster
-
-REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 HOUR = 3600
 
@@ -57,14 +56,8 @@ TOPOLOGY: dict[str, Any] = {
 }
 
 
-async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
-    async with http.get(url) as resp:
-        assert resp.status == 200, await resp.text()
-        return await resp.json()
-
-
 async def all_tasks(http: aiohttp.ClientSession, cluster: Cluster, names: list[str]) -> Any:
-    return {n: await get_json(http, cluster.url(n) + "/api/tasks") for n in names}
+    return {n: await fetch_json(http, cluster.url(n) + "/api/tasks") for n in names}
 
 
 async def invalid_counts(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
@@ -168,7 +161,7 @@ async def test_bad_http_requests_to_every_route(
 ) -> None:
     names = cluster.names
     before_tasks = await all_tasks(http, cluster, names)
-    before_status = await get_json(http, cluster.balancer_url + "/api/status")
+    before_status = await fetch_json(http, cluster.balancer_url + "/api/status")
     targets = [(cluster.balancer_url, case) for case in BALANCER_CASES]
     targets += [(cluster.url(n), case) for n in ("aurora", "cedar") for case in NODE_CASES]
     for base, (method, path, body, status, words) in targets:
@@ -182,10 +175,10 @@ async def test_bad_http_requests_to_every_route(
     for name in [*names, "balancer"]:
         assert cluster.healthy(name), name
     assert await all_tasks(http, cluster, names) == before_tasks
-    after_status = await get_json(http, cluster.balancer_url + "/api/status")
+    after_status = await fetch_json(http, cluster.balancer_url + "/api/status")
     assert after_status["waves"] == before_status["waves"]  # no wave was started
     assert after_status["in_doubt"] == 0
-    tree = await get_json(http, cluster.balancer_url + "/api/tree")
+    tree = await fetch_json(http, cluster.balancer_url + "/api/tree")
     assert tree["complete"] is True
 
 
@@ -292,7 +285,7 @@ async def test_hostile_websocket_peers(
     # Now the real balancer and aurora start: the next Echo wave is complete and shows
     # exactly the tasks every server had before.
     cluster.release()
-    tree = await get_json(http, cluster.balancer_url + "/api/tree")
+    tree = await fetch_json(http, cluster.balancer_url + "/api/tree")
     assert tree["complete"] is True, tree["missing"]
     assert tree["messages"] == 2 * (len(cluster.edges) + 1)
     loads = {n["name"]: n for n in tree["nodes"]}
@@ -555,13 +548,6 @@ def bad_hellos(draw: st.DrawFn) -> str | bytes:
 
 
 # --- the harness ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Harness:

@@ -12,15 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_run_cmd import (
-    NAMES,
-    RunProcess,
-    clean_env,
-    free_port_block,
-    get_json,
-    start_run,
-    treewave_command,
-)
+
+from tests.support.commands import clean_env, treewave_command
+from tests.support.http import get_json
+from tests.support.ports import free_port_block
+from tests.support.run import NAMES, RunProcess, start_run
 
 LONG_S = 300
 """Tasks that outlive the test, so counts only change when a test changes them."""
@@ -198,7 +194,9 @@ def test_rebalance_reports_the_moves(cluster: RunProcess) -> None:
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
     assert first.startswith("moved "), result.stdout
-    before, after = (float(x) for x in first.rsplit("max pressure ", 1)[1].split(" -> "))
+    pressures = first.rsplit("max pressure ", 1)[1].split(" s/cpu")[0]
+    before, after = (float(x) for x in pressures.split(" -> "))
+    assert "expected makespan" in first
     assert after < before
     assert any(line.strip().startswith("delta -> ") for line in result.stdout.splitlines()[1:])
     assert sum(work(n) for n in loads(cluster).values()) == total_before

@@ -8,246 +8,34 @@ should be none), so a failing test cannot leak processes into the next one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-READY_TIMEOUT_S = 90.0
-STOP_TIMEOUT_S = 30.0
-
-TOPOLOGY: dict[str, Any] = {
-    "settings": {"task_time_s": 0.2, "rebalance_interval_s": 0, "wave_timeout_s": 10},
-    "servers": [
-        {"name": "alpha", "cpus": 2, "children": ["beta", "gamma"]},
-        {"name": "beta", "cpus": 1, "children": ["delta"]},
-        {"name": "gamma", "cpus": 2, "children": ["delta", "echo"]},
-        {"name": "delta", "cpus": 1},
-        {"name": "echo", "cpus": 3},
-    ],
-}
-NAMES = [s["name"] for s in TOPOLOGY["servers"]]
-
-SERVER_LINE = re.compile(
-    r"^\s+(?P<name>[a-z0-9-]+)\s+http://127\.0\.0\.1:(?P<port>\d+)\s+pid (?P<pid>\d+)$"
+from tests.support.commands import clean_env, treewave_command
+from tests.support.http import get_json
+from tests.support.ports import free_port_block, port_free
+from tests.support.run import (
+    NAMES,
+    TOPOLOGY,
+    RunProcess,
+    children_of,
+    cmdline,
+    proc_stat,
+    start_run,
+    write_topology,
 )
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def treewave_command() -> list[str]:
-    """The installed console script (what users run), else an equivalent."""
-    script = Path(sys.executable).parent / "treewave"
-    if script.exists():
-        return [sys.executable, str(script)]
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from treewave.cli.main import main; sys.exit(main())",
-    ]
-
-
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TREEWAVE_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_block(size: int) -> int:
-    """The first of `size` consecutive free ports, outside the ephemeral range."""
-    for _ in range(200):
-        base = random.randint(20000, 30000)
-        if all(port_free(p) for p in range(base, base + size)):
-            return base
-    raise RuntimeError("no block of free ports")
-
-
-def get_json(url: str, method: str = "GET", body: Any = None, timeout: float = 15.0) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    with _OPENER.open(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a live process, or None when there is no such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = text.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1])
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-    return raw.decode(errors="replace").split("\0")[:-1]
-
-
-def children_of(pid: int) -> set[int]:
-    """Direct children, from /proc (every process whose parent is `pid`)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = proc_stat(int(entry.name))
-            if stat is not None and stat[1] == pid:
-                found.add(int(entry.name))
-    return found
-
-
-@dataclass
-class RunProcess:
-    """A `treewave run` process with its output collected line by line."""
-
-    proc: subprocess.Popen[str]
-    balancer_port: int
-    lines: list[str] = field(default_factory=list)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    reader: threading.Thread | None = None
-    servers: dict[str, tuple[int, int]] = field(default_factory=dict)
-    """name -> (port, pid), from the ready output (the balancer is "balancer")."""
-    seen_pids: set[int] = field(default_factory=set)
-
-    @property
-    def balancer_url(self) -> str:
-        return f"http://127.0.0.1:{self.balancer_port}"
-
-    @property
-    def output(self) -> str:
-        with self.cond:
-            return "\n".join(self.lines)
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self.cond:
-                self.lines.append(line.rstrip("\n"))
-                self.cond.notify_all()
-        with self.cond:
-            self.cond.notify_all()
-
-    def start_reader(self) -> None:
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match[str]:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for line in self.lines[start:]:
-                    m = rx.search(line)
-                    if m:
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self.reader_alive()):
-                    raise AssertionError(
-                        f"no line matching {pattern!r} (exit code {self.proc.poll()}); "
-                        f"output so far:\n" + "\n".join(self.lines)
-                    )
-                self.cond.wait(min(left, 0.5))
-
-    def reader_alive(self) -> bool:
-        return self.reader is not None and self.reader.is_alive()
-
-    def wait_ready(self) -> None:
-        self.wait_for(r"^try: treewave status", READY_TIMEOUT_S)
-        with self.cond:
-            for line in self.lines:
-                m = SERVER_LINE.match(line)
-                if m:
-                    self.servers[m["name"]] = (int(m["port"]), int(m["pid"]))
-        self.seen_pids |= {pid for _, pid in self.servers.values()}
-
-    def stop(self, sig: int) -> int:
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=STOP_TIMEOUT_S)
-        if self.reader is not None:
-            self.reader.join(timeout=10)
-        return code
-
-    def kill_everything(self) -> None:
-        """Teardown: a graceful stop if it still runs (so it removes its run directory),
-        SIGKILL if that fails, then SIGKILL any child that survived (there should be none)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in self.seen_pids:
-            if any("--name" in a or a == "balancer" for a in cmdline(pid)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        if self.reader is not None:
-            self.reader.join(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-def write_topology(directory: Path, data: dict[str, Any] | None = None) -> Path:
-    path = directory / "topology.json"
-    path.write_text(json.dumps(data or TOPOLOGY, indent=2), encoding="utf-8")
-    return path
-
-
-def start_run(directory: Path, *extra: str, base_port: int | None = None) -> RunProcess:
-    topology = write_topology(directory)
-    balancer_port = free_port_block(1)
-    base = base_port if base_port is not None else free_port_block(len(NAMES) + 2)
-    proc = subprocess.Popen(
-        [
-            *treewave_command(),
-            "run",
-            "--topology",
-            str(topology),
-            "--port",
-            str(balancer_port),
-            "--base-port",
-            str(base),
-            "--rebalance-interval",
-            "0",
-            *extra,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=clean_env(),
-        cwd=directory,
-    )
-    run = RunProcess(proc, balancer_port)
-    run.start_reader()
-    return run
 
 
 @pytest.fixture
@@ -429,7 +217,7 @@ def test_a_bad_topology_lists_every_problem_and_starts_nothing(tmp_path: Path) -
         env=clean_env(),
         timeout=60,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[0] == f"treewave run: {path} is not a valid topology:"
     assert len(lines) >= 2
@@ -442,7 +230,7 @@ def test_a_bad_topology_lists_every_problem_and_starts_nothing(tmp_path: Path) -
         env=clean_env(),
         timeout=60,
     )
-    assert missing.returncode == 1
+    assert missing.returncode == 2
     assert "cannot read the file" in missing.stderr
 
 

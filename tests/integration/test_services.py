@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import pytest
 
-if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
-    from conftest import Cluster, StartCluster
+from tests.support.cluster import Cluster, StartCluster
+from tests.support.http import fetch_json
 
 # The default topology's shape: a rooted DAG (fjord has two parents).
 SERVERS: list[dict[str, Any]] = [
@@ -51,12 +51,6 @@ def idle_dag(start_module_cluster: StartCluster) -> Cluster:
     return start_module_cluster(IDLE_DAG)
 
 
-async def get(http: aiohttp.ClientSession, url: str) -> Any:
-    async with http.get(url) as resp:
-        assert resp.status == 200, await resp.text()
-        return await resp.json()
-
-
 async def post(http: aiohttp.ClientSession, url: str, body: Any, status: int = 200) -> Any:
     async with http.post(url, json=body) as resp:
         assert resp.status == status, await resp.text()
@@ -64,12 +58,14 @@ async def post(http: aiohttp.ClientSession, url: str, body: Any, status: int = 2
 
 
 async def states(http: aiohttp.ClientSession, cluster: Cluster) -> dict[str, Any]:
-    got = await asyncio.gather(*(get(http, cluster.url(n) + "/api/state") for n in cluster.names))
+    got = await asyncio.gather(
+        *(fetch_json(http, cluster.url(n) + "/api/state") for n in cluster.names)
+    )
     return {s["name"]: s for s in got}
 
 
 async def tasks_of(http: aiohttp.ClientSession, cluster: Cluster, name: str) -> Any:
-    return await get(http, cluster.url(name) + "/api/tasks")
+    return await fetch_json(http, cluster.url(name) + "/api/tasks")
 
 
 async def poll(check: Any, what: str, limit_s: float = 120.0, every: float = 0.1) -> Any:
@@ -126,7 +122,7 @@ async def test_echo_returns_the_topology_and_the_true_loads(
 
     await poll(finished, "the short tasks to complete")
 
-    tree = await get(http, cluster.balancer_url + "/api/tree")
+    tree = await fetch_json(http, cluster.balancer_url + "/api/tree")
     live = await states(http, cluster)  # idle: nothing starts or ends any more
 
     assert tree["complete"] is True
@@ -150,7 +146,9 @@ async def test_concurrent_echo_waves_are_each_complete(
     idle_dag: Cluster, http: aiohttp.ClientSession
 ) -> None:
     cluster = idle_dag
-    trees = await asyncio.gather(*(get(http, cluster.balancer_url + "/api/tree") for _ in range(8)))
+    trees = await asyncio.gather(
+        *(fetch_json(http, cluster.balancer_url + "/api/tree") for _ in range(8))
+    )
     assert len({t["wave_id"] for t in trees}) == 8
     live = await states(http, cluster)
     for tree in trees:
@@ -225,7 +223,7 @@ async def test_concurrent_finn_waves_on_a_tree(
         everything = ids["queued"] + ids["running"] + ids["completed"]
         for finn, k in zip(waves, sizes, strict=True):
             assert sum(1 for t in everything if finn["wave_id"] in t) == k
-    tree = await get(http, cluster.balancer_url + "/api/tree")
+    tree = await fetch_json(http, cluster.balancer_url + "/api/tree")
     assert tree["complete"] is True
     assert tree["messages"] == 2 * (len(cluster.edges) + 1)
     assert_spanning_tree(tree["nodes"], cluster)

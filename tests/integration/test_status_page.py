@@ -27,6 +27,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.support.ports import free_ports
 from treewave.balancer.app import BALANCER_KEY, create_app
 from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.status import (
@@ -58,19 +59,6 @@ TOPOLOGY = Topology.from_servers(
 NAMES = set(TOPOLOGY.names)
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @dataclass
 class Servers:
     directory: Path
@@ -84,7 +72,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     d = tmp_path_factory.mktemp("status-cluster")
     topo = d / "topology.json"
     topo.write_text(TOPOLOGY.dumps(), encoding="utf-8")
-    ports = dict(zip(TOPOLOGY.names, _free_ports(len(TOPOLOGY)), strict=True))
+    ports = dict(zip(TOPOLOGY.names, free_ports(len(TOPOLOGY)), strict=True))
     peers = {n: f"ws://127.0.0.1:{p}/ws" for n, p in ports.items()}
     peers_file = d / "peers.json"
     peers_file.write_text(json.dumps(peers), encoding="utf-8")

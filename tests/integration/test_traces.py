@@ -14,13 +14,12 @@ import asyncio
 import itertools
 import re
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import pytest
 
-if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
-    from conftest import Cluster, StartCluster
+from tests.support.cluster import Cluster, StartCluster
 
 SERVERS: list[dict[str, Any]] = [
     {"name": "aurora", "cpus": 4, "tasks": 2, "children": ["birch", "cedar", "delta"]},

@@ -12,11 +12,11 @@ from treewave.balancer.access import (
     AccessSettings,
     RejectionLog,
     access_settings,
-    add_access_arguments,
     host_allowed,
     is_loopback,
     origin_allowed,
 )
+from treewave.cli.settings import ACCESS_OPTIONS, add_options, resolve
 
 
 @pytest.mark.parametrize(
@@ -102,9 +102,13 @@ def test_loopback_addresses(address: str, loopback: bool) -> None:
 
 
 def parse(*argv: str) -> argparse.Namespace:
+    """The balancer's access flags and their TREEWAVE_* variables, as `treewave balancer`
+    reads them."""
     p = argparse.ArgumentParser()
-    add_access_arguments(p)
-    return p.parse_args(list(argv))
+    add_options(p, *ACCESS_OPTIONS)
+    args = p.parse_args(list(argv))
+    resolve(args)
+    return args
 
 
 @pytest.fixture(autouse=True)

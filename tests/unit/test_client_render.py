@@ -19,7 +19,17 @@ from treewave.cli.client_cmd import (
 
 
 def node(name: str, cpus: int, running: int = 0, queued: int = 0) -> dict[str, Any]:
-    return {"name": name, "cpus": cpus, "running": running, "queued": queued, "completed": 0}
+    """A server as the API reports it, every task 1 s of expected work."""
+    work = float(running + queued)
+    return {
+        "name": name,
+        "cpus": cpus,
+        "running": running,
+        "queued": queued,
+        "completed": 0,
+        "expected_work_s": work,
+        "pressure": work / cpus,
+    }
 
 
 def tree(
@@ -117,7 +127,8 @@ def test_summary_line_counts_and_imbalance() -> None:
     # total 4 running + 7 queued on 9 cpus; max pressure is beta's 7/1.
     assert line.startswith("4 servers · 4 running + 7 queued / 9 cpus")
     assert f"imbalance {7 - 11 / 9:.2f}" in line
-    assert "max pressure 7.00" in line
+    assert "max pressure 7.00 s/cpu" in line
+    assert "(11.0 s of work)" in line
     assert "complete" in line
     assert "echo 4.2 ms, 10 messages" in line
     assert render_tree(DIAMOND).splitlines()[-1] == line
@@ -210,7 +221,7 @@ def test_finn_and_rebalance_summaries() -> None:
             "missing": [],
         }
     )
-    assert moved.splitlines()[0] == "moved 2 tasks in 1 move; max pressure 7.00 -> 4.00"
+    assert moved.splitlines()[0] == "moved 2 tasks in 1 move; max pressure 7.00 -> 4.00 s/cpu"
     assert "beta -> alpha: 2" in moved
     assert "1 planned task moves did not happen" in moved
     assert render_rebalance(

@@ -10,6 +10,7 @@ import pytest
 
 from treewave.core import messages as m
 from treewave.core.errors import RemoteProtocolError
+from treewave.core.load import pressure
 
 STATE = m.ServerState(
     name="alpha",
@@ -109,7 +110,9 @@ def test_nested_models_are_frozen() -> None:
 
 def test_server_state_derived_values() -> None:
     assert STATE.load == 4
-    assert STATE.pressure == 2.0
+    # Pressure is core.load.pressure (expected work per CPU); STATE reports no work, so
+    # each of its 4 tasks counts for task_time_s.
+    assert pressure(STATE, task_time_s=0.5) == 1.0
     assert STATE.neighbours == ("root", "beta", "gamma")
 
 

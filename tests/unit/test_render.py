@@ -286,9 +286,10 @@ def test_cli_render_bad_topology(tmp_path: Path, capsys: pytest.CaptureFixture[s
     bad = tmp_path / "bad.json"
     servers = [{"name": "grafana", "cpus": 1, "children": ["ghost"]}, {"name": "b", "cpus": 1}]
     bad.write_text(json.dumps({"servers": servers}))
-    assert main(["render", "--topology", str(bad), "--out-dir", str(tmp_path / "o")]) == 1
+    assert main(["render", "--topology", str(bad), "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    problem_lines = [line for line in err.splitlines() if line.startswith(f"{bad}: ")]
+    assert err.splitlines()[0] == f"treewave render: {bad} is not a valid topology:"
+    problem_lines = [line for line in err.splitlines() if line.startswith("  - ")]
     assert len(problem_lines) >= 2
     assert "reserved" in err
     assert "unknown child 'ghost'" in err

@@ -230,7 +230,8 @@ def test_every_problem_listed_at_once() -> None:
 
 
 def test_every_graph_problem_listed_at_once() -> None:
-    # Three problems found by the name and link checks: all three are reported.
+    # Three problems found by the name and link checks and one by the root check: all
+    # four are reported (a bad link does not hide the roots it leaves).
     data = {
         "servers": [
             server("alpha", children=("ghost", "grafana")),
@@ -239,11 +240,46 @@ def test_every_graph_problem_listed_at_once() -> None:
         ]
     }
     problems = problems_of(data)
-    assert len(problems) == 3, problems
+    assert len(problems) == 4, problems
     text = "\n".join(problems)
     assert "'grafana' is reserved" in text
     assert "'Beta' is not DNS-safe" in text
     assert "unknown child 'ghost'" in text
+    assert "several roots (Beta, alpha)" in text
+
+
+def test_schema_and_graph_problems_listed_together() -> None:
+    # A bad value (schema) and a cycle and an unknown child (graph) in one file: one
+    # TopologyError lists all of them, each naming its server.
+    data = {
+        "settings": {"wave_timeout_s": 0},
+        "servers": [
+            server("root", children=("a",)),
+            {"name": "a", "cpus": 0, "children": ["b"]},
+            server("b", children=("a", "ghost")),
+        ],
+    }
+    problems = problems_of(data)
+    text = "\n".join(problems)
+    assert "settings.wave_timeout_s" in text
+    assert "servers[1] ('a').cpus" in text
+    assert "unknown child 'ghost'" in text
+    assert "cycle: a -> b -> a" in text
+    assert len(problems) == 4, problems
+
+
+def test_graph_checks_skip_a_file_without_readable_names() -> None:
+    # An entry without a name: its children cannot be told from unknown ones, so only
+    # the schema problem is reported (no invented "unknown child").
+    data = {"servers": [server("root", children=("x",)), {"cpus": 1}]}
+    assert problems_of(data) == ["servers[1].name: Field required"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_settings_are_refused(value: str) -> None:
+    problems = problems_of({"settings": {"task_time_s": float(value)}, "servers": [server("a")]})
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("settings.task_time_s:")
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -313,6 +349,7 @@ def test_lab_aliases_accepted(tmp_path: Path) -> None:
         "rebalance_interval_s",
         "overload_percent",
         "wave_timeout_s",
+        "queue_order",
     }
 
 

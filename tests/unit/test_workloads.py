@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.workloads import DURATIONS, KINDS, Batch, Workload, all_workloads, make
 
@@ -22,6 +17,33 @@ def test_same_seed_same_workload(kind: str, durations: str) -> None:
     assert a == b
     assert a.tasks > 0
     assert all(x.node in SERVERS and x.count > 0 and x.duration_s > 0 for x in a.batches)
+
+
+@pytest.mark.parametrize("kind", ["wrong", "stream"])
+def test_extra_kinds_are_deterministic_and_varied_only(kind: str) -> None:
+    a = make(kind, "varied", SERVERS, seed=3)
+    assert a == make(kind, "varied", dict(reversed(list(SERVERS.items()))), seed=3)
+    with pytest.raises(ValueError, match="durations"):
+        make(kind, "fixed", SERVERS)
+
+
+def test_wrong_declarations_are_off_by_at_most_half() -> None:
+    w = make("wrong", "varied", SERVERS, seed=0)
+    ratios = [b.actual_s / b.duration_s for b in w.batches if b.actual_s is not None]
+    assert len(ratios) == w.tasks
+    assert all(0.49 <= r <= 1.51 for r in ratios)
+    assert max(ratios) > 1.3
+    assert min(ratios) < 0.7
+    # The lower bound counts the real work, not the declared.
+    assert w.work_s == pytest.approx(sum(b.count * b.actual_s for b in w.batches if b.actual_s))
+
+
+def test_stream_spreads_arrivals_over_a_longer_period() -> None:
+    w = make("stream", "varied", SERVERS, seed=0, target_s=4.0)
+    times = sorted({b.at_s for b in w.batches})
+    assert times[0] == 0.0
+    assert times[-1] >= 5.0
+    assert len(times) >= 10
 
 
 def test_seeds_differ() -> None:

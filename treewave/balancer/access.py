@@ -47,7 +47,6 @@ __all__ = [
     "RejectionLog",
     "access_middleware",
     "access_settings",
-    "add_access_arguments",
     "host_allowed",
     "is_loopback",
     "origin_allowed",
@@ -305,57 +304,13 @@ def access_middleware(settings: AccessSettings, registry: CollectorRegistry) -> 
 # --- configuration ----------------------------------------------------------------------------
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _split(text: str | None) -> tuple[str, ...]:
     return tuple(x.strip() for x in (text or "").split(",") if x.strip())
 
 
-def add_access_arguments(p: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    g = p.add_argument_group("access (who may change the cluster)")
-    g.add_argument(
-        "--api-token-file",
-        type=Path,
-        default=env(TOKEN_FILE_ENV) or None,
-        metavar="FILE",
-        help=f"file holding the API token (else ${TOKEN_ENV}); make one with "
-        "`treewave secret --out FILE`",
-    )
-    g.add_argument(
-        "--require-token",
-        action="store_true",
-        default=_env_flag("TREEWAVE_REQUIRE_TOKEN"),
-        help="require the token on POST/PUT/PATCH/DELETE even on loopback (always on when "
-        "the API is published beyond loopback; env TREEWAVE_REQUIRE_TOKEN=1)",
-    )
-    g.add_argument(
-        "--published-address",
-        default=env("TREEWAVE_PUBLISHED_ADDRESS") or None,
-        metavar="ADDR",
-        help="the address the API is published on, when not --host (compose passes its "
-        "TREEWAVE_BIND_ADDRESS); anything but loopback requires the token",
-    )
-    g.add_argument(
-        "--allowed-hosts",
-        default=env("TREEWAVE_ALLOWED_HOSTS", ""),
-        metavar="NAMES",
-        help="comma-separated Host names served besides IP addresses, localhost and "
-        "'balancer' ('.example.org' for a domain, '*' for any)",
-    )
-    g.add_argument(
-        "--allowed-origins",
-        default=env("TREEWAVE_ALLOWED_ORIGINS", ""),
-        metavar="ORIGINS",
-        help="comma-separated origins (https://name[:port]) besides the balancer's own "
-        "that may send state-changing requests (e.g. behind a TLS proxy)",
-    )
-
-
 def access_settings(args: argparse.Namespace, host: str) -> AccessSettings:
-    """The access rules from the arguments; the token is required when the API is
+    """The access rules from the arguments (flags and variables: `ACCESS_OPTIONS` in
+    treewave/cli/settings.py); the token is required when the API is
     published (or bound, without --published-address) anywhere but loopback."""
     if args.api_token_file:
         token = read_secret(Path(args.api_token_file), what="API token")

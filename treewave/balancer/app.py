@@ -33,6 +33,7 @@ from treewave.core.echo import EchoInitiator
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import EchoResult, FinnResult, Send
 from treewave.core.finn import FinnInitiator
+from treewave.core.load import expected_work_s, pressure
 from treewave.core.messages import (
     EchoExplore,
     EchoReply,
@@ -58,7 +59,14 @@ from treewave.core.messages import (
     parse_message,
 )
 from treewave.core.messages import Model as MessageModel
-from treewave.core.policy import Move, imbalance, loads_of, max_pressure, plan_moves
+from treewave.core.policy import (
+    Move,
+    expected_makespan,
+    imbalance,
+    loads_of,
+    max_pressure,
+    plan_moves,
+)
 from treewave.core.topology import BALANCER, Topology, load_topology
 from treewave.wire.addressing import peer_url
 from treewave.wire.links import LinkSet, dial_forever
@@ -238,11 +246,13 @@ class Balancer:
         self._record(record)
         if result.states:
             self.last_echo = record
-            loads = loads_of(result.states)
+            task_time_s = self.topology.settings.task_time_s
+            loads = loads_of(result.states, task_time_s)
             self.metrics.max_pressure.set(max_pressure(loads))
             self.metrics.imbalance.set(imbalance(loads))
+            self.metrics.expected_makespan.set(expected_makespan(loads))
             for s in result.states:
-                self.metrics.server_pressure.labels(s.name).set(s.pressure)
+                self.metrics.server_pressure.labels(s.name).set(pressure(s, task_time_s))
         return record
 
     async def run_finn(self, work: FinnWork) -> WaveRecord:
@@ -322,15 +332,18 @@ class Balancer:
         finally:
             self.replies.pop(key, None)
 
-    async def transfer(self, source: str, target: str, count: int) -> int:
-        """Move up to `count` queued tasks from `source` to `target`, two-phase; returns
-        how many moved. On any failure the tasks stay with (or go back to) the donor, or
-        stay reserved at the donor, in doubt, until `resolve` learns which way it went."""
+    async def transfer(
+        self, source: str, target: str, count: int, durations: tuple[float, ...] | None = None
+    ) -> int:
+        """Move up to `count` queued tasks (of about these `durations`, if given) from
+        `source` to `target`, two-phase; returns how many moved. On any failure the tasks
+        stay with (or go back to) the donor, or stay reserved at the donor, in doubt, until
+        `resolve` learns which way it went."""
         tid = self.new_id("xfer")
         try:
             prepared = await self._ask(
                 source,
-                TransferPrepare(transfer=tid, target=target, count=count),
+                TransferPrepare(transfer=tid, target=target, count=count, durations=durations),
                 "transfer.prepared",
                 tid,
             )
@@ -421,7 +434,8 @@ class Balancer:
     async def rebalance(self) -> dict[str, Any]:
         async with self.rebalance_lock:
             before = await self.run_echo("rebalance")
-            loads = loads_of(before.states)
+            task_time_s = self.topology.settings.task_time_s
+            loads = loads_of(before.states, task_time_s)
             moves = plan_moves(loads)
             self.metrics.rebalance_runs.inc()
             self.metrics.rebalance_moves.inc(len(moves))
@@ -443,13 +457,17 @@ class Balancer:
                     {"source": m.source, "target": m.target, "tasks": m.tasks} for m in moves
                 ],
                 "max_pressure_before": round(max_pressure(loads), 6),
-                "max_pressure_after": round(max_pressure(loads_of(after.states)), 6),
+                "max_pressure_after": round(max_pressure(loads_of(after.states, task_time_s)), 6),
+                "expected_makespan_before_s": round(expected_makespan(loads), 6),
+                "expected_makespan_after_s": round(
+                    expected_makespan(loads_of(after.states, task_time_s)), 6
+                ),
                 "complete": before.complete and after.complete,
                 "missing": sorted(set(before.missing) | set(after.missing)),
             }
 
     async def _move(self, move: Move) -> int:
-        return await self.transfer(move.source, move.target, move.tasks)
+        return await self.transfer(move.source, move.target, move.tasks, move.durations)
 
     async def run_periodic_rebalance(self) -> None:
         if self.rebalance_interval_s <= 0:
@@ -468,10 +486,14 @@ class Balancer:
 
     # --- tasks -------------------------------------------------------------------------------
 
-    async def submit(self, node: str, count: int, duration_s: float | None) -> list[str]:
+    async def submit(
+        self, node: str, count: int, duration_s: float | None, actual_s: float | None = None
+    ) -> list[str]:
         duration = duration_s or self.topology.settings.task_time_s
         batch = self.new_id("t")
-        tasks = tuple(Task(id=f"{batch}.{i}", duration_s=duration) for i in range(count))
+        tasks = tuple(
+            Task(id=f"{batch}.{i}", duration_s=duration, actual_s=actual_s) for i in range(count)
+        )
         # Answered only once the server confirms the tasks are queued and on disk: a
         # server dying with the submission unread must not leave them acknowledged.
         key = ("tasks.accepted", tasks[0].id)
@@ -521,6 +543,7 @@ class Balancer:
                 ],
                 "edges": [{"source": a, "target": b} for a, b in self.topology.edges],
                 "overload_percent": self.topology.settings.overload_percent,
+                "task_time_s": self.topology.settings.task_time_s,
             },
             "links": {n: self.links.connected(n) for n in self.topology.names},
             "snapshot": None if echo is None else tree_json(echo, self.topology),
@@ -533,6 +556,9 @@ class Balancer:
 
 
 def tree_json(record: WaveRecord, topology: Topology) -> dict[str, Any]:
+    """A snapshot for the API and the status page; `pressure` (expected work per CPU,
+    seconds) comes from `core.load`, so no client computes it."""
+    task_time_s = topology.settings.task_time_s
     return {
         **record.summary(),
         "nodes": [
@@ -543,7 +569,8 @@ def tree_json(record: WaveRecord, topology: Topology) -> dict[str, Any]:
                 "queued": s.queued,
                 "completed": s.completed,
                 "reserved": s.reserved,
-                "pressure": round(s.pressure, 6),
+                "expected_work_s": round(expected_work_s(s, task_time_s), 6),
+                "pressure": round(pressure(s, task_time_s), 6),
                 "echo_parent": s.echo_parent,
             }
             for s in sorted(record.states, key=lambda s: topology.names.index(s.name))
@@ -567,6 +594,8 @@ class SubmitRequest(BaseModel):
     node: str = Field(min_length=1, max_length=63)
     count: int = Field(ge=1, le=100_000)
     duration_s: float | None = Field(default=None, gt=0, le=3600)
+    actual_s: float | None = Field(default=None, gt=0, le=3600)
+    """Emulation only: how long the tasks really run when the declaration is wrong."""
 
 
 class EmptyRequest(BaseModel):
@@ -634,7 +663,7 @@ async def api_tasks(request: web.Request) -> web.Response:
     body = await read_body(request, SubmitRequest)
     if body.node not in b.names:
         raise json_error(404, f"unknown server {body.node!r}")
-    ids = await b.submit(body.node, body.count, body.duration_s)
+    ids = await b.submit(body.node, body.count, body.duration_s, body.actual_s)
     return web.json_response(
         {"node": body.node, "accepted": len(ids), "first_task": ids[0], "last_task": ids[-1]},
         status=202,

@@ -36,13 +36,25 @@ class BalancerMetrics:
             "treewave_transfers_in_doubt", "Transfers whose outcome is being resolved", registry=r
         )
         self.max_pressure = Gauge(
-            "treewave_max_pressure", "Highest pressure in the last Echo snapshot", registry=r
+            "treewave_max_pressure",
+            "Highest pressure (expected work per CPU, seconds) in the last Echo snapshot",
+            registry=r,
+        )
+        self.expected_makespan = Gauge(
+            "treewave_expected_makespan_seconds",
+            "Largest expected finish time over the servers (last Echo)",
+            registry=r,
         )
         self.imbalance = Gauge(
-            "treewave_imbalance", "Max pressure minus cluster pressure (last Echo)", registry=r
+            "treewave_imbalance",
+            "Max pressure minus cluster pressure, seconds per CPU (last Echo)",
+            registry=r,
         )
         self.server_pressure = Gauge(
-            "treewave_server_pressure", "Pressure per server (last Echo)", ["server"], registry=r
+            "treewave_server_pressure",
+            "Pressure per server, expected work per CPU in seconds (last Echo)",
+            ["server"],
+            registry=r,
         )
         self.api_errors = Counter(
             "treewave_api_errors", "Rejected API requests", ["route", "status"], registry=r

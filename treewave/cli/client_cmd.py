@@ -28,23 +28,15 @@ from typing import Any
 
 from treewave.cli.argtypes import non_negative_int, positive_float, positive_int
 from treewave.cli.errors import CommandError
+from treewave.cli.settings import BALANCER_URL, add_options
+from treewave.core.load import pressure_of
 
-DEFAULT_BALANCER = "http://127.0.0.1:7999"
 BAR_WIDTH = 12
 RUN_CELL, QUEUED_CELL, FREE_CELL = "█", "▓", "░"
 MIDDLE, LAST = "├── ", "└── "
 
 
 # --- HTTP ------------------------------------------------------------------------------------
-
-
-def balancer_url(text: str) -> str:
-    """Validate and normalise `--balancer` (no trailing slash)."""
-    url = text.strip().rstrip("/")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL like {DEFAULT_BALANCER}")
-    return url
 
 
 def _is_loopback(url: str) -> bool:
@@ -120,6 +112,13 @@ def _one_line(text: str) -> str:
 
 
 def pressure(node: Mapping[str, Any]) -> float:
+    """The server's pressure as the balancer reports it (expected work per CPU, seconds;
+    `core.load.pressure`): never recomputed here."""
+    return float(node.get("pressure", 0.0))
+
+
+def occupancy(node: Mapping[str, Any]) -> float:
+    """Tasks per CPU (what the colours show, like the status page's levels)."""
     cpus = max(int(node.get("cpus", 1)), 1)
     return (int(node.get("running", 0)) + int(node.get("queued", 0))) / cpus
 
@@ -235,8 +234,8 @@ def render_tree(
         running, queued = int(node.get("running", 0)), int(node.get("queued", 0))
         cpus = int(node.get("cpus", 1))
         bar = load_bar(running, queued, cpus, bar_width)
-        text = f"{label}  {_paint(bar, _level(pressure(node)), colour)} "
-        text += load_text(running, queued, cpus)
+        text = f"{label}  {_paint(bar, _level(occupancy(node)), colour)} "
+        text += load_text(running, queued, cpus) + f" · {pressure(node):.2f} s/cpu"
         if line.note:
             text += f"  {line.note}"
         out.append(text.rstrip())
@@ -255,12 +254,14 @@ def summary_line(tree: Mapping[str, Any]) -> str:
     queued = sum(int(n.get("queued", 0)) for n in nodes)
     cpus = sum(int(n.get("cpus", 0)) for n in nodes)
     servers = len(nodes) + len(missing)
+    work = sum(float(n.get("expected_work_s", 0.0)) for n in nodes)
     max_p = max((pressure(n) for n in nodes), default=0.0)
-    cluster_p = (running + queued) / cpus if cpus else 0.0
+    cluster_p = pressure_of(work, cpus) if cpus else 0.0
     parts = [
         f"{servers} servers",
-        f"{running} running + {queued} queued / {cpus} cpus",
-        f"imbalance {max_p - cluster_p:.2f} (max pressure {max_p:.2f} - cluster {cluster_p:.2f})",
+        f"{running} running + {queued} queued / {cpus} cpus ({work:.1f} s of work)",
+        f"imbalance {max_p - cluster_p:.2f} s (max pressure {max_p:.2f} s/cpu"
+        f" - cluster {cluster_p:.2f} s/cpu)",
     ]
     if tree.get("complete") and not missing:
         parts.append("complete")
@@ -293,13 +294,18 @@ def render_rebalance(result: Mapping[str, Any]) -> str:
     before = float(result.get("max_pressure_before", 0))
     after = float(result.get("max_pressure_after", 0))
     if not moves:
-        text = f"nothing to move: max pressure {before:.2f} (no move lowers it)"
+        text = f"nothing to move: max pressure {before:.2f} s/cpu (no move lowers it)"
     else:
         tasks = sum(int(m["tasks"]) for m in moves)
         text = (
             f"moved {tasks} task{'s' if tasks != 1 else ''} in {len(moves)} "
-            f"move{'s' if len(moves) != 1 else ''}; max pressure {before:.2f} -> {after:.2f}"
+            f"move{'s' if len(moves) != 1 else ''}; max pressure {before:.2f} -> {after:.2f} s/cpu"
         )
+        if "expected_makespan_before_s" in result:
+            text += (
+                f", expected makespan {float(result['expected_makespan_before_s']):.2f} -> "
+                f"{float(result['expected_makespan_after_s']):.2f} s"
+            )
         width = max(len(str(m["source"])) for m in moves)
         text += "".join(f"\n  {m['source']:<{width}} -> {m['target']}: {m['tasks']}" for m in moves)
     planned = sum(int(m.get("tasks", 0)) for m in result.get("planned", []))
@@ -315,13 +321,7 @@ def render_rebalance(result: Mapping[str, Any]) -> str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--balancer",
-        type=balancer_url,
-        default=os.environ.get("TREEWAVE_BALANCER") or DEFAULT_BALANCER,
-        metavar="URL",
-        help="the balancer's URL (default: $TREEWAVE_BALANCER or %(default)s)",
-    )
+    add_options(p, BALANCER_URL)
     p.add_argument(
         "--timeout",
         type=positive_float,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from treewave.cli.argtypes import non_negative_int, positive_float, positive_int
-from treewave.cli.errors import CommandError
+from treewave.cli.errors import CommandError, ConfigError
+from treewave.cli.settings import TOPOLOGY, add_options
 from treewave.core.topology import Topology, TopologyError, load_topology
 from treewave.generator.generate import generate
 from treewave.generator.render import (
@@ -114,12 +114,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog=RENDER_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ren.add_argument(
-        "--topology",
-        type=Path,
-        default=Path("topology.json"),
-        help="topology file (default: topology.json)",
-    )
+    add_options(ren, TOPOLOGY)
     ren.add_argument(
         "--out-dir", type=Path, default=Path("."), help="output directory (default: .)"
     )
@@ -157,9 +152,7 @@ def _load(topology_path: Path) -> Topology:
     try:
         return load_topology(topology_path)
     except TopologyError as exc:
-        for problem in exc.problems:
-            print(f"{topology_path}: {problem}", file=sys.stderr)
-        raise CommandError(f"{topology_path} is not a valid topology") from None
+        raise ConfigError(str(exc)) from None
 
 
 def _relative_topology(topology_path: Path, out_dir: Path) -> str:

@@ -1,7 +1,12 @@
-"""The error every command raises for a failure to report as one line (exit code 1)."""
+"""The errors a command raises to end with one clear report instead of a traceback."""
 
-__all__ = ["CommandError"]
+__all__ = ["CommandError", "ConfigError"]
 
 
 class CommandError(Exception):
     """A failure to report as one clear line (exit code 1)."""
+
+
+class ConfigError(Exception):
+    """A bad setting or configuration file, named with its source (exit code 2, like a
+    usage error): nothing was started or changed."""

@@ -2,7 +2,8 @@
 
 Each module in `COMMAND_MODULES` exposes `register(subparsers)`, adding its subcommands
 with `set_defaults(handler=...)`; a handler returns the process exit code.
-Exit codes: 0 success, 1 failure, 2 usage error.
+Exit codes: 0 success, 1 failure, 2 usage or configuration error (a bad flag, a bad
+`TREEWAVE_*` value, a bad topology, peers or secret file: see `treewave.cli.settings`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from treewave.cli import (
     simulate_cmd,
     trace_cmd,
 )
-from treewave.cli.errors import CommandError
+from treewave.cli.errors import CommandError, ConfigError
+from treewave.cli.settings import SettingError, resolve
 
-__all__ = ["CommandError", "build_parser", "main"]
+__all__ = ["CommandError", "ConfigError", "build_parser", "main"]
 
 COMMAND_MODULES = (
     simulate_cmd,
@@ -57,7 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        resolve(args)
         code: int = handler(args)
+    except (SettingError, ConfigError) as exc:
+        print(f"treewave {args.command}: {exc}", file=sys.stderr)
+        return 2
     except CommandError as exc:
         print(f"treewave {args.command}: {exc}", file=sys.stderr)
         return 1

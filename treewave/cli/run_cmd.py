@@ -55,8 +55,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, TextIO
 
+from treewave.cli import argtypes
 from treewave.cli.argtypes import non_negative_float, positive_float
-from treewave.cli.errors import CommandError
+from treewave.cli.errors import CommandError, ConfigError
+from treewave.cli.settings import (
+    LOG_LEVEL,
+    REBALANCE_INTERVAL,
+    STATUS_INTERVAL,
+    TOPOLOGY,
+    WAVE_TIMEOUT,
+    add_options,
+)
 from treewave.core.topology import Topology, TopologyError, load_topology
 from treewave.wire.secretfile import ensure_secret
 
@@ -101,23 +110,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLE,
     )
-    p.add_argument(
-        "--topology",
-        type=Path,
-        default=Path("topology.json"),
-        metavar="FILE",
-        help="topology file (default: topology.json)",
-    )
+    add_options(p, TOPOLOGY)
     p.add_argument(
         "--port",
-        type=_port,
+        type=argtypes.port,
         default=DEFAULT_PORT,
         metavar="PORT",
         help=f"balancer port: API, status page, metrics (default: {DEFAULT_PORT})",
     )
     p.add_argument(
         "--base-port",
-        type=_port,
+        type=argtypes.port,
         default=DEFAULT_BASE_PORT,
         metavar="PORT",
         help="first server port; servers take consecutive free ports from here "
@@ -131,20 +134,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="where servers keep their queues across restarts (default: a temporary "
         "directory removed on exit)",
     )
-    p.add_argument(
-        "--rebalance-interval",
-        type=non_negative_float,
-        default=None,
-        metavar="S",
-        help="seconds between rebalancing rounds, 0 = off (default: the topology's setting)",
-    )
-    p.add_argument(
-        "--wave-timeout",
-        type=positive_float,
-        default=None,
-        metavar="S",
-        help="wave deadline in seconds (default: the topology's setting)",
-    )
+    add_options(p, REBALANCE_INTERVAL, WAVE_TIMEOUT, STATUS_INTERVAL)
     p.add_argument(
         "--ready-timeout",
         type=positive_float,
@@ -159,23 +149,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="S",
         help="seconds a child gets to stop after SIGTERM before SIGKILL (default: 5)",
     )
-    p.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log level of the children (their logs go to files; default: INFO)",
+    add_options(
+        p,
+        LOG_LEVEL.with_default(
+            "INFO", "log level of the children (their logs go to files in the run directory)"
+        ),
     )
     p.set_defaults(handler=run)
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
-    return value
 
 
 # --- ports ---------------------------------------------------------------------------------
@@ -349,6 +329,7 @@ class Supervisor:
     state_dir: Path
     rebalance_interval: float | None = None
     wave_timeout: float | None = None
+    status_interval: float | None = None
     ready_timeout: float = 60.0
     grace: float = 5.0
     log_level: str = "INFO"
@@ -434,6 +415,8 @@ class Supervisor:
             argv += ["--rebalance-interval", str(self.rebalance_interval)]
         if self.wave_timeout is not None:
             argv += ["--wave-timeout", str(self.wave_timeout)]
+        if self.status_interval is not None:
+            argv += ["--status-interval", str(self.status_interval)]
         self.children.append(Child("balancer", "balancer", self.port, argv, logs / "balancer.log"))
 
     def start(self, child: Child) -> None:
@@ -655,10 +638,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         topology = load_topology(args.topology)
     except TopologyError as exc:
-        print(f"treewave run: {exc.source} is not a valid topology:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
+        raise ConfigError(str(exc)) from None
     run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
     (run_dir / PID_FILE).write_text(f"{os.getpid()}\n", encoding="utf-8")
     try:
@@ -671,6 +651,7 @@ def run(args: argparse.Namespace) -> int:
             state_dir=(args.state_dir.resolve() if args.state_dir else run_dir / "state"),
             rebalance_interval=args.rebalance_interval,
             wave_timeout=args.wave_timeout,
+            status_interval=args.status_interval,
             ready_timeout=args.ready_timeout,
             grace=args.grace,
             log_level=args.log_level,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import textwrap
 import urllib.parse
 from collections.abc import Mapping
@@ -14,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from treewave.cli.argtypes import positive_float
-from treewave.cli.client_cmd import DEFAULT_BALANCER, Client, balancer_url
+from treewave.cli.client_cmd import Client
 from treewave.cli.errors import CommandError
+from treewave.cli.settings import BALANCER_URL, add_options
 from treewave.core.trace import shiviz_log
 
 __all__ = ["load_trace", "register", "render_trace"]
@@ -42,13 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "treewave trace finn-1 --file waves.json",
     )
     p.add_argument("wave_id", metavar="WAVE_ID", help="a wave id, or 'latest'")
-    p.add_argument(
-        "--balancer",
-        type=balancer_url,
-        default=os.environ.get("TREEWAVE_BALANCER") or DEFAULT_BALANCER,
-        metavar="URL",
-        help="the balancer's URL (default: $TREEWAVE_BALANCER or %(default)s)",
-    )
+    add_options(p, BALANCER_URL)
     p.add_argument(
         "--file",
         type=Path,

@@ -9,6 +9,7 @@ a later `deliver` refuse, so the balancer can always find out which way a transf
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +18,12 @@ from treewave.core.messages import Task
 
 REMEMBERED_TRANSFERS = 10_000
 REMEMBERED_COMPLETIONS = 200_000
+
+QueueOrder = Literal["longest-first", "fifo"]
+QUEUE_ORDERS: tuple[QueueOrder, ...] = ("longest-first", "fifo")
+"""How a server runs its queue. `longest-first` (the default): the longest expected task
+next, so each server runs its share LPT-style and the balancer's plan is what happens;
+tasks of equal duration still run in submission order. `fifo`: submission order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +35,14 @@ class Reservation:
 
 
 class TaskLedger:
-    def __init__(self) -> None:
+    def __init__(self, order: QueueOrder = "longest-first") -> None:
+        self.order = order
         self.queued: deque[Task] = deque()
+        """In run order (the next task to start first)."""
+        self.queue_version = 0
+        """Bumped on every change to `queued`, so views of the queue can be cached."""
         self.running: dict[str, Task] = {}
+        self.started_at: dict[str, float] = {}
         self.reserved: dict[str, Reservation] = {}
         self.completed = 0
         self.transferred_in = 0
@@ -48,20 +60,40 @@ class TaskLedger:
             if task.id in self._known_ids or task.id in self._done_ids:
                 continue
             self._known_ids.add(task.id)
-            self.queued.append(task)
+            self._enqueue(task)
             added += 1
         return added
 
-    def start_next(self) -> Task | None:
-        """Move the oldest queued task to running."""
+    def _enqueue(self, task: Task) -> None:
+        """Into run order: behind every task of equal or longer duration (longest-first),
+        or at the end (fifo)."""
+        q = self.queued
+        self.queue_version += 1
+        if self.order == "fifo" or not q or q[-1].duration_s >= task.duration_s:
+            q.append(task)
+            return
+        q.insert(bisect.bisect_right(q, -task.duration_s, key=_longest_first), task)
+
+    def start_next(self, now: float = 0.0) -> Task | None:
+        """Move the next queued task (in run order) to running, started at `now`."""
         if not self.queued:
             return None
         task = self.queued.popleft()
+        self.queue_version += 1
         self.running[task.id] = task
+        self.started_at[task.id] = now
         return task
+
+    def running_left(self, now: float) -> list[float]:
+        """Expected seconds left of each running task (0 once past its declaration)."""
+        return [
+            max(0.0, t.duration_s - (now - self.started_at.get(i, now)))
+            for i, t in self.running.items()
+        ]
 
     def finish(self, task_id: str) -> bool:
         """Running -> completed; completion is counted once per task id."""
+        self.started_at.pop(task_id, None)
         if self.running.pop(task_id, None) is None:
             return False
         self._known_ids.discard(task_id)
@@ -75,16 +107,51 @@ class TaskLedger:
 
     # --- donor side --------------------------------------------------------------------------
 
-    def prepare(self, transfer: str, target: str, count: int, now: float) -> Reservation:
-        """Reserve up to `count` of the most recently queued tasks (idempotent)."""
+    def prepare(
+        self,
+        transfer: str,
+        target: str,
+        count: int,
+        now: float,
+        durations: tuple[float, ...] | None = None,
+    ) -> Reservation:
+        """Reserve up to `count` queued tasks, the last ones in run order (idempotent).
+        With `durations`, reserve instead for each listed duration the queued task whose
+        expected duration is closest to it, the last in run order among equals (so equal
+        tasks left behind keep their submission order)."""
         if transfer in self.reserved:
             return self.reserved[transfer]
-        take = min(count, len(self.queued))
-        tasks = tuple(self.queued.pop() for _ in range(take))[::-1]
+        self.queue_version += 1
+        if durations is None:
+            take = min(count, len(self.queued))
+            tasks = tuple(self.queued.pop() for _ in range(take))[::-1]
+        else:
+            tasks = self._take_closest(durations)
         reservation = Reservation(transfer, target, tasks, now)
         if tasks:
             self.reserved[transfer] = reservation
         return reservation
+
+    def _take_closest(self, durations: tuple[float, ...]) -> tuple[Task, ...]:
+        by_duration: dict[float, list[int]] = {}
+        for i, t in enumerate(self.queued):
+            by_duration.setdefault(t.duration_s, []).append(i)
+        keys = sorted(by_duration)
+        chosen: list[int] = []
+        for want in durations:
+            if not keys:
+                break
+            j = bisect.bisect_left(keys, want)
+            near = keys[max(0, j - 1) : j + 1]
+            key = min(near, key=lambda k: (abs(k - want), -k))
+            chosen.append(by_duration[key].pop())
+            if not by_duration[key]:
+                del by_duration[key]
+                keys.remove(key)
+        picked = set(chosen)
+        tasks = tuple(self.queued[i] for i in sorted(picked))
+        self.queued = deque(t for i, t in enumerate(self.queued) if i not in picked)
+        return tasks
 
     def commit(self, transfer: str) -> Literal["committed", "unknown"]:
         reservation = self.reserved.pop(transfer, None)
@@ -99,7 +166,8 @@ class TaskLedger:
         reservation = self.reserved.pop(transfer, None)
         if reservation is None:
             return "unknown"
-        self.queued.extend(reservation.tasks)
+        for task in reservation.tasks:
+            self._enqueue(task)
         return "aborted"
 
     # --- recipient side ----------------------------------------------------------------------
@@ -160,8 +228,10 @@ class TaskLedger:
         }
 
     @classmethod
-    def from_json_data(cls, data: dict[str, Any]) -> TaskLedger:
-        ledger = cls()
+    def from_json_data(
+        cls, data: dict[str, Any], order: QueueOrder = "longest-first"
+    ) -> TaskLedger:
+        ledger = cls(order)
         ledger.submit([Task.model_validate(t) for t in data.get("queued", [])])
         for r in data.get("reserved", []):
             tasks = tuple(Task.model_validate(t) for t in r["tasks"])
@@ -175,3 +245,7 @@ class TaskLedger:
         ledger._done_ids = OrderedDict.fromkeys(data.get("done_ids", []))
         ledger._incoming = OrderedDict(data.get("incoming", {}))
         return ledger
+
+
+def _longest_first(task: Task) -> float:
+    return -task.duration_s

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from treewave.core.errors import RemoteProtocolError
 
@@ -41,14 +49,19 @@ class ServerState(Model):
     children: tuple[Name, ...] = ()
     echo_parent: str = ""
     """Who this server took as its parent in this Echo wave (the spanning-tree edge)."""
+    running_left_s: tuple[Annotated[float, Field(ge=0, le=3600)], ...] = Field(
+        default=(), max_length=100_000
+    )
+    """Expected seconds left of each running task (empty from servers that predate it)."""
+    queued_s: tuple[tuple[Annotated[float, Field(gt=0, le=3600)], Count], ...] = Field(
+        default=(), max_length=1024
+    )
+    """The queue as (expected duration, count) pairs, longest first (see
+    `core.load.duration_histogram`; empty from servers that predate it)."""
 
     @property
     def load(self) -> int:
         return self.running + self.queued
-
-    @property
-    def pressure(self) -> float:
-        return (self.running + self.queued) / self.cpus
 
     @property
     def neighbours(self) -> tuple[str, ...]:
@@ -60,6 +73,14 @@ class Task(Model):
 
     id: TaskId
     duration_s: float = Field(gt=0, le=3600)
+    """The declared (expected) duration: what balancing plans with."""
+    actual_s: float | None = Field(default=None, gt=0, le=3600)
+    """Emulation only: how long the task really holds its slot when that differs from the
+    declaration (benchmarks of wrong declarations); never read by the policy."""
+
+    @property
+    def run_s(self) -> float:
+        return self.duration_s if self.actual_s is None else self.actual_s
 
 
 class FinnWork(Model):
@@ -198,12 +219,23 @@ class TasksAccepted(Model):
 
 
 class TransferPrepare(Model):
-    """Balancer -> donor: reserve up to `count` queued tasks for `target`."""
+    """Balancer -> donor: reserve up to `count` queued tasks for `target`: the last
+    `count` in run order, or, when `durations` is given, for each listed duration the
+    queued task whose expected duration is closest to it (see `TaskLedger.prepare`)."""
 
     type: Literal["transfer.prepare"] = "transfer.prepare"
     transfer: TransferId
     target: Name
     count: int = Field(ge=1, le=100_000)
+    durations: tuple[Annotated[float, Field(gt=0, le=3600)], ...] | None = Field(
+        default=None, max_length=100_000
+    )
+
+    @model_validator(mode="after")
+    def _count_matches(self) -> TransferPrepare:
+        if self.durations is not None and len(self.durations) != self.count:
+            raise ValueError(f"count {self.count} but {len(self.durations)} durations")
+        return self
 
 
 class TransferPrepared(Model):

@@ -36,9 +36,18 @@ class NodeProtocol:
         self.finished: OrderedDict[str, None] = OrderedDict()
 
     def local_state(
-        self, cpus: int, running: int, queued: int, completed: int, reserved: int = 0
+        self,
+        cpus: int,
+        running: int,
+        queued: int,
+        completed: int,
+        reserved: int = 0,
+        running_left_s: tuple[float, ...] = (),
+        queued_s: tuple[tuple[float, int], ...] = (),
     ) -> ServerState:
-        return ServerState(
+        """This server's own state: built from its own bookkeeping, so not re-validated
+        (what other servers send is validated when it arrives)."""
+        return ServerState.model_construct(
             name=self.name,
             cpus=cpus,
             running=running,
@@ -47,6 +56,9 @@ class NodeProtocol:
             reserved=reserved,
             parents=self.parents,
             children=self.children,
+            running_left_s=running_left_s,
+            queued_s=queued_s,
+            echo_parent="",
         )
 
     def receive(

@@ -1,7 +1,8 @@
 """The topology file: the one source of truth for servers, links and settings.
 
-Loading validates everything and reports *every* problem at once, each naming the server
-and the field, so a bad file gives a readable list instead of a traceback.
+Loading validates everything and reports *every* problem at once, shape and graph problems
+together, each naming the server and the field, so a bad file gives a readable list
+instead of a traceback.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from treewave.core.ledger import QueueOrder
 
 BALANCER = "balancer"
 """Name the balancer goes by in waves; reserved, like the other compose service names."""
@@ -38,12 +41,16 @@ class Settings(BaseModel):
     """Cluster-wide settings. The lab's names (`task_time`, `rebalance_interval`, `max_cpu`)
     are accepted as aliases."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False
+    )
 
     task_time_s: float = Field(default=2.0, gt=0, le=3600, alias="task_time")
     rebalance_interval_s: float = Field(default=5.0, ge=0, le=86400, alias="rebalance_interval")
     overload_percent: float = Field(default=100.0, gt=0, le=1000, alias="max_cpu")
     wave_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    queue_order: QueueOrder = "longest-first"
+    """How servers run their queues (see `core.ledger.QUEUE_ORDERS`)."""
 
 
 class ServerSpec(BaseModel):
@@ -79,10 +86,17 @@ class Topology:
 
     @classmethod
     def parse(cls, data: Any, source: str = "topology") -> Topology:
+        """Validate the file's shape and its graph; every problem of both kinds is
+        reported at once (graph checks run on whatever names and children are readable
+        even when some values are not)."""
         try:
             raw = TopologyFile.model_validate(data)
         except ValidationError as exc:
-            raise TopologyError(_describe_validation(exc, data), source) from None
+            problems = _describe_validation(exc, data)
+            readable = _readable_servers(data)
+            if readable:
+                problems += _graph_problems(readable)[0]
+            raise TopologyError(problems, source) from None
         return cls._from_file(raw, source)
 
     @classmethod
@@ -94,60 +108,18 @@ class Topology:
 
     @classmethod
     def _from_file(cls, raw: TopologyFile, source: str) -> Topology:
-        problems: list[str] = []
-        by_name: dict[str, ServerSpec] = {}
-        for i, s in enumerate(raw.servers):
-            where = f"servers[{i}] ({s.name!r})"
-            if not DNS_LABEL.match(s.name):
-                problems.append(
-                    f"{where}.name: {s.name!r} is not DNS-safe (lowercase letters, digits and "
-                    "inner hyphens, 1-63 characters)"
-                )
-            if s.name in RESERVED_NAMES:
-                problems.append(f"{where}.name: {s.name!r} is reserved for a service")
-            if s.name in by_name:
-                problems.append(f"{where}.name: duplicate server name {s.name!r}")
-            by_name.setdefault(s.name, s)
+        problems, root = _graph_problems([(s.name, s.children) for s in raw.servers])
+        if problems or root is None:
+            raise TopologyError(problems, source)
+        by_name: dict[str, ServerSpec] = {s.name: s for s in raw.servers}
         parents: dict[str, list[str]] = {name: [] for name in by_name}
         for s in raw.servers:
-            seen: set[str] = set()
             for child in s.children:
-                if child not in by_name:
-                    problems.append(f"server {s.name!r}.children: unknown child {child!r}")
-                elif child == s.name:
-                    problems.append(f"server {s.name!r}.children: a server cannot be its own child")
-                elif child in seen:
-                    problems.append(f"server {s.name!r}.children: child {child!r} listed twice")
-                else:
-                    parents[child].append(s.name)
-                seen.add(child)
-        if problems:
-            raise TopologyError(problems, source)
-        roots = [name for name, ps in parents.items() if not ps]
-        if not roots:
-            problems.append("no root: every server is somebody's child (the graph has a cycle)")
-        elif len(roots) > 1:
-            problems.append(
-                f"several roots ({', '.join(sorted(roots))}): exactly one server may be "
-                "nobody's child"
-            )
-        cycle = _find_cycle(by_name)
-        if cycle:
-            problems.append(f"cycle: {' -> '.join(cycle)}")
-        if len(roots) == 1:
-            # With one root, a server it cannot reach sits in a cycle of its own.
-            reached = _reachable(roots[0], by_name)
-            lost = [name for name in by_name if name not in reached]
-            if lost:
-                problems.append(
-                    f"unreachable from the root {roots[0]!r}: {', '.join(sorted(lost))}"
-                )
-        if problems:
-            raise TopologyError(problems, source)
+                parents[child].append(s.name)
         return cls(
             settings=raw.settings,
             servers=raw.servers,
-            root=roots[0],
+            root=root,
             _by_name=by_name,
             _parents={k: tuple(v) for k, v in parents.items()},
         )
@@ -286,11 +258,84 @@ def _server_name_at(data: Any, index: int) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _find_cycle(by_name: Mapping[str, ServerSpec]) -> list[str] | None:
+ServerEdges = Sequence[tuple[str, Sequence[str]]]
+"""(name, children) of each server, in file order: all the graph checks need."""
+
+
+def _graph_problems(servers: ServerEdges) -> tuple[list[str], str | None]:
+    """Every graph problem (names, children, roots, cycles, reachability) and the root
+    when there is exactly one."""
+    problems: list[str] = []
+    children: dict[str, list[str]] = {}
+    for i, (name, _) in enumerate(servers):
+        where = f"servers[{i}] ({name!r})"
+        if not DNS_LABEL.match(name):
+            problems.append(
+                f"{where}.name: {name!r} is not DNS-safe (lowercase letters, digits and "
+                "inner hyphens, 1-63 characters)"
+            )
+        if name in RESERVED_NAMES:
+            problems.append(f"{where}.name: {name!r} is reserved for a service")
+        if name in children:
+            problems.append(f"{where}.name: duplicate server name {name!r}")
+        children.setdefault(name, [])
+    has_parent: set[str] = set()
+    for name, kids in servers:
+        seen: set[str] = set()
+        for child in kids:
+            if child not in children:
+                problems.append(f"server {name!r}.children: unknown child {child!r}")
+            elif child == name:
+                problems.append(f"server {name!r}.children: a server cannot be its own child")
+            elif child in seen:
+                problems.append(f"server {name!r}.children: child {child!r} listed twice")
+            else:
+                children[name].append(child)
+                has_parent.add(child)
+            seen.add(child)
+    roots = [name for name in children if name not in has_parent]
+    if not roots:
+        problems.append("no root: every server is somebody's child (the graph has a cycle)")
+    elif len(roots) > 1:
+        problems.append(
+            f"several roots ({', '.join(sorted(roots))}): exactly one server may be nobody's child"
+        )
+    cycle = _find_cycle(children)
+    if cycle:
+        problems.append(f"cycle: {' -> '.join(cycle)}")
+    if len(roots) == 1:
+        # With one root, a server it cannot reach sits in a cycle of its own.
+        reached = _reachable(roots[0], children)
+        lost = [name for name in children if name not in reached]
+        if lost:
+            problems.append(f"unreachable from the root {roots[0]!r}: {', '.join(sorted(lost))}")
+    return problems, (roots[0] if len(roots) == 1 else None)
+
+
+def _readable_servers(data: Any) -> list[tuple[str, list[str]]]:
+    """The names and children that can be read from a file that failed validation, for
+    the graph checks; [] when the servers are not there at all or an entry has no
+    readable name (the graph checks would then report children as unknown wrongly)."""
+    servers = data.get("servers") if isinstance(data, dict) else None
+    if not isinstance(servers, list) or not servers:
+        return []
+    readable: list[tuple[str, list[str]]] = []
+    for entry in servers:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            return []
+        kids = entry.get("children", [])
+        if not isinstance(kids, list):
+            kids = []
+        readable.append((name, [k for k in kids if isinstance(k, str)]))
+    return readable
+
+
+def _find_cycle(children: Mapping[str, Sequence[str]]) -> list[str] | None:
     """Iterative DFS; returns one cycle as a path, or None."""
     white, grey, black = 0, 1, 2
-    colour = dict.fromkeys(by_name, white)
-    for start in by_name:
+    colour = dict.fromkeys(children, white)
+    for start in children:
         if colour[start] != white:
             continue
         stack: list[tuple[str, int]] = [(start, 0)]
@@ -298,7 +343,7 @@ def _find_cycle(by_name: Mapping[str, ServerSpec]) -> list[str] | None:
         colour[start] = grey
         while stack:
             name, i = stack[-1]
-            kids = by_name[name].children
+            kids = children[name]
             if i < len(kids):
                 stack[-1] = (name, i + 1)
                 c = kids[i]
@@ -315,11 +360,11 @@ def _find_cycle(by_name: Mapping[str, ServerSpec]) -> list[str] | None:
     return None
 
 
-def _reachable(root: str, by_name: Mapping[str, ServerSpec]) -> set[str]:
+def _reachable(root: str, children: Mapping[str, Sequence[str]]) -> set[str]:
     seen = {root}
     todo = deque([root])
     while todo:
-        for c in by_name[todo.popleft()].children:
+        for c in children[todo.popleft()]:
             if c not in seen:
                 seen.add(c)
                 todo.append(c)

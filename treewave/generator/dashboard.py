@@ -77,14 +77,15 @@ def _timeseries(
     }
 
 
-def _node_graph_panel() -> dict[str, Any]:
+def _node_graph_panel(overload_s: float) -> dict[str, Any]:
     only_nodes = {"id": "byRefId", "options": "nodes"}
     return {
         "datasource": DATASOURCE,
         "description": (
-            "The topology (parent -> child) with each server's pressure "
-            "(running + queued) / cpus as its main stat and colour. A server without a "
-            "stat is not reporting."
+            "The topology (parent -> child) with each server's pressure (expected "
+            "seconds of work per CPU; a running task counts for what is left of it) as its "
+            "main stat and colour, red at the overload threshold. A server without a stat "
+            "is not reporting."
         ),
         "fieldConfig": {
             "defaults": {},
@@ -94,7 +95,7 @@ def _node_graph_panel() -> dict[str, Any]:
                     "properties": [
                         {"id": "color", "value": {"mode": "continuous-GrYlRd"}},
                         {"id": "min", "value": 0},
-                        {"id": "max", "value": 2},
+                        {"id": "max", "value": overload_s},
                     ],
                 }
             ],
@@ -103,13 +104,13 @@ def _node_graph_panel() -> dict[str, Any]:
         "id": 1,
         "options": {
             "edges": {},
-            "nodes": {"mainStatUnit": "none"},
+            "nodes": {"mainStatUnit": "s"},
         },
         "targets": [
             _target("nodes", NODES_EXPR, instant=True),
             _target("edges", EDGES_EXPR, instant=True),
         ],
-        "title": "Tree load (pressure = (running + queued) / cpus)",
+        "title": "Tree load (pressure = expected work per CPU, seconds)",
         "transformations": [
             {
                 "id": "calculateField",
@@ -138,10 +139,10 @@ def _node_graph_panel() -> dict[str, Any]:
     }
 
 
-def _panels() -> list[dict[str, Any]]:
+def _panels(overload_s: float) -> list[dict[str, Any]]:
     by_server = f"{{{SERVER_FILTER}}}"
     return [
-        _node_graph_panel(),
+        _node_graph_panel(overload_s),
         _timeseries(
             2,
             "Running tasks per server",
@@ -156,12 +157,16 @@ def _panels() -> list[dict[str, Any]]:
         ),
         _timeseries(
             4,
-            "Imbalance and maximum pressure (last Echo)",
+            "Imbalance, maximum pressure and expected makespan (last Echo)",
             (0, 22, 12, 8),
             [
                 _target("A", "max(treewave_imbalance)", "imbalance"),
                 _target("B", "max(treewave_max_pressure)", "max pressure"),
+                _target("C", "max(treewave_expected_makespan_seconds)", "expected makespan"),
             ],
+            unit="s",
+            description="Seconds: pressure is expected work per CPU; the expected makespan "
+            "is the largest expected finish time over the servers.",
         ),
         _timeseries(
             5,
@@ -243,6 +248,26 @@ def _panels() -> list[dict[str, Any]]:
             ],
             unit="ops",
         ),
+        _timeseries(
+            10,
+            "Pressure per server (expected work per CPU)",
+            (0, 46, 12, 8),
+            [_target("A", f"max by (server) (treewave_node_pressure{by_server})", "{{server}}")],
+            unit="s",
+        ),
+        _timeseries(
+            11,
+            "Expected work per server",
+            (12, 46, 12, 8),
+            [
+                _target(
+                    "A",
+                    f"max by (server) (treewave_node_expected_work_seconds{by_server})",
+                    "{{server}}",
+                )
+            ],
+            unit="s",
+        ),
     ]
 
 
@@ -279,7 +304,7 @@ def build_dashboard(topology: Topology) -> dict[str, Any]:
         "fiscalYearStartMonth": 0,
         "graphTooltip": 1,
         "links": [],
-        "panels": _panels(),
+        "panels": _panels(topology.settings.task_time_s * topology.settings.overload_percent / 100),
         "refresh": "5s",
         "schemaVersion": 39,
         "tags": ["treewave"],

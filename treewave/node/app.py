@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import FinnDecided, Output, Send
 from treewave.core.ledger import TaskLedger
+from treewave.core.load import duration_histogram, expected_work_s, pressure
 from treewave.core.messages import (
     MAX_MESSAGE_BYTES,
     Challenge,
@@ -90,13 +91,15 @@ class Server:
         self._save_pending = False
         self.allowed_inbound = {*topology.parents(self.name), BALANCER}
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._histogram: tuple[tuple[int, int], tuple[tuple[float, int], ...]] = ((0, -1), ())
+        self._last_state = self.local_state()
 
     # --- ledger persistence --------------------------------------------------------------------
 
     def _load_ledger(self) -> TaskLedger:
         if self.state_file is not None and self.state_file.exists():
             data = json.loads(self.state_file.read_text(encoding="utf-8"))
-            ledger = TaskLedger.from_json_data(data)
+            ledger = TaskLedger.from_json_data(data, self.topology.settings.queue_order)
             log.info(
                 "%s: restored %d queued and %d reserved tasks from %s",
                 self.name,
@@ -105,7 +108,7 @@ class Server:
                 self.state_file,
             )
             return ledger
-        ledger = TaskLedger()
+        ledger = TaskLedger(self.topology.settings.queue_order)
         ledger.submit([self.new_task() for _ in range(self.spec.tasks)])
         return ledger
 
@@ -141,9 +144,25 @@ class Server:
 
     def local_state(self) -> ServerState:
         led = self.ledger
-        return self.protocol.local_state(
-            self.cpus, len(led.running), len(led.queued), led.completed, led.reserved_count
+        self._last_state = self.protocol.local_state(
+            self.cpus,
+            len(led.running),
+            len(led.queued),
+            led.completed,
+            led.reserved_count,
+            running_left_s=tuple(led.running_left(time.monotonic())),
+            queued_s=self._queue_histogram(),
         )
+        return self._last_state
+
+    def _queue_histogram(self) -> tuple[tuple[float, int], ...]:
+        """The queue's duration histogram, rebuilt only when the queue changed (every Echo
+        reply carries it)."""
+        version = (id(self.ledger), self.ledger.queue_version)
+        if self._histogram[0] != version:
+            hist = duration_histogram(t.duration_s for t in self.ledger.queued)
+            self._histogram = (version, hist)
+        return self._histogram[1]
 
     def refresh_gauges(self) -> None:
         led = self.ledger
@@ -151,16 +170,21 @@ class Server:
         m.running.set(len(led.running))
         m.queued.set(len(led.queued))
         m.reserved.set(led.reserved_count)
-        m.pressure.set((len(led.running) + len(led.queued)) / self.cpus)
+        state = self.local_state()
+        m.expected_work.set(expected_work_s(state, self.task_time_s))
+        m.pressure.set(pressure(state, self.task_time_s))
         m.links.set(sum(1 for n in self.links.peers if self.links.connected(n)))
 
     def state_json(self) -> dict[str, object]:
         led = self.ledger
+        state = self.local_state()
         return {
             "name": self.name,
             "cpus": self.cpus,
             "running": len(led.running),
             "queued": len(led.queued),
+            "expected_work_s": round(expected_work_s(state, self.task_time_s), 6),
+            "pressure": round(pressure(state, self.task_time_s), 6),
             "reserved": led.reserved_count,
             "completed": led.completed,
             "transferred_in": led.transferred_in,
@@ -201,7 +225,7 @@ class Server:
             return
         for to, reply in replies:
             await self.links.send(to, reply)
-        self.refresh_gauges()
+        # No gauge refresh per frame: `/metrics` refreshes them when it is scraped.
 
     def _flood_ok(self, peer: str) -> bool:
         """Token bucket per link: a peer may not drown the server in frames."""
@@ -237,11 +261,13 @@ class Server:
                 and not self.protocol.finn_decided(msg.wave)
             ):
                 raise StaleMessage(f"finn wave {msg.wave} expired before it reached {self.name!r}")
-            out = self.protocol.receive(msg, time.monotonic(), self.local_state())
+            # Finn never reads the local state: build it (a queue histogram) for Echo only.
+            local = self._last_state if algorithm == "finn" else self.local_state()
+            out = self.protocol.receive(msg, time.monotonic(), local)
             if self.trace.enabled:
                 known = self.protocol.finn_sets(msg.wave) if algorithm == "finn" else None
                 self.trace.received(peer, msg, time.time(), known)
-            self.metrics.wave_messages.labels(self.name, algorithm, "in").inc()
+            self.metrics.wave_in[algorithm].inc()
             return self._outputs(out)
         if isinstance(msg, ErrorReply):
             log.warning("%s: %s reported an error: %s", self.name, peer, msg.error)
@@ -271,7 +297,9 @@ class Server:
                 raise RemoteProtocolError(
                     f"transfer target {msg.target!r} is not another server", reason="invalid_fields"
                 )
-            reservation = led.prepare(msg.transfer, msg.target, msg.count, time.time())
+            reservation = led.prepare(
+                msg.transfer, msg.target, msg.count, time.time(), msg.durations
+            )
             self.save()
             return [TransferPrepared(transfer=msg.transfer, tasks=reservation.tasks)]
         if isinstance(msg, TransferDeliver):
@@ -326,7 +354,7 @@ class Server:
                 self.wakeup.set()
             elif isinstance(item, Send):
                 algorithm = "finn" if isinstance(item.message, FinnSets) else "echo"
-                self.metrics.wave_messages.labels(self.name, algorithm, "out").inc()
+                self.metrics.wave_out[algorithm].inc()
                 self.trace.sent(item.to, item.message, time.time())
                 sends.append((item.to, item.message))
         return sends
@@ -339,7 +367,7 @@ class Server:
             await self.wakeup.wait()
             self.wakeup.clear()
             while len(self.ledger.running) < self.cpus:
-                task = self.ledger.start_next()
+                task = self.ledger.start_next(time.monotonic())
                 if task is None:
                     break
                 runner = asyncio.create_task(self._run_task(task))
@@ -348,7 +376,7 @@ class Server:
             self.refresh_gauges()
 
     async def _run_task(self, task: Task) -> None:
-        await asyncio.sleep(task.duration_s)
+        await asyncio.sleep(task.run_s)
         if self.ledger.finish(task.id):
             self.metrics.completed.inc()
         self.save_soon()
@@ -358,6 +386,8 @@ class Server:
         """Drive wave deadlines with the monotonic clock."""
         while True:
             await asyncio.sleep(self.settings.tick_s)
+            if not (self.protocol.echo_waves or self.protocol.finn_waves):
+                continue  # nothing in flight: no state to build
             out = self.protocol.handle_timer(time.monotonic(), self.local_state())
             for to, msg in self._outputs(out):
                 await self.links.send(to, msg)

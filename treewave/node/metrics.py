@@ -23,8 +23,17 @@ class NodeMetrics:
             labels,
             registry=r,
         ).labels(server)
+        self.expected_work = Gauge(
+            "treewave_node_expected_work_seconds",
+            "Expected seconds of work: what is left of running tasks plus the queue",
+            labels,
+            registry=r,
+        ).labels(server)
         self.pressure = Gauge(
-            "treewave_node_pressure", "(running + queued) / cpus", labels, registry=r
+            "treewave_node_pressure",
+            "Pressure: expected work per CPU, seconds (core.load.pressure)",
+            labels,
+            registry=r,
         ).labels(server)
         self.completed = Counter(
             "treewave_node_completed", "Tasks completed", labels, registry=r
@@ -47,6 +56,9 @@ class NodeMetrics:
             ["server", "algorithm", "direction"],
             registry=r,
         )
+        # Bound once: a labels() lookup per frame costs more than the increment.
+        self.wave_in = {a: self.wave_messages.labels(server, a, "in") for a in ("echo", "finn")}
+        self.wave_out = {a: self.wave_messages.labels(server, a, "out") for a in ("echo", "finn")}
         self.invalid = Counter(
             "treewave_node_invalid_messages", "Frames rejected", ["server", "reason"], registry=r
         )

@@ -1,13 +1,14 @@
-"""How one server process is configured: command-line arguments or TREEWAVE_* variables."""
+"""How one server process is configured (`treewave node` fills it from flags and
+TREEWAVE_* variables: see treewave.cli.settings)."""
 
 from __future__ import annotations
 
-import argparse
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from treewave.wire.service import DEFAULT_PEER_TEMPLATE, add_link_arguments, link_settings
+from treewave.wire.links import DEFAULT_PEER_TEMPLATE
+
+__all__ = ["NodeSettings"]
 
 
 @dataclass(frozen=True)
@@ -34,37 +35,3 @@ class NodeSettings:
     trace_waves: int = 64
     """How many recent waves this server keeps its part of the trace for (bounded
     memory; 0 records nothing). The balancer asks for a part after a traced wave."""
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", default=os.environ.get("TREEWAVE_NAME"), help="this server's name")
-    add_link_arguments(p, default_port=8000)
-    p.add_argument("--state-dir", type=Path, default=os.environ.get("TREEWAVE_STATE_DIR"))
-    p.add_argument(
-        "--trace-waves",
-        type=int,
-        default=int(os.environ.get("TREEWAVE_TRACE_WAVES", "64")),
-        help="recent waves whose trace this server keeps, 0 = none (default: 64)",
-    )
-
-
-def from_arguments(args: argparse.Namespace) -> NodeSettings:
-    if not args.name:
-        raise ValueError("--name (or TREEWAVE_NAME) is required")
-    if args.trace_waves < 0:
-        raise ValueError("--trace-waves must be 0 or more")
-    link = link_settings(args)
-    return NodeSettings(
-        name=args.name,
-        topology=link.topology,
-        host=link.host,
-        port=link.port,
-        peer_url_template=link.peer_url_template,
-        peer_urls=link.peer_urls,
-        state_dir=args.state_dir,
-        secret=link.secret,
-        trace_waves=args.trace_waves,
-        crash_points=frozenset(
-            p.strip() for p in os.environ.get("TREEWAVE_CRASH", "").split(",") if p.strip()
-        ),
-    )

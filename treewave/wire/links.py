@@ -18,6 +18,9 @@ from treewave.wire.auth import dialer_hello
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PEER_TEMPLATE = "ws://{name}:8000/ws"
+"""Where a server's links are found by default: its compose service name, port 8000."""
+
 FrameHandler = Callable[[str, str], Awaitable[None]]
 """Called with (peer name, frame text) for every text frame a peer sends."""
 

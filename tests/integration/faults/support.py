@@ -1,10 +1,10 @@
 """A cluster of real processes that tests can break, and a per-task-id conservation check.
 
-Builds on the integration suite's `Cluster`/`Service` (tests/integration/conftest.py) and
-adds what fault tests need: a state directory per server (so a restart comes back with
-its queue), environment per process (TREEWAVE_CRASH crash points), SIGKILL / wait for an
-injected crash / restart with a different environment, and servers that are down on
-purpose (ignored by readiness polling and by the "died on its own" check at teardown).
+Builds on `tests.support.cluster` (a state directory per server, so a restart comes back
+with its queue; an environment per process for TREEWAVE_CRASH crash points) and adds what
+fault tests need: SIGKILL / wait for an injected crash / restart with a different
+environment, and servers that are down on purpose (ignored by readiness polling and by
+the "died on its own" check at teardown).
 
 `TaskBook` knows every task id a test created and checks, against `/api/tasks` of every
 server, that each is in exactly one place and that none is lost or completed twice.
@@ -13,112 +13,38 @@ server, that each is in exactly one place and that none is lost or completed twi
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import json
-import os
 import signal
-import subprocess
-import sys
-import time
 import urllib.error
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
+
+from tests.support.cluster import BALANCER, Cluster, ClusterError
+from tests.support.http import get_json
+from tests.support.waiting import wait_for
+
+__all__ = [
+    "BALANCER",
+    "CRASH_EXIT_CODE",
+    "ClusterError",
+    "FaultCluster",
+    "TaskBook",
+    "drained",
+    "echo_missing",
+    "finn_missing",
+    "http_error_status",
+    "wait_for",
+]
 
 CRASH_EXIT_CODE = 70
 """What a server exits with at an injected crash point (node/app.py)."""
 
 
-def _integration_conftest() -> ModuleType:
-    """The parent directory's conftest module (pytest imports it as `conftest`; load it
-    by path under another name if some other `conftest` is the one in sys.modules)."""
-    path = Path(__file__).resolve().parents[1] / "conftest.py"
-    loaded = sys.modules.get("conftest")
-    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
-        return loaded
-    name = "_treewave_integration_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_base = _integration_conftest()
-Cluster = _base.Cluster
-Service = _base.Service
-ClusterError = _base.ClusterError
-http_json = _base.http_json
-free_ports = _base.free_ports
-REPO: Path = _base.REPO
-BALANCER: str = _base.BALANCER
-
-T = TypeVar("T")
-
-POLL_S = 0.2
-
-
-def wait_for(
-    what: str,
-    probe: Callable[[], T | None],
-    timeout: float = 60.0,
-    interval: float = POLL_S,
-    on_poll: Callable[[], None] | None = None,
-) -> T:
-    """Poll `probe` until it returns something other than None/False; fail naming `what`
-    (and the last exception the probe raised) after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            value = probe()
-        except (OSError, ValueError, KeyError) as exc:
-            value, last_error = None, exc
-        if value is not None and value is not False:
-            return value
-        if on_poll is not None:
-            on_poll()
-        if time.monotonic() > deadline:
-            extra = f" (last error: {last_error!r})" if last_error else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{extra}")
-        time.sleep(interval)
-
-
 # --- processes ------------------------------------------------------------------------------
 
 
-@dataclass
-class FaultService(Service):  # type: ignore[misc,valid-type]
-    """A service with its own extra environment (crash points), settable per start."""
-
-    env: dict[str, str] = field(default_factory=dict)
-
-    def start(self, cwd: Path) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for inherited in ("TREEWAVE_SECRET", "TREEWAVE_CRASH", "TREEWAVE_STATE_DIR"):
-            env.pop(inherited, None)
-        env.update(self.env)
-        with self.log_path.open("ab") as log:
-            log.write(f"----- start {self.args[0]} env={self.env} -----\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "treewave.cli.main", *self.args],
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-
-class FaultCluster(Cluster):  # type: ignore[misc,valid-type]
+class FaultCluster(Cluster):
     """A `Cluster` whose services can be killed, crashed, frozen and restarted."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -162,7 +88,7 @@ class FaultCluster(Cluster):  # type: ignore[misc,valid-type]
         if svc.proc is not None:
             svc.proc.wait()
         svc.env = dict(env or {})
-        svc.start(REPO)
+        svc.start()
         self.down.discard(name)
         self.stopped_on_purpose.discard(name)
         if wait:
@@ -174,7 +100,7 @@ class FaultCluster(Cluster):  # type: ignore[misc,valid-type]
     # --- API shortcuts -----------------------------------------------------------------------
 
     def api(self, path: str, method: str = "GET", body: Any = None, timeout: float = 60) -> Any:
-        return http_json(self.balancer_url + path, method, body, timeout=timeout)
+        return get_json(self.balancer_url + path, method, body, timeout=timeout)
 
     def tree(self) -> dict[str, Any]:
         result: dict[str, Any] = self.api("/api/tree")
@@ -195,11 +121,11 @@ class FaultCluster(Cluster):  # type: ignore[misc,valid-type]
         return result
 
     def node_tasks(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = http_json(self.url(name) + "/api/tasks", timeout=10)
+        result: dict[str, Any] = get_json(self.url(name) + "/api/tasks", timeout=10)
         return result
 
     def node_state(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = http_json(self.url(name) + "/api/state", timeout=10)
+        result: dict[str, Any] = get_json(self.url(name) + "/api/state", timeout=10)
         return result
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
@@ -209,53 +135,6 @@ class FaultCluster(Cluster):  # type: ignore[misc,valid-type]
     def balancer_status(self) -> dict[str, Any]:
         result: dict[str, Any] = self.api("/api/status")
         return result
-
-
-def build_cluster(
-    topology: dict[str, Any],
-    directory: Path,
-    env: dict[str, dict[str, str]] | None = None,
-    wave_timeout_s: float = 2.0,
-    balancer_args: Iterable[str] = (),
-) -> FaultCluster:
-    """Like the integration conftest's builder, plus a state directory for every server,
-    a wave deadline and an environment per service."""
-    directory.mkdir(parents=True, exist_ok=True)
-    names = [s["name"] for s in topology["servers"]]
-    ports = dict(zip([*names, BALANCER], free_ports(len(names) + 1), strict=True))
-    topo_file = directory / "topology.json"
-    topo_file.write_text(json.dumps(topology, indent=2), encoding="utf-8")
-    peers_file = directory / "peers.json"
-    peers = {n: f"ws://127.0.0.1:{ports[n]}/ws" for n in names}
-    peers_file.write_text(json.dumps(peers, indent=2), encoding="utf-8")
-    state_dir = directory / "state"
-    cluster = FaultCluster(topology=topology, directory=directory)
-    common = ["--topology", str(topo_file), "--peers", str(peers_file)]
-    env = env or {}
-    for n in names:
-        args = ["node", "--name", n, "--port", str(ports[n]), "--state-dir", str(state_dir)]
-        cluster.services[n] = FaultService(
-            n, ports[n], [*args, *common], directory / f"{n}.log", env=dict(env.get(n, {}))
-        )
-    args = [
-        "balancer",
-        "--port",
-        str(ports[BALANCER]),
-        "--rebalance-interval",
-        "0",
-        "--wave-timeout",
-        str(wave_timeout_s),
-        *common,
-        *balancer_args,
-    ]
-    cluster.services[BALANCER] = FaultService(
-        BALANCER,
-        ports[BALANCER],
-        args,
-        directory / "balancer.log",
-        env=dict(env.get(BALANCER, {})),
-    )
-    return cluster
 
 
 # --- conservation --------------------------------------------------------------------------

@@ -81,7 +81,8 @@ def submit_error(cluster: FaultCluster, count: int) -> tuple[int, dict[str, Any]
     """POST /api/tasks expecting a refusal: (status, JSON body)."""
     with pytest.raises(urllib.error.HTTPError) as caught:
         cluster.submit(KEEPER, count, 0.2)
-    return caught.value.code, json.loads(caught.value.read())
+    with caught.value as answer:  # closes its socket (no ResourceWarning at collection)
+        return answer.code, json.loads(answer.read())
 
 
 def test_submitted_tasks_are_confirmed_only_once_queued(

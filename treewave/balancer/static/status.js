@@ -6,6 +6,9 @@
 
   const tree = document.getElementById("tree");
   const overloadPercent = parseFloat(tree.dataset.overloadPercent) || 100;
+  // Pressure (expected work per CPU, seconds) comes from the API (core.load.pressure);
+  // the bar is full at the lab's overload threshold expressed in seconds.
+  const overloadSeconds = (parseFloat(tree.dataset.taskTime) || 2) * overloadPercent / 100;
   const servers = new Map();
   tree.querySelectorAll("g.server").forEach((g) => servers.set(g.dataset.name, g));
   const edges = Array.from(tree.querySelectorAll("path.edge"));
@@ -55,6 +58,17 @@
     return Math.min(4, 1 + Math.floor(ratio * 4));
   }
 
+  // Squeeze a long stats line into the box instead of letting it overflow.
+  function fitText(el, width) {
+    if (el.textContent.length > 17) {
+      el.setAttribute("textLength", width);
+      el.setAttribute("lengthAdjust", "spacingAndGlyphs");
+    } else {
+      el.removeAttribute("textLength");
+      el.removeAttribute("lengthAdjust");
+    }
+  }
+
   function ms(seconds) {
     const v = seconds * 1000;
     return (v < 10 ? v.toFixed(1) : Math.round(v).toString()) + " ms";
@@ -91,12 +105,14 @@
         g.dataset.cpus = n.cpus;
         g.dataset.missing = "false";
         g.dataset.level = lvl;
-        stats.textContent = `run ${n.running}/${n.cpus} · q ${n.queued}`;
-        const ratio = Math.min(1, n.pressure / (overloadPercent / 100));
+        stats.textContent = `run ${n.running}/${n.cpus} · q ${n.queued} · ${n.pressure.toFixed(1)}s`;
+        fitText(stats, barMax + 8);
+        const ratio = Math.min(1, n.pressure / overloadSeconds);
         bar.setAttribute("width", (barMax * ratio).toFixed(1));
         tip = `${name}\ncpus ${n.cpus} · running ${n.running} · queued ${n.queued}` +
           ` · reserved ${n.reserved}\ncompleted ${n.completed}` +
-          `\npressure ${Math.round(n.pressure * 100)}% (overloaded at ${overloadPercent}%)` +
+          `\npressure ${n.pressure.toFixed(2)} s of expected work per cpu` +
+          ` (${n.expected_work_s.toFixed(1)} s in all; bar full at ${overloadSeconds.toFixed(1)} s)` +
           `\nEcho parent: ${n.echo_parent || "–"}`;
       } else {
         g.classList.add(snap ? "missing" : "unknown");
@@ -105,6 +121,7 @@
         g.dataset.missing = "true";
         g.dataset.level = "";
         stats.textContent = snap ? "no reply" : "waiting…";
+        fitText(stats, barMax + 8);
         bar.setAttribute("width", "0");
         tip = `${name}\nmissing from the last Echo wave`;
       }
@@ -128,7 +145,7 @@
     $("sum-running").textContent = nodes.reduce((a, n) => a + n.running, 0);
     $("sum-queued").textContent = nodes.reduce((a, n) => a + n.queued, 0);
     $("sum-pressure").textContent = nodes.length
-      ? Math.round(Math.max(...nodes.map((n) => n.pressure)) * 100) + "%" : "–";
+      ? Math.max(...nodes.map((n) => n.pressure)).toFixed(2) + " s" : "–";
     const line = $("echo-line");
     line.replaceChildren();
     if (!snap) {

@@ -1,0 +1,146 @@
+"""CPU per wave message through one real server process (issue 13, part 3).
+
+    python bench/node_cpu.py                    # 20,000 Echo explores, node pinned to a core
+    python bench/node_cpu.py --messages 50000 --queued 200
+
+Starts `treewave node` for server `b` of a two-server topology (`a` -> `b`; `b` has
+`--queued` tasks of an hour each, so its Echo state carries a real queue) pinned to one
+core (`taskset`, when available), links to it as its parent `a` over a real WebSocket and
+sends Echo explores for fresh waves: `b` has no other neighbour, so each explore is read,
+parsed and validated, run through the state machine, and answered with an encoded Echo
+reply (frame read -> parse -> state machine -> encode -> send). The sender stays below
+the server's flood limit (paced to `--rate` frames/s) and waits for every reply.
+
+CPU per message = the node process's CPU time (user + system, /proc) over the run, minus
+what it spends idle over the same wall time (measured first), divided by the messages it
+handled (each explore in and each reply out counts as one). Prints the figures and writes
+bench/results/node_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.waves_scale import free_port  # noqa: E402
+from treewave.core.messages import EchoExplore, Hello, parse_message  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "node_cpu.json"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+async def drive(url: str, messages: int, rate: float) -> float:
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        await ws.send_str(Hello(sender="a").model_dump_json())
+        start = time.monotonic()
+        for i in range(messages):
+            explore = EchoExplore(wave=f"w{i}", sender="a", budget_s=5.0)
+            await ws.send_str(explore.model_dump_json())
+            reply = await ws.receive(timeout=10)
+            msg = parse_message(reply.data)
+            if msg.type != "echo.reply":
+                raise RuntimeError(f"unexpected answer: {reply.data[:200]}")
+            ahead = start + (i + 1) / rate - time.monotonic()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        return time.monotonic() - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--messages", type=int, default=20_000, help="explores to send")
+    ap.add_argument("--queued", type=int, default=50, help="tasks queued at the server")
+    ap.add_argument("--rate", type=float, default=1500.0, help="explores per second, at most")
+    ap.add_argument("--idle", type=float, default=3.0, help="seconds of idle baseline")
+    ap.add_argument("--core", type=int, default=1, help="core to pin the server to")
+    ap.add_argument("--label", default="", help="stored with the result (e.g. before/after)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="treewave-nodecpu-"))
+    topo = {
+        "settings": {"task_time_s": 3600, "rebalance_interval_s": 0},
+        "servers": [
+            {"name": "a", "cpus": 1, "children": ["b"]},
+            {"name": "b", "cpus": 1, "tasks": args.queued + 1},
+        ],
+    }
+    (tmp / "topology.json").write_text(json.dumps(topo), encoding="utf-8")
+    port = free_port()
+    argv = [sys.executable, "-m", "treewave.cli.main", "node", "--name", "b",
+            "--topology", str(tmp / "topology.json"), "--port", str(port),
+            "--log-level", "WARNING"]  # fmt: skip
+    if shutil.which("taskset"):
+        argv = ["taskset", "-c", str(args.core), *argv]
+    log = (tmp / "node.log").open("wb")
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp / "node.log").read_text()) from None
+                time.sleep(0.2)
+        time.sleep(1.0)
+        c0 = cpu_seconds(proc.pid)
+        time.sleep(args.idle)
+        idle_per_s = (cpu_seconds(proc.pid) - c0) / args.idle
+        c1 = cpu_seconds(proc.pid)
+        wall = asyncio.run(drive(f"ws://127.0.0.1:{port}/ws", args.messages, args.rate))
+        busy = cpu_seconds(proc.pid) - c1
+        handled = 2 * args.messages
+        per_msg_us = 1e6 * max(0.0, busy - idle_per_s * wall) / handled
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+    load = os.getloadavg()
+    print(
+        f"{args.messages} explores -> {args.messages} replies in {wall:.1f} s; node CPU "
+        f"{busy:.2f} s (idle {idle_per_s * 1000:.1f} ms/s); "
+        f"{per_msg_us:.1f} us CPU per message ({2 * per_msg_us:.1f} us per explore+reply); "
+        f"load average {load[0]:.1f}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results[args.label or "latest"] = {
+        "command": "python bench/node_cpu.py " + " ".join(sys.argv[1:]),
+        "messages": handled,
+        "wall_s": round(wall, 3),
+        "node_cpu_s": round(busy, 3),
+        "idle_cpu_per_s": round(idle_per_s, 4),
+        "cpu_us_per_message": round(per_msg_us, 2),
+        "queued": args.queued,
+        "loadavg": load,
+    }
+    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
