@@ -28,16 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.count_policy.count_policy_impl import plan_moves_by_count
+from bench.waves_scale import bench_topology
+from bench.workloads import Workload, all_workloads
+from treewave.core.policy import Load, plan_moves
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench" / "count_policy"))
-
-from count_policy_impl import plan_moves_by_count  # noqa: E402
-
-from bench.waves_scale import bench_topology  # noqa: E402
-from bench.workloads import Workload, all_workloads  # noqa: E402
-from treewave.core.policy import Load, plan_moves  # noqa: E402
-
 RESULTS = REPO / "bench" / "results" / "balancing_model.json"
 
 
@@ -183,7 +179,7 @@ def main() -> int:
     args.out.write_text(
         json.dumps(
             {
-                "command": "python bench/balancing_model.py " + " ".join(sys.argv[1:]),
+                "command": "python -m bench.balancing_model " + " ".join(sys.argv[1:]),
                 "servers": servers,
                 "interval_s": args.interval,
                 "round_s": args.round,

@@ -32,12 +32,10 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.support.ports import free_port
+from treewave.core.messages import EchoExplore, Hello, parse_message
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.waves_scale import free_port  # noqa: E402
-from treewave.core.messages import EchoExplore, Hello, parse_message  # noqa: E402
-
 RESULTS = REPO / "bench" / "results" / "node_cpu.json"
 
 
@@ -129,7 +127,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     results[args.label or "latest"] = {
-        "command": "python bench/node_cpu.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.node_cpu " + " ".join(sys.argv[1:]),
         "messages": handled,
         "wall_s": round(wall, 3),
         "node_cpu_s": round(busy, 3),

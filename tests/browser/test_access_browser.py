@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_status_browser import SMALL, all_reported, open_page, servers_on_page, wait_for
 
+from tests.support.browser import SMALL, all_reported, open_page, servers_on_page, wait_for
 from treewave.wire.secretfile import ensure_secret
 
 pytestmark = pytest.mark.browser

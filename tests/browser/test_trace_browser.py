@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_status_browser import VIEWPORT, wait_for
 
+from tests.support.browser import VIEWPORT, wait_for
 from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.topology import Settings
 from treewave.generator.words import random_names

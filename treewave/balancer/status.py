@@ -4,10 +4,11 @@ with server-sent events at `/api/events`.
 The page is rendered server-side with Jinja2 (layout, colours and numbers of the moment);
 a small script from `/static/` then follows the event stream and updates it in place.
 
-`StatusHub` owns the live side. It listens to `Balancer.publish` (wave and move events) and
+`StatusHub` owns the live side. It subscribes to the balancer's wave and move events and
 forwards those to every open stream; while at least one stream is open it also runs an Echo
 wave every `status_interval_s` (at least 1 s) and pushes a full snapshot after each. With
-nobody watching it runs no waves at all.
+nobody watching it runs no waves at all. It sees the balancer only through `StatusSource`
+(the wave history is the balancer's, its own refresh Echoes marked `live`).
 """
 
 from __future__ import annotations
@@ -18,18 +19,15 @@ import hashlib
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jinja2
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from treewave.balancer.app import Balancer
-    from treewave.core.topology import Topology
+from treewave.core.topology import Topology
 
 log = logging.getLogger("treewave.status")
 
@@ -39,8 +37,6 @@ STATIC = HERE / "static"
 
 MIN_INTERVAL_S = 1.0
 """Never refresh the page's snapshot more often than this."""
-WAVES_KEPT = 20
-LIVE_WAVES_KEPT = 10
 CLIENT_QUEUE = 200
 KEEPALIVE_S = 15.0
 """A comment line on an idle stream this often, so a vanished client is noticed."""
@@ -205,18 +201,37 @@ def sse_frame(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {text}\n\n".encode()
 
 
-class StatusHub:
-    """Open event streams, the live snapshot loop and the page's wave history."""
+class FinishedWave(Protocol):
+    @property
+    def finished_at(self) -> float: ...
 
-    def __init__(self, balancer: Balancer) -> None:
+
+class StatusSource(Protocol):
+    """What the status page needs from the balancer."""
+
+    @property
+    def topology(self) -> Topology: ...
+
+    @property
+    def last_echo(self) -> FinishedWave | None: ...
+
+    def status(self, include_live: bool = False) -> dict[str, Any]: ...
+
+    async def run_echo(self, trigger: str = "api") -> Any: ...
+
+    def subscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None: ...
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None: ...
+
+
+class StatusHub:
+    """Open event streams and the live snapshot loop."""
+
+    def __init__(self, balancer: StatusSource, interval_s: float) -> None:
         self.balancer = balancer
-        self.interval_s = max(MIN_INTERVAL_S, float(balancer.settings.status_interval_s))
+        self.interval_s = max(MIN_INTERVAL_S, float(interval_s))
         self.clients: set[asyncio.Queue[dict[str, Any]]] = set()
         self.responses: set[web.StreamResponse] = set()
-        self.waves: deque[dict[str, Any]] = deque(maxlen=WAVES_KEPT)
-        """Waves other than the page's own refresh Echoes (those would crowd them out)."""
-        self.live_waves: deque[dict[str, Any]] = deque(maxlen=LIVE_WAVES_KEPT)
-        self.live_ids: deque[str] = deque(maxlen=4 * LIVE_WAVES_KEPT)
         self.live_echoes = 0
         """Echo waves run for the page since start (for tests and curiosity)."""
         self.closing = False
@@ -229,7 +244,7 @@ class StatusHub:
     # lifecycle
 
     def start(self) -> None:
-        self.balancer.listeners.add(self._listener)
+        self.balancer.subscribe(self._listener)
         self._tasks = [
             asyncio.create_task(self._pump(), name="status-pump"),
             asyncio.create_task(self._refresh_loop(), name="status-refresh"),
@@ -244,7 +259,7 @@ class StatusHub:
 
     async def stop(self) -> None:
         await self.close_streams()
-        self.balancer.listeners.discard(self._listener)
+        self.balancer.unsubscribe(self._listener)
         tasks = [*self._tasks, *([self._fresh] if self._fresh else [])]
         for t in tasks:
             t.cancel()
@@ -271,23 +286,11 @@ class StatusHub:
 
     # state
 
-    def wave_list(self) -> list[dict[str, Any]]:
-        merged = [*self.waves, *self.live_waves]
-        merged.sort(key=lambda w: w.get("finished_at", 0.0), reverse=True)
-        return merged
-
     def snapshot(self) -> dict[str, Any]:
-        status = self.balancer.status()
-        status["waves"] = self.wave_list()
+        status = self.balancer.status(include_live=True)
         status["interval_s"] = self.interval_s
         status["server_time"] = time.time()
         return status
-
-    def _note_wave(self, summary: dict[str, Any]) -> dict[str, Any]:
-        live = summary.get("wave_id") in self.live_ids
-        wave = {**summary, "live": live}
-        (self.live_waves if live else self.waves).appendleft(wave)
-        return wave
 
     async def ensure_fresh(self, wait_s: float = 1.0) -> None:
         """Before rendering the page: if the last Echo is missing or stale, start one and
@@ -300,10 +303,7 @@ class StatusHub:
         await asyncio.wait({self._fresh}, timeout=wait_s)
 
     async def _live_echo(self) -> None:
-        record = await self.balancer.run_echo(trigger="status")
-        # `run_echo` published its wave event synchronously; the pump has not run yet,
-        # so marking the id now still classifies that event as the page's own.
-        self.live_ids.append(record.wave_id)
+        await self.balancer.run_echo(trigger="status")
         self.live_echoes += 1
 
     # background tasks
@@ -315,7 +315,7 @@ class StatusHub:
             event = await self._listener.get()
             kind = event.get("event")
             if kind == "wave" and isinstance(event.get("wave"), dict):
-                wave = self._note_wave(event["wave"])
+                wave = {**event["wave"], "live": event["wave"].get("trigger") == "status"}
                 self.broadcast({"event": "wave", "data": wave})
                 if wave.get("algorithm") == "finn":
                     self._wake.set()
@@ -471,12 +471,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def setup_status(app: web.Application) -> None:
+def setup_status(app: web.Application, source: StatusSource, interval_s: float) -> None:
     """Add the status page (`/`), its static files (`/static/`) and its event stream
     (`/api/events`) to the balancer's app, with the hub's background tasks."""
-    from treewave.balancer.app import BALANCER_KEY  # lazily: app.py imports this module
-
-    hub = StatusHub(app[BALANCER_KEY])
+    hub = StatusHub(source, interval_s)
     app[HUB_KEY] = hub
     page = StatusPage(_environment(), _static_version())
     app.router.add_get("/", page.index, name="status_page")

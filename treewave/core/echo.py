@@ -153,7 +153,9 @@ class EchoInitiator:
         )
         return [Send(self.root, explore)]
 
-    def receive(self, msg: EchoExplore | EchoReply) -> EchoResult:
+    def receive(self, msg: EchoExplore | EchoReply, now: float | None = None) -> EchoResult:
+        """The root's reply decides the wave. (`now` is unused: a decision on receipt
+        does not depend on time; the parameter keeps every machine's surface the same.)"""
         if self.phase is InitiatorPhase.DECIDED:
             raise StaleMessage(f"echo wave {self.wave} already decided")
         if self.phase is InitiatorPhase.IDLE:

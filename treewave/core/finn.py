@@ -12,6 +12,11 @@ from the root down; a server's sets are complete when it decides, so it never se
 after deciding; the balancer, whose in-neighbours are the leaves, decides last, knows
 exactly how many messages the wave cost (the sum over `dec`), and nothing is sent after
 it decides. On a tree every directed edge carries exactly one message.
+
+A wave may carry a wall-clock expiry (`expires_at`, set by the balancer to its own
+deadline): a server that has not decided by then never does (the wave is EXPIRED there),
+so a server frozen past the deadline never does work the balancer reported as not done.
+The clock is passed in (`wall_now`), like `now`.
 """
 
 from __future__ import annotations
@@ -25,8 +30,25 @@ from treewave.core.topology import BALANCER
 
 
 class FinnPhase(Enum):
+    """A server's part in one Finn wave."""
+
     LISTENING = "listening"
     DECIDED = "decided"
+    EXPIRED = "expired"
+    """A message arrived past the wave's wall-clock expiry before this server decided."""
+
+
+class FinnInitiatorPhase(Enum):
+    """The balancer's side of one Finn wave."""
+
+    IDLE = "idle"
+    WAITING = "waiting"
+    DECIDED = "decided"
+
+
+def expired(msg: FinnSets, wall_now: float | None) -> bool:
+    """Whether `msg` arrives past its wave's wall-clock expiry (never without a clock)."""
+    return msg.expires_at is not None and wall_now is not None and wall_now > msg.expires_at
 
 
 class FinnKnowledge:
@@ -115,8 +137,19 @@ class FinnNodeWave:
     def phase(self) -> FinnPhase:
         return self.sets.phase
 
-    def receive(self, msg: FinnSets) -> list[Send | FinnDecided]:
+    def receive(
+        self, msg: FinnSets, now: float | None = None, wall_now: float | None = None
+    ) -> list[Send | FinnDecided]:
+        """Fold in one message; `wall_now` (Unix seconds) enforces the wave's expiry. `now`
+        is unused: deadlines are the caller's (`NodeProtocol.handle_timer`)."""
+        if self.phase is FinnPhase.EXPIRED:
+            raise StaleMessage(f"finn wave {self.wave} expired at {self.sets.name!r}")
         self.sets.check_message(self.wave, msg)
+        if self.phase is FinnPhase.LISTENING and expired(msg, wall_now):
+            self.sets.phase = FinnPhase.EXPIRED
+            raise StaleMessage(
+                f"finn wave {self.wave} expired before it reached {self.sets.name!r}"
+            )
         if msg.work != self.work:
             raise RemoteProtocolError(
                 f"finn wave {self.wave}: {msg.sender!r} sent different work",
@@ -167,14 +200,14 @@ class FinnInitiator:
         # As the source it has no in-neighbours: it is in ninc and decided from the start.
         self.sets.ninc.add(BALANCER)
         self.sets.dec[BALANCER] = 1
-        self.started = False
+        self.phase = FinnInitiatorPhase.IDLE
         self.deadline = 0.0
         self.result: FinnResult | None = None
 
     def start(self, now: float, budget_s: float, expires_at: float | None = None) -> list[Send]:
-        if self.started:
+        if self.phase is not FinnInitiatorPhase.IDLE:
             raise LocalProtocolError(f"finn wave {self.wave} already started")
-        self.started = True
+        self.phase = FinnInitiatorPhase.WAITING
         self.deadline = now + budget_s
         msg = FinnSets(
             wave=self.wave,
@@ -188,10 +221,13 @@ class FinnInitiator:
         )
         return [Send(self.root, msg)]
 
-    def receive(self, msg: FinnSets) -> FinnResult | None:
-        if not self.started:
+    def receive(self, msg: FinnSets, now: float | None = None) -> FinnResult | None:
+        """Fold in a leaf's sets; the result once every server decided. (`now` is unused:
+        a decision on receipt does not depend on time; the parameter keeps the surface of
+        every machine the same.)"""
+        if self.phase is FinnInitiatorPhase.IDLE:
             raise LocalProtocolError(f"finn wave {self.wave} not started")
-        if self.result is not None:
+        if self.phase is FinnInitiatorPhase.DECIDED:
             if self._overtaken(msg):
                 return None
             raise StaleMessage(f"finn wave {self.wave} already decided")
@@ -220,11 +256,12 @@ class FinnInitiator:
         )
 
     def handle_timer(self, now: float) -> FinnResult | None:
-        if self.started and self.result is None and now >= self.deadline:
+        if self.phase is FinnInitiatorPhase.WAITING and now >= self.deadline:
             return self._decide(complete=False)
         return None
 
     def _decide(self, complete: bool) -> FinnResult:
+        self.phase = FinnInitiatorPhase.DECIDED
         self.sets.phase = FinnPhase.DECIDED
         decided = tuple(sorted(n for n in self.sets.dec if n != BALANCER))
         complete = complete and set(decided) == self.expected

@@ -5,6 +5,9 @@ A transfer moves tasks only through `prepare` (queued -> reserved) and then `com
 (dropped: the recipient has them) or `abort` (back to the queue). The recipient's side is
 idempotent by transfer id: `deliver` twice enqueues once; `cancel` before `deliver` makes
 a later `deliver` refuse, so the balancer can always find out which way a transfer went.
+The donor's side remembers settled transfer ids, so a `prepare` that arrives late (after
+the transfer was committed or aborted) reserves nothing: no reservation nobody resolves.
+`answer` applies one coordinator request (`core.transfer`) and returns the reply.
 """
 
 from __future__ import annotations
@@ -14,11 +17,44 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from treewave.core.messages import Task
+from treewave.core.messages import (
+    ReservationInfo,
+    Task,
+    TransferAbort,
+    TransferCancel,
+    TransferCommit,
+    TransferDeliver,
+    TransferOutcome,
+    TransferPrepare,
+    TransferPrepared,
+    TransferQuery,
+    TransferReservations,
+    TransferSettled,
+)
 
 REMEMBERED_TRANSFERS = 10_000
 REMEMBERED_COMPLETIONS = 200_000
 
+TransferRequest = (
+    TransferPrepare
+    | TransferDeliver
+    | TransferCancel
+    | TransferCommit
+    | TransferAbort
+    | TransferQuery
+)
+"""What the transfer coordinator asks a participant."""
+TRANSFER_REQUESTS = (
+    TransferPrepare,
+    TransferDeliver,
+    TransferCancel,
+    TransferCommit,
+    TransferAbort,
+    TransferQuery,
+)
+TransferReply = TransferPrepared | TransferOutcome | TransferSettled | TransferReservations
+"""What a participant answers."""
+TRANSFER_REPLIES = (TransferPrepared, TransferOutcome, TransferSettled, TransferReservations)
 QueueOrder = Literal["longest-first", "fifo"]
 QUEUE_ORDERS: tuple[QueueOrder, ...] = ("longest-first", "fifo")
 """How a server runs its queue. `longest-first` (the default): the longest expected task
@@ -48,8 +84,12 @@ class TaskLedger:
         self.transferred_in = 0
         self.transferred_out = 0
         self._known_ids: set[str] = set()
+        """Ids queued or running here. Not the reserved ones: an accepted transfer's tasks
+        belong to its recipient, and may travel back here before the commit arrives."""
         self._done_ids: OrderedDict[str, None] = OrderedDict()
         self._incoming: OrderedDict[str, Literal["accepted", "cancelled"]] = OrderedDict()
+        self._settled: OrderedDict[str, None] = OrderedDict()
+        """Donor side: transfers committed or aborted here (a late prepare reserves nothing)."""
 
     # --- local work ------------------------------------------------------------------------
 
@@ -121,15 +161,22 @@ class TaskLedger:
         tasks left behind keep their submission order)."""
         if transfer in self.reserved:
             return self.reserved[transfer]
+        if transfer in self._settled:
+            return Reservation(transfer, target, (), now)
         self.queue_version += 1
         if durations is None:
             take = min(count, len(self.queued))
             tasks = tuple(self.queued.pop() for _ in range(take))[::-1]
         else:
             tasks = self._take_closest(durations)
+        self._known_ids.difference_update(t.id for t in tasks)
         reservation = Reservation(transfer, target, tasks, now)
         if tasks:
             self.reserved[transfer] = reservation
+        else:
+            # Answered "nothing": final, or a late copy of this prepare could reserve
+            # tasks for a transfer the coordinator already finished as empty.
+            self._settle(transfer)
         return reservation
 
     def _take_closest(self, durations: tuple[float, ...]) -> tuple[Task, ...]:
@@ -154,21 +201,28 @@ class TaskLedger:
         return tasks
 
     def commit(self, transfer: str) -> Literal["committed", "unknown"]:
+        self._settle(transfer)
         reservation = self.reserved.pop(transfer, None)
         if reservation is None:
             return "unknown"
-        for task in reservation.tasks:
-            self._known_ids.discard(task.id)
         self.transferred_out += len(reservation.tasks)
         return "committed"
 
     def abort(self, transfer: str) -> Literal["aborted", "unknown"]:
+        self._settle(transfer)
         reservation = self.reserved.pop(transfer, None)
         if reservation is None:
             return "unknown"
+        # The recipient refused them for good, so none can have come back meanwhile.
         for task in reservation.tasks:
             self._enqueue(task)
+        self._known_ids.update(t.id for t in reservation.tasks)
         return "aborted"
+
+    def _settle(self, transfer: str) -> None:
+        self._settled[transfer] = None
+        while len(self._settled) > REMEMBERED_TRANSFERS:
+            self._settled.popitem(last=False)
 
     # --- recipient side ----------------------------------------------------------------------
 
@@ -187,10 +241,38 @@ class TaskLedger:
         self._remember(transfer, "cancelled")
         return "cancelled"
 
+    def verdict(self, transfer: str) -> Literal["accepted", "cancelled"] | None:
+        """The recipient's final answer for `transfer`, if it gave one."""
+        return self._incoming.get(transfer)
+
     def _remember(self, transfer: str, outcome: Literal["accepted", "cancelled"]) -> None:
         self._incoming[transfer] = outcome
         while len(self._incoming) > REMEMBERED_TRANSFERS:
             self._incoming.popitem(last=False)
+
+    # --- the coordinator's requests ------------------------------------------------------------
+
+    def answer(self, msg: TransferRequest, now: float) -> TransferReply:
+        """Apply one request of the transfer coordinator and return the reply (the shell
+        persists the ledger before sending it)."""
+        if isinstance(msg, TransferPrepare):
+            reservation = self.prepare(msg.transfer, msg.target, msg.count, now, msg.durations)
+            return TransferPrepared(transfer=msg.transfer, tasks=reservation.tasks)
+        if isinstance(msg, TransferDeliver):
+            outcome = self.deliver(msg.transfer, msg.tasks)
+            return TransferOutcome(transfer=msg.transfer, outcome=outcome)
+        if isinstance(msg, TransferCancel):
+            return TransferOutcome(transfer=msg.transfer, outcome=self.cancel(msg.transfer))
+        if isinstance(msg, TransferCommit):
+            return TransferSettled(transfer=msg.transfer, outcome=self.commit(msg.transfer))
+        if isinstance(msg, TransferAbort):
+            return TransferSettled(transfer=msg.transfer, outcome=self.abort(msg.transfer))
+        return TransferReservations(
+            reservations=tuple(
+                ReservationInfo(transfer=r.transfer, target=r.target, tasks=len(r.tasks))
+                for r in self.reserved.values()
+            )
+        )
 
     # --- views -------------------------------------------------------------------------------
 
@@ -225,6 +307,7 @@ class TaskLedger:
             "transferred_out": self.transferred_out,
             "done_ids": list(self._done_ids),
             "incoming": dict(self._incoming),
+            "settled": list(self._settled),
         }
 
     @classmethod
@@ -238,12 +321,12 @@ class TaskLedger:
             ledger.reserved[r["transfer"]] = Reservation(
                 r["transfer"], r["target"], tasks, float(r["since"])
             )
-            ledger._known_ids.update(t.id for t in tasks)
         ledger.completed = int(data.get("completed", 0))
         ledger.transferred_in = int(data.get("transferred_in", 0))
         ledger.transferred_out = int(data.get("transferred_out", 0))
         ledger._done_ids = OrderedDict.fromkeys(data.get("done_ids", []))
         ledger._incoming = OrderedDict(data.get("incoming", {}))
+        ledger._settled = OrderedDict.fromkeys(data.get("settled", []))
         return ledger
 
 

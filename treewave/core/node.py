@@ -62,14 +62,19 @@ class NodeProtocol:
         )
 
     def receive(
-        self, msg: EchoExplore | EchoReply | FinnSets, now: float, local: ServerState
+        self,
+        msg: EchoExplore | EchoReply | FinnSets,
+        now: float,
+        local: ServerState,
+        wall_now: float | None = None,
     ) -> list[Output]:
         """Feed one validated wave message; raises a `RemoteProtocolError` (state
-        unchanged) when it does not fit."""
+        unchanged) when it does not fit. `now` is the monotonic clock for deadlines,
+        `wall_now` the Unix time for Finn's expiry (None: no expiry check)."""
         if msg.wave in self.finished:
             raise StaleMessage(f"wave {msg.wave} is already over at {self.name!r}")
         if isinstance(msg, FinnSets):
-            return self._receive_finn(msg, now)
+            return self._receive_finn(msg, now, wall_now)
         if msg.wave in self.finn_waves:
             raise RemoteProtocolError(
                 f"wave {msg.wave} is a Finn wave, got {msg.type}", reason="wrong_algorithm"
@@ -90,7 +95,7 @@ class NodeProtocol:
             self._finish(msg.wave)
         return out
 
-    def _receive_finn(self, msg: FinnSets, now: float) -> list[Output]:
+    def _receive_finn(self, msg: FinnSets, now: float, wall_now: float | None) -> list[Output]:
         if msg.wave in self.echo_waves:
             raise RemoteProtocolError(
                 f"wave {msg.wave} is an Echo wave, got finn", reason="wrong_algorithm"
@@ -98,8 +103,13 @@ class NodeProtocol:
         wave = self.finn_waves.get(msg.wave)
         if wave is None:
             wave = FinnNodeWave(msg.wave, self.name, self.finn_in, self.finn_out, msg, now)
-            self.finn_waves[msg.wave] = wave
-        return list(wave.receive(msg))
+        try:
+            out = list(wave.receive(msg, now, wall_now))
+        finally:
+            if wave.phase is FinnPhase.EXPIRED:
+                self._finish(msg.wave)
+        self.finn_waves[msg.wave] = wave
+        return out
 
     def handle_timer(self, now: float, local: ServerState) -> list[Output]:
         """Answer Echo waves past their deadline; forget Finn waves past theirs."""
@@ -117,10 +127,6 @@ class NodeProtocol:
         deadlines = [w.deadline for w in self.echo_waves.values()]
         deadlines += [w.deadline for w in self.finn_waves.values()]
         return min(deadlines, default=None)
-
-    def finn_decided(self, wave: str) -> bool:
-        finn = self.finn_waves.get(wave)
-        return finn is not None and finn.phase is FinnPhase.DECIDED
 
     def finn_sets(self, wave: str) -> tuple[int, int] | None:
         """Sizes of this server's (inc, ninc) in a Finn wave still in memory (traces)."""

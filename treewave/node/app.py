@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import FinnDecided, Output, Send
-from treewave.core.ledger import TaskLedger
+from treewave.core.ledger import TRANSFER_REQUESTS, TaskLedger
 from treewave.core.load import duration_histogram, expected_work_s, pressure
 from treewave.core.messages import (
     MAX_MESSAGE_BYTES,
@@ -33,22 +33,15 @@ from treewave.core.messages import (
     FinnSets,
     Hello,
     Message,
-    ReservationInfo,
     ServerState,
     SubmitTasks,
     Task,
     TasksAccepted,
     TraceRequest,
     TransferAbort,
-    TransferCancel,
-    TransferCommit,
     TransferDeliver,
-    TransferOutcome,
     TransferPrepare,
-    TransferPrepared,
     TransferQuery,
-    TransferReservations,
-    TransferSettled,
     encode,
     parse_message,
 )
@@ -60,6 +53,7 @@ from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
 from treewave.wire.addressing import peer_url
 from treewave.wire.auth import HELLO_TIMEOUT_S, new_nonce, proof_ok
+from treewave.wire.http import json_errors
 from treewave.wire.links import LinkSet, dial_forever, read_frames
 
 log = logging.getLogger("treewave.node")
@@ -254,16 +248,9 @@ class Server:
                     reason="sender_mismatch",
                 )
             algorithm = "finn" if isinstance(msg, FinnSets) else "echo"
-            if (
-                isinstance(msg, FinnSets)
-                and msg.expires_at is not None
-                and time.time() > msg.expires_at
-                and not self.protocol.finn_decided(msg.wave)
-            ):
-                raise StaleMessage(f"finn wave {msg.wave} expired before it reached {self.name!r}")
             # Finn never reads the local state: build it (a queue histogram) for Echo only.
             local = self._last_state if algorithm == "finn" else self.local_state()
-            out = self.protocol.receive(msg, time.monotonic(), local)
+            out = self.protocol.receive(msg, time.monotonic(), local, wall_now=time.time())
             if self.trace.enabled:
                 known = self.protocol.finn_sets(msg.wave) if algorithm == "finn" else None
                 self.trace.received(peer, msg, time.time(), known)
@@ -292,50 +279,28 @@ class Server:
             self.wakeup.set()
             # Confirmed only once on disk: the API answers 202 on this.
             return [TasksAccepted(first=msg.tasks[0].id, added=added)] if msg.tasks else []
-        if isinstance(msg, TransferPrepare):
-            if msg.target == self.name or msg.target not in self.topology:
-                raise RemoteProtocolError(
-                    f"transfer target {msg.target!r} is not another server", reason="invalid_fields"
-                )
-            reservation = led.prepare(
-                msg.transfer, msg.target, msg.count, time.time(), msg.durations
-            )
-            self.save()
-            return [TransferPrepared(transfer=msg.transfer, tasks=reservation.tasks)]
-        if isinstance(msg, TransferDeliver):
-            before = led.transferred_in
-            outcome = led.deliver(msg.transfer, msg.tasks)
-            self.metrics.transferred_in.inc(led.transferred_in - before)
-            self.save()
-            self.wakeup.set()
-            return [TransferOutcome(transfer=msg.transfer, outcome=outcome)]
-        if isinstance(msg, TransferCancel):
-            outcome = led.cancel(msg.transfer)
-            self.save()
-            return [TransferOutcome(transfer=msg.transfer, outcome=outcome)]
-        if isinstance(msg, TransferCommit):
-            before = led.transferred_out
-            settled = led.commit(msg.transfer)
-            self.metrics.transferred_out.inc(led.transferred_out - before)
-            self.save()
-            return [TransferSettled(transfer=msg.transfer, outcome=settled)]
-        if isinstance(msg, TransferQuery):
-            return [
-                TransferReservations(
-                    reservations=tuple(
-                        ReservationInfo(transfer=r.transfer, target=r.target, tasks=len(r.tasks))
-                        for r in led.reserved.values()
-                    )
-                )
-            ]
         if isinstance(msg, TraceRequest):
             return [self.trace.part(msg.wave)]
-        if isinstance(msg, TransferAbort):
-            aborted = led.abort(msg.transfer)
+        if not isinstance(msg, TRANSFER_REQUESTS):
+            raise RemoteProtocolError(
+                f"{msg.type} is not a request a server takes", "unexpected_type"
+            )
+        if isinstance(msg, TransferPrepare) and (
+            msg.target == self.name or msg.target not in self.topology
+        ):
+            raise RemoteProtocolError(
+                f"transfer target {msg.target!r} is not another server", reason="invalid_fields"
+            )
+        before_in, before_out = led.transferred_in, led.transferred_out
+        reply = led.answer(msg, time.time())
+        self.metrics.transferred_in.inc(led.transferred_in - before_in)
+        self.metrics.transferred_out.inc(led.transferred_out - before_out)
+        if not isinstance(msg, TransferQuery):
+            # On disk before the reply: the coordinator acts on it.
             self.save()
+        if isinstance(msg, (TransferDeliver, TransferAbort)):
             self.wakeup.set()
-            return [TransferSettled(transfer=msg.transfer, outcome=aborted)]
-        raise RemoteProtocolError(f"{msg.type} is not a request a server takes", "unexpected_type")
+        return [reply]
 
     def _outputs(self, out: list[Output]) -> list[tuple[str, MessageModel]]:
         sends: list[tuple[str, MessageModel]] = []
@@ -462,24 +427,6 @@ def _too_big(error: object) -> bool:
 SERVER_KEY = web.AppKey("server", Server)
 
 
-@web.middleware
-async def json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """HTTP errors (unknown route, wrong method, not a WebSocket upgrade) as JSON
-    `{"error": ...}` naming the problem, like every other answer of the API."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status >= 400 and exc.content_type != "application/json":
-            detail = (exc.text or "").strip()
-            if not detail or detail.startswith(f"{exc.status}:"):
-                detail = f"{exc.reason}: {request.method} {request.path}"
-            exc.text = json.dumps({"error": detail})
-            exc.content_type = "application/json"
-        raise
-
-
 async def healthz(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     return web.json_response({"status": "ok", "server": server.name})
@@ -517,7 +464,7 @@ def create_app(settings: NodeSettings, topology: Topology | None = None) -> web.
     topo = topology or load_topology(settings.topology)
     if settings.name not in topo:
         raise ValueError(f"server {settings.name!r} is not in the topology")
-    app = web.Application(middlewares=[json_errors])
+    app = web.Application(middlewares=[json_errors()])
     app[SERVER_KEY] = Server(settings, topo)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

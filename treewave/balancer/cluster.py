@@ -1,0 +1,595 @@
+"""The balancer's domain: waves, the policy, the transfer coordinator, periodic rebalancing.
+
+It keeps one WebSocket link to every server. Waves are driven by the core's initiators
+(`EchoInitiator`, `FinnInitiator`) and transfers by the core's `TransferCoordinator`; this
+module only sends what they return, feeds them the replies and the clock, and turns their
+decisions into results and metrics. It knows nothing of HTTP: failures are `BalancerError`s,
+which the HTTP layer (`treewave.balancer.app`) maps to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+
+from treewave.balancer.metrics import BalancerMetrics
+from treewave.balancer.settings import BalancerSettings
+from treewave.balancer.traces import WaveTraces, sampled_waves
+from treewave.core.echo import EchoInitiator
+from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
+from treewave.core.events import EchoResult, FinnResult, Send
+from treewave.core.finn import FinnInitiator
+from treewave.core.ledger import TRANSFER_REPLIES
+from treewave.core.load import expected_work_s, pressure
+from treewave.core.messages import (
+    EchoExplore,
+    EchoReply,
+    ErrorReply,
+    FinnSets,
+    FinnWork,
+    Message,
+    ServerState,
+    SubmitTasks,
+    Task,
+    TasksAccepted,
+    TracePart,
+    parse_message,
+)
+from treewave.core.policy import (
+    Move,
+    expected_makespan,
+    imbalance,
+    loads_of,
+    max_pressure,
+    plan_moves,
+)
+from treewave.core.topology import BALANCER, Topology
+from treewave.core.transfer import (
+    TransferCoordinator,
+    TransferDone,
+    TransferOutput,
+    TransferResult,
+    TransferSend,
+)
+from treewave.wire.addressing import peer_url
+from treewave.wire.links import LinkSet, dial_forever
+
+__all__ = [
+    "HISTORY",
+    "LIVE_HISTORY",
+    "Balancer",
+    "BalancerError",
+    "ServerNotConnected",
+    "SubmitUnconfirmed",
+    "UnknownServer",
+    "WaveRecord",
+    "tree_json",
+]
+
+log = logging.getLogger("treewave.balancer")
+
+HISTORY = 20
+"""Waves kept for the API and the page (the page's own refreshes apart)."""
+LIVE_HISTORY = 10
+"""The status page's own refresh Echoes kept (apart, so they do not crowd out the rest)."""
+RETRY_S = 1.0
+"""How soon an unanswered transfer resolution step is sent again."""
+
+
+class BalancerError(Exception):
+    """A request the balancer could not carry out; nothing changed unless said."""
+
+
+class UnknownServer(BalancerError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown server {name!r}")
+        self.name = name
+
+
+class ServerNotConnected(BalancerError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"server {name!r} is not connected; nothing was queued")
+        self.name = name
+
+
+class SubmitUnconfirmed(BalancerError):
+    """The server did not confirm a submission in time: the tasks may or may not be queued."""
+
+    def __init__(self, name: str, first_task: str, last_task: str) -> None:
+        super().__init__(
+            f"server {name!r} did not confirm the tasks; they may or may not be queued there"
+        )
+        self.name = name
+        self.first_task = first_task
+        self.last_task = last_task
+
+
+@dataclass
+class WaveRecord:
+    """One finished wave, for the API, the status page and the metrics."""
+
+    wave_id: str
+    algorithm: Literal["echo", "finn"]
+    complete: bool
+    missing: list[str]
+    messages: int
+    duration_s: float
+    finished_at: float
+    trigger: str = "api"
+    """Who asked: "api", "rebalance" or "status" (the page's refreshes are kept apart, in
+    `Balancer.live_history`, so they do not push real waves out of the history)."""
+    states: tuple[ServerState, ...] = ()
+    decided: tuple[str, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "wave_id": self.wave_id,
+            "algorithm": self.algorithm,
+            "complete": self.complete,
+            "missing": self.missing,
+            "messages": self.messages,
+            "duration_s": round(self.duration_s, 6),
+            "finished_at": self.finished_at,
+            "trigger": self.trigger,
+        }
+
+
+@dataclass
+class PendingWave:
+    initiator: EchoInitiator | FinnInitiator
+    done: asyncio.Future[EchoResult | FinnResult] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Balancer:
+    """Everything the balancer does, behind the HTTP API and the status page."""
+
+    def __init__(self, settings: BalancerSettings, topology: Topology) -> None:
+        self.settings = settings
+        self.topology = topology
+        self.names = frozenset(topology.names)
+        self.wave_timeout_s = settings.wave_timeout_s or topology.settings.wave_timeout_s
+        interval = settings.rebalance_interval_s
+        self.rebalance_interval_s = (
+            topology.settings.rebalance_interval_s if interval is None else interval
+        )
+        self.metrics = BalancerMetrics(topology)
+        self.links = LinkSet()
+        self.waves: dict[str, PendingWave] = {}
+        self._instance = secrets.token_hex(3)
+        self.coordinator = TransferCoordinator(
+            topology.names, self._instance, settings.step_timeout_s, RETRY_S
+        )
+        self.transfers: dict[str, asyncio.Future[int]] = {}
+        """Callers waiting for a transfer's result, by transfer id."""
+        self.submissions: dict[str, asyncio.Future[TasksAccepted]] = {}
+        """Callers waiting for a server to confirm a submission, by its first task id."""
+        self.history: deque[WaveRecord] = deque(maxlen=HISTORY)
+        self.live_history: deque[WaveRecord] = deque(maxlen=LIVE_HISTORY)
+        self.last_echo: WaveRecord | None = None
+        self.last_moves: list[dict[str, Any]] = []
+        self.last_rebalance_at: float | None = None
+        self.rebalance_lock = asyncio.Lock()
+        self.rebalance_soon = asyncio.Event()
+        """Set when new work arrives: the periodic loop rebalances at once, not at the next
+        tick (only when periodic rebalancing is on)."""
+        self.listeners: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._ids = itertools.count(1)
+        self.traces = WaveTraces(settings, topology, self.links, self.publish)
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}-{self._instance}-{next(self._ids)}"
+
+    @property
+    def in_doubt(self) -> tuple[str, ...]:
+        """Transfers whose tasks a donor may still hold (the coordinator resolves them)."""
+        return self.coordinator.in_doubt
+
+    # --- frames from servers ---------------------------------------------------------------
+
+    async def on_frame(self, peer: str, text: str) -> None:
+        try:
+            msg = parse_message(text)
+            out = self.handle(peer, msg)
+        except StaleMessage as exc:
+            self.metrics.invalid.labels(exc.reason).inc()
+            log.debug("%s", exc)
+            return
+        except ProtocolError as exc:
+            self.metrics.invalid.labels(exc.reason).inc()
+            log.warning("rejected a frame from %s: %s", peer, exc)
+            await self.links.send(peer, ErrorReply(error=str(exc)[:2000]))
+            return
+        await self._apply(out)
+
+    def handle(self, peer: str, msg: Message) -> list[TransferOutput]:
+        """Apply one validated frame; returns what the transfer coordinator wants sent."""
+        if isinstance(msg, (EchoExplore, EchoReply, FinnSets)):
+            self._wave_message(peer, msg)
+            return []
+        if isinstance(msg, TracePart):
+            self.traces.on_part(peer, msg)
+            return []
+        if isinstance(msg, TRANSFER_REPLIES):
+            return self.coordinator.receive(msg, time.monotonic(), peer)
+        if isinstance(msg, TasksAccepted):
+            fut = self.submissions.get(msg.first)
+            if fut is None or fut.done():
+                raise StaleMessage(f"unexpected {msg.type} for {msg.first}")
+            fut.set_result(msg)
+            return []
+        if isinstance(msg, ErrorReply):
+            log.warning("%s reported an error: %s", peer, msg.error)
+            return []
+        raise RemoteProtocolError(f"{msg.type} is not something servers send", "unexpected_type")
+
+    def _wave_message(self, peer: str, msg: EchoExplore | EchoReply | FinnSets) -> None:
+        if msg.sender != peer:
+            raise RemoteProtocolError(
+                f"{peer!r} sent a message claiming to be from {msg.sender!r}",
+                reason="sender_mismatch",
+            )
+        pending = self.waves.get(msg.wave)
+        if pending is None:
+            raise StaleMessage(f"wave {msg.wave} is not in flight")
+        init = pending.initiator
+        now = time.monotonic()
+        result: EchoResult | FinnResult | None
+        if isinstance(init, EchoInitiator):
+            if isinstance(msg, FinnSets):
+                raise RemoteProtocolError("finn message in an echo wave", "wrong_algorithm")
+            result = init.receive(msg, now)
+        else:
+            if not isinstance(msg, FinnSets):
+                raise RemoteProtocolError("echo message in a finn wave", "wrong_algorithm")
+            result = init.receive(msg, now)
+        self.traces.received(peer, msg)
+        if result is not None and not pending.done.done():
+            pending.done.set_result(result)
+
+    # --- waves ---------------------------------------------------------------------------------
+
+    async def run_echo(self, trigger: str = "api") -> WaveRecord:
+        wave = self.new_id("echo")
+        init = EchoInitiator(wave, self.topology.root, self.names)
+        started = time.monotonic()
+        # Deadlines step down per hop; a quarter of the budget per (depth + 2) hops leaves
+        # room for spanning-tree paths longer than the topology's depth.
+        hop_s = self.wave_timeout_s / (4 * (self.topology.depth + 2))
+        sends = init.start(started, self.wave_timeout_s, hop_s)
+        result = await self._run_wave(wave, init, sends)
+        assert isinstance(result, EchoResult)
+        got = {s.name for s in result.states}
+        record = WaveRecord(
+            wave_id=wave,
+            algorithm="echo",
+            complete=result.complete,
+            missing=sorted(self.names - got),
+            messages=result.messages,
+            duration_s=time.monotonic() - started,
+            finished_at=time.time(),
+            states=result.states,
+            trigger=trigger,
+        )
+        self._record(record)
+        if result.states:
+            self.last_echo = record
+            task_time_s = self.topology.settings.task_time_s
+            loads = loads_of(result.states, task_time_s)
+            self.metrics.max_pressure.set(max_pressure(loads))
+            self.metrics.imbalance.set(imbalance(loads))
+            self.metrics.expected_makespan.set(expected_makespan(loads))
+            for s in result.states:
+                self.metrics.server_pressure.labels(s.name).set(pressure(s, task_time_s))
+        return record
+
+    async def run_finn(self, work: FinnWork) -> WaveRecord:
+        wave = self.new_id("finn")
+        init = FinnInitiator(wave, self.topology.root, self.topology.leaves, self.names, work)
+        started = time.monotonic()
+        expires_at = time.time() + self.wave_timeout_s
+        sends = init.start(started, self.wave_timeout_s, expires_at)
+        result = await self._run_wave(wave, init, sends)
+        assert isinstance(result, FinnResult)
+        record = WaveRecord(
+            wave_id=wave,
+            algorithm="finn",
+            complete=result.complete,
+            missing=sorted(self.names - set(result.decided)),
+            messages=result.messages,
+            duration_s=time.monotonic() - started,
+            finished_at=time.time(),
+            decided=result.decided,
+        )
+        self._record(record)
+        return record
+
+    async def _run_wave(
+        self, wave: str, init: EchoInitiator | FinnInitiator, sends: list[Send]
+    ) -> EchoResult | FinnResult:
+        pending = PendingWave(init)
+        self.waves[wave] = pending
+        self.traces.started(init, sends)
+        try:
+            for send in sends:
+                if not await self.links.send(send.to, send.message):
+                    # The root is unreachable: nothing can answer, so end at once.
+                    result = init.handle_timer(float("inf"))
+                    if result is not None and not pending.done.done():
+                        pending.done.set_result(result)
+            return await pending.done
+        finally:
+            del self.waves[wave]
+
+    def _record(self, record: WaveRecord) -> None:
+        outcome = "complete" if record.complete else "partial"
+        self.metrics.waves.labels(record.algorithm, outcome).inc()
+        self.metrics.wave_duration.labels(record.algorithm).observe(record.duration_s)
+        self.metrics.wave_messages.labels(record.algorithm).inc(record.messages)
+        (self.live_history if record.trigger == "status" else self.history).appendleft(record)
+        self.traces.finished(record)
+        if not record.complete:
+            log.warning(
+                "%s wave %s partial, missing %s", record.algorithm, record.wave_id, record.missing
+            )
+        self.publish({"event": "wave", "wave": record.summary()})
+
+    async def run_timers(self) -> None:
+        """Drive the waves' deadlines and the transfers' timeouts and retries."""
+        while True:
+            await asyncio.sleep(self.settings.tick_s)
+            now = time.monotonic()
+            for pending in list(self.waves.values()):
+                result = pending.initiator.handle_timer(now)
+                if result is not None and not pending.done.done():
+                    pending.done.set_result(result)
+            await self._apply(self.coordinator.handle_timer(now))
+
+    # --- transfers -------------------------------------------------------------------------
+
+    async def transfer(
+        self, source: str, target: str, count: int, durations: tuple[float, ...] | None = None
+    ) -> int:
+        """Move up to `count` queued tasks (of about these `durations`, if given) from
+        `source` to `target`, two-phase; returns how many moved. On any failure the tasks
+        stay with (or go back to) the donor, or stay reserved at the donor, in doubt, until
+        the coordinator learns which way it went (it keeps at it after this returns)."""
+        tid, out = self.coordinator.start(source, target, count, time.monotonic(), durations)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.transfers[tid] = done
+        try:
+            await self._apply(out)
+            return await done
+        finally:
+            self.transfers.pop(tid, None)
+
+    async def _apply(self, outputs: list[TransferOutput]) -> None:
+        """Send what the coordinator asks for and hand its results to their callers."""
+        work = list(outputs)
+        while work:
+            item = work.pop(0)
+            if isinstance(item, TransferSend):
+                if not await self.links.send(item.to, item.message):
+                    work += self.coordinator.unreachable(item.to, time.monotonic())
+            elif isinstance(item, TransferResult):
+                if item.outcome == "in_doubt":
+                    log.warning("transfer %s is in doubt; resolving", item.transfer)
+                waiter = self.transfers.get(item.transfer)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(item.moved)
+            elif isinstance(item, TransferDone):
+                self.metrics.transfers.labels(item.outcome).inc()
+        self.metrics.in_doubt.set(len(self.coordinator.in_doubt))
+
+    async def on_link_up(self, name: str) -> None:
+        """A server (re)connected: ask for reservations we may have lost track of."""
+        await self._apply(self.coordinator.link_up(name, time.monotonic()))
+
+    # --- rebalancing ---------------------------------------------------------------------------
+
+    async def rebalance(self) -> dict[str, Any]:
+        async with self.rebalance_lock:
+            before = await self.run_echo("rebalance")
+            task_time_s = self.topology.settings.task_time_s
+            loads = loads_of(before.states, task_time_s)
+            moves = plan_moves(loads)
+            self.metrics.rebalance_runs.inc()
+            self.metrics.rebalance_moves.inc(len(moves))
+            moved = await asyncio.gather(*(self._move(m) for m in moves))
+            after = await self.run_echo("rebalance") if moves else before
+            done = [
+                {"source": m.source, "target": m.target, "tasks": n}
+                for m, n in zip(moves, moved, strict=True)
+                if n > 0
+            ]
+            self.metrics.tasks_moved.inc(sum(moved))
+            if done:
+                self.last_moves = done
+                self.last_rebalance_at = time.time()
+                self.publish({"event": "moves", "moves": done})
+            return {
+                "moves": done,
+                "planned": [
+                    {"source": m.source, "target": m.target, "tasks": m.tasks} for m in moves
+                ],
+                "max_pressure_before": round(max_pressure(loads), 6),
+                "max_pressure_after": round(max_pressure(loads_of(after.states, task_time_s)), 6),
+                "expected_makespan_before_s": round(expected_makespan(loads), 6),
+                "expected_makespan_after_s": round(
+                    expected_makespan(loads_of(after.states, task_time_s)), 6
+                ),
+                "complete": before.complete and after.complete,
+                "missing": sorted(set(before.missing) | set(after.missing)),
+            }
+
+    async def _move(self, move: Move) -> int:
+        return await self.transfer(move.source, move.target, move.tasks, move.durations)
+
+    async def run_periodic_rebalance(self) -> None:
+        if self.rebalance_interval_s <= 0:
+            return
+        while True:
+            # Every interval, or as soon as tasks are submitted (which is when a skewed
+            # arrival most needs spreading); a submission during a round triggers another.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.rebalance_soon.wait(), self.rebalance_interval_s)
+            self.rebalance_soon.clear()
+            try:
+                with sampled_waves():
+                    await self.rebalance()
+            except Exception:  # pragma: no cover - a round must never stop the loop
+                log.exception("periodic rebalance failed")
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    async def submit(
+        self, node: str, count: int, duration_s: float | None, actual_s: float | None = None
+    ) -> list[str]:
+        """Queue `count` new tasks at `node`; answered only once the server confirms they
+        are queued and on disk (a server dying with the submission unread must not leave
+        them acknowledged). Raises `UnknownServer`, `ServerNotConnected` (nothing queued)
+        or `SubmitUnconfirmed` (maybe queued)."""
+        if node not in self.names:
+            raise UnknownServer(node)
+        duration = duration_s or self.topology.settings.task_time_s
+        batch = self.new_id("t")
+        tasks = tuple(
+            Task(id=f"{batch}.{i}", duration_s=duration, actual_s=actual_s) for i in range(count)
+        )
+        confirmed: asyncio.Future[TasksAccepted] = asyncio.get_running_loop().create_future()
+        self.submissions[tasks[0].id] = confirmed
+        try:
+            if not await self.links.send(node, SubmitTasks(tasks=tasks)):
+                raise ServerNotConnected(node)
+            try:
+                await asyncio.wait_for(confirmed, self.settings.step_timeout_s)
+            except TimeoutError:
+                raise SubmitUnconfirmed(node, tasks[0].id, tasks[-1].id) from None
+        finally:
+            self.submissions.pop(tasks[0].id, None)
+        self.rebalance_soon.set()
+        return [t.id for t in tasks]
+
+    # --- running ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Links to every server, the timers and periodic rebalancing, while inside."""
+        session = aiohttp.ClientSession()
+        tasks = [
+            asyncio.create_task(self.run_timers(), name="balancer-timers"),
+            asyncio.create_task(self.run_periodic_rebalance(), name="balancer-rebalance"),
+        ]
+        for name in self.topology.names:
+            url = peer_url(name, self.settings.peer_url_template, self.settings.peer_urls)
+            secret = self.settings.secret
+            tasks.append(
+                asyncio.create_task(
+                    dial_forever(
+                        session,
+                        name,
+                        url,
+                        BALANCER,
+                        secret,
+                        self.links,
+                        self.on_frame,
+                        self.on_link_up,
+                    ),
+                    name=f"balancer-link-{name}",
+                )
+            )
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for pending in self.waves.values():
+                if not pending.done.done():
+                    pending.done.cancel()
+            for waiter in self.transfers.values():
+                if not waiter.done():
+                    waiter.cancel()
+            await self.links.close_all()
+            await session.close()
+
+    # --- live updates ----------------------------------------------------------------------------
+
+    def publish(self, event: dict[str, Any]) -> None:
+        for q in list(self.listeners):
+            if q.qsize() < 100:
+                q.put_nowait(event)
+
+    def subscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        """Receive every wave and move event on `queue` (bounded: a slow reader misses some)."""
+        self.listeners.add(queue)
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self.listeners.discard(queue)
+
+    def wave_list(self, include_live: bool = False) -> list[dict[str, Any]]:
+        """Recent waves, newest first; with `include_live`, the status page's own refresh
+        Echoes too, each marked `live`."""
+        if not include_live:
+            return [w.summary() for w in self.history]
+        merged = [*self.history, *self.live_history]
+        merged.sort(key=lambda w: w.finished_at, reverse=True)
+        return [{**w.summary(), "live": w.trigger == "status"} for w in merged]
+
+    def status(self, include_live: bool = False) -> dict[str, Any]:
+        """The API's `/api/status` (and, with the page's own waves, the page's snapshot)."""
+        echo = self.last_echo
+        return {
+            "topology": {
+                "root": self.topology.root,
+                "servers": [
+                    {"name": s.name, "cpus": s.cpus, "children": list(s.children)}
+                    for s in self.topology.servers
+                ],
+                "edges": [{"source": a, "target": b} for a, b in self.topology.edges],
+                "overload_percent": self.topology.settings.overload_percent,
+                "task_time_s": self.topology.settings.task_time_s,
+            },
+            "links": {n: self.links.connected(n) for n in self.topology.names},
+            "snapshot": None if echo is None else tree_json(echo, self.topology),
+            "waves": self.wave_list(include_live),
+            "moves": self.last_moves,
+            "last_rebalance_at": self.last_rebalance_at,
+            "rebalance_interval_s": self.rebalance_interval_s,
+            "in_doubt": len(self.coordinator.in_doubt),
+        }
+
+
+def tree_json(record: WaveRecord, topology: Topology) -> dict[str, Any]:
+    """A snapshot for the API and the status page; `pressure` (expected work per CPU,
+    seconds) comes from `core.load`, so no client computes it."""
+    task_time_s = topology.settings.task_time_s
+    return {
+        **record.summary(),
+        "nodes": [
+            {
+                "name": s.name,
+                "cpus": s.cpus,
+                "running": s.running,
+                "queued": s.queued,
+                "completed": s.completed,
+                "reserved": s.reserved,
+                "expected_work_s": round(expected_work_s(s, task_time_s), 6),
+                "pressure": round(pressure(s, task_time_s), 6),
+                "echo_parent": s.echo_parent,
+            }
+            for s in sorted(record.states, key=lambda s: topology.names.index(s.name))
+        ],
+        "edges": [{"source": a, "target": b} for a, b in topology.edges],
+    }
