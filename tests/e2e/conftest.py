@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+import docker
 from tests.support.http import http_request
 from tests.support.ports import free_port
 from tests.support.waiting import wait_for
@@ -69,6 +70,7 @@ class Stack:
     prometheus_url: str
     submitted: int = 0  # tasks added since start-up, on top of the topology's initial ones
     notes: list[str] = field(default_factory=list)
+    _engine: Any = None
 
     # --- docker ------------------------------------------------------------------------------
 
@@ -86,13 +88,31 @@ class Stack:
             check=False,
         )
 
-    def docker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """A plain `docker` command; fails the test when it fails."""
-        done = subprocess.run(
-            ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
-        )
-        assert done.returncode == 0, f"docker {' '.join(args)}: {done.stderr.strip()}"
-        return done
+    @property
+    def engine(self) -> Any:
+        """The Docker SDK client: faults are injected through it, as `treewave apply`
+        drives the engine (only compose itself runs as a command)."""
+        if self._engine is None:
+            self._engine = docker.from_env()
+        return self._engine
+
+    def docker_container(self, name: str) -> Any:
+        return self.engine.containers.get(name)
+
+    def kill(self, container: str) -> None:
+        self.docker_container(container).kill()
+
+    def start(self, container: str) -> None:
+        self.docker_container(container).start()
+
+    def restart(self, container: str) -> None:
+        self.docker_container(container).restart()
+
+    def disconnect(self, network: str, container: str) -> None:
+        self.engine.networks.get(network).disconnect(container)
+
+    def connect(self, network: str, container: str) -> None:
+        self.engine.networks.get(network).connect(container)
 
     def container(self, service: str) -> str:
         """The name of the (single) container of `service`, running or not."""
@@ -102,8 +122,19 @@ class Stack:
         assert len(names) == 1, f"{service}: expected one container, got {names}"
         return names[0]
 
-    def inspect(self, container: str, template: str) -> str:
-        return self.docker("inspect", "-f", template, container).stdout.strip()
+    def attrs(self, container: str) -> dict[str, Any]:
+        """What `docker inspect` shows, from the SDK."""
+        attrs: dict[str, Any] = self.docker_container(container).attrs
+        return attrs
+
+    def status(self, container: str) -> str:
+        return str(self.attrs(container)["State"]["Status"])
+
+    def health(self, container: str) -> str:
+        return str(self.attrs(container)["State"].get("Health", {}).get("Status", ""))
+
+    def restart_count(self, container: str) -> int:
+        return int(self.attrs(container)["RestartCount"])
 
     def node_tasks(self, server: str) -> dict[str, Any]:
         """GET /api/tasks of one server from inside its container (servers are not

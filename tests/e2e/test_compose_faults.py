@@ -1,7 +1,9 @@
 """Faults in the real deployment (issue 7): node containers killed, crashed, restarted and
 cut off the network while waves and rebalancing run, across real container boundaries.
 
-One 7-server stack serves the whole module (the tests run in file order and share it):
+One 7-server stack serves the whole module (the tests run in file order and share it).
+Faults are injected through the Docker SDK (the engine calls behind `docker kill`, `start`,
+`restart` and `network disconnect`/`connect`):
 
 1. `docker kill` of a node during waves: Echo and Finn end *partial* within the wave
    deadline, naming it; the container stays down (Docker counts `docker kill` as a manual
@@ -184,7 +186,7 @@ def _long_tasks(stack: Any, created: Created, server: str, extra: int) -> list[s
 
 
 def _healthy(stack: Any, container: str) -> bool | None:
-    return True if stack.inspect(container, "{{.State.Health.Status}}") == "healthy" else None
+    return True if stack.health(container) == "healthy" else None
 
 
 def _check_queue_survived(stack: Any, server: str, before: list[str]) -> None:
@@ -211,7 +213,7 @@ def test_docker_kill_makes_waves_partial_then_start_heals(
     with WaveWatcher(stack) as watcher:
         time.sleep(1)
         killed_at = time.monotonic()
-        stack.docker("kill", container)
+        stack.kill(container)
         wave = stack.wait_for(
             f"a partial Echo naming {victim}",
             lambda: _partial_naming(watcher, killed_at, victim),
@@ -225,7 +227,7 @@ def test_docker_kill_makes_waves_partial_then_start_heals(
         # policy (`unless-stopped`) leaves the container down. Whichever way the engine
         # goes, the test goes on: start it when it is still down.
         time.sleep(3)
-        status = stack.inspect(container, "{{.State.Status}} {{.RestartCount}}")
+        status = f"{stack.status(container)} {stack.restart_count(container)}"
         stack.notes.append(f"after docker kill + 3 s: {container} is {status}")
         print(f"\nafter `docker kill` + 3 s: {container} status/restart count: {status}")
         if status.split()[0] != "running":
@@ -233,7 +235,7 @@ def test_docker_kill_makes_waves_partial_then_start_heals(
             assert not still_partial["complete"], still_partial
             assert victim in still_partial["missing"], still_partial
             restarted_at = time.monotonic()
-            stack.docker("start", container)
+            stack.start(container)
         else:
             restarted_at = killed_at
         stack.wait_for(f"{victim} healthy", lambda: _healthy(stack, container), HEAL_TIMEOUT_S)
@@ -264,7 +266,7 @@ def test_crashed_server_is_restarted_by_the_policy_with_its_queue(
 ) -> None:
     victim = _victims(topology)[1]
     container = stack.container(victim)
-    restarts = int(stack.inspect(container, "{{.RestartCount}}"))
+    restarts = stack.restart_count(container)
     stack.wait_for("a complete Echo", stack.complete_tree, timeout=HEAL_TIMEOUT_S)
     _long_tasks(stack, created, victim, extra=2)
     before = _queue_ids(stack.node_tasks(victim))
@@ -275,7 +277,7 @@ def test_crashed_server_is_restarted_by_the_policy_with_its_queue(
         assert killed.stdout.strip(), f"no server process found: {killed.stderr}"
 
         def restarted() -> bool | None:
-            return int(stack.inspect(container, "{{.RestartCount}}")) > restarts or None
+            return stack.restart_count(container) > restarts or None
 
         stack.wait_for(f"{victim} restarted by its policy", restarted, 30, every=0.5)
         stack.wait_for(f"{victim} healthy", lambda: _healthy(stack, container), HEAL_TIMEOUT_S)
@@ -296,7 +298,7 @@ def test_network_disconnect_makes_waves_partial_and_reconnect_heals(
     with WaveWatcher(stack) as watcher:
         time.sleep(1)
         cut_at = time.monotonic()
-        stack.docker("network", "disconnect", network, container)
+        stack.disconnect(network, container)
         try:
             stack.wait_for(
                 f"a partial Echo naming {victim}",
@@ -308,9 +310,9 @@ def test_network_disconnect_makes_waves_partial_and_reconnect_heals(
             time.sleep(2)  # a few more waves while it is cut off
             # Still running and healthy by itself (its healthcheck is local): only the
             # waves notice.
-            assert stack.inspect(container, "{{.State.Status}}") == "running"
+            assert stack.status(container) == "running"
         finally:
-            stack.docker("network", "connect", network, container)
+            stack.connect(network, container)
         joined_at = time.monotonic()
         stack.wait_for("a complete Echo", stack.complete_tree, timeout=HEAL_TIMEOUT_S, every=0.5)
         print(f"\nreconnected {victim}: complete again after {time.monotonic() - joined_at:.1f} s")
@@ -344,11 +346,11 @@ def test_restart_during_rebalancing_conserves_every_task(
     worker.start()
     try:
         time.sleep(0.3)
-        stack.docker("restart", stack.container(donor))
+        stack.restart(stack.container(donor))
         # A recipient too: the first server the policy moved tasks to.
         targets = [m["target"] for r in rounds for m in r["planned"] if m["target"] != donor]
         recipient = targets[0] if targets else _victims(topology)[0]
-        stack.docker("restart", stack.container(recipient))
+        stack.restart(stack.container(recipient))
         time.sleep(3)
     finally:
         stop.set()

@@ -54,6 +54,10 @@ EXAMPLES: list[m.Model] = [
         reservations=(m.ReservationInfo(transfer="tr-1", target="beta", tasks=2),)
     ),
     m.Challenge(nonce="0123456789abcdef0123456789abcdef"),
+    m.DrainRequest(hold=True, requeue_running=True),
+    m.DrainReport(
+        held=True, queued=3, running=0, reserved=1, completed=7, transferred_out=2, requeued=2
+    ),
     m.TraceRequest(wave="echo-1"),
     m.TracePart(
         wave="finn-1",
@@ -231,3 +235,8 @@ def test_frame_at_the_limit_is_parsed_not_rejected_for_size() -> None:
     assert len(raw) == m.MAX_MESSAGE_BYTES
     err = rejected(raw)  # the error text is too long for ErrorReply, but size is fine
     assert err.reason == "invalid_fields"
+
+
+def test_requeue_without_the_hold_is_refused() -> None:
+    with pytest.raises(RemoteProtocolError, match="requeue_running needs hold"):
+        m.parse_message('{"type": "server.drain", "hold": false, "requeue_running": true}')

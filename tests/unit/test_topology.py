@@ -182,6 +182,8 @@ def test_missing_cpus() -> None:
         ("rebalance_interval", "soon", "valid number"),
         ("max_cpu", 0, "greater than 0"),
         ("wave_timeout_s", 601, "less than or equal to 600"),
+        ("drain_grace_s", -1, "greater than or equal to 0"),
+        ("drain_grace_s", 86401, "less than or equal to 86400"),
     ],
 )
 def test_bad_settings(key: str, value: Any, expect: str) -> None:
@@ -350,6 +352,7 @@ def test_lab_aliases_accepted(tmp_path: Path) -> None:
         "overload_percent",
         "wave_timeout_s",
         "queue_order",
+        "drain_grace_s",
     }
 
 

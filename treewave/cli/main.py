@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from treewave.cli import (
+    apply_cmd,
     client_cmd,
     deploy_cmd,
     run_cmd,
@@ -32,6 +33,7 @@ COMMAND_MODULES = (
     deploy_cmd,
     services_cmd,
     run_cmd,
+    apply_cmd,
     client_cmd,
     trace_cmd,
 )

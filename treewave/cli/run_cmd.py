@@ -12,9 +12,16 @@ NAME ...`, so `ps` tells them apart by name). The supervisor:
 - restarts a child that dies unexpectedly, with exponential backoff; the servers keep
   their queues in a state directory (`--state-dir`, or one inside the run directory) so a
   restarted server gets its queue back;
-- on SIGINT, SIGTERM or SIGHUP sends SIGTERM to every child, SIGKILL after a grace period,
+- on SIGINT or SIGTERM sends SIGTERM to every child, SIGKILL after a grace period,
   reaps them all (no zombie) and removes the run directory. A second Ctrl-C skips the grace
-  period.
+  period;
+- on SIGHUP reloads the topology file (see `Supervisor.reload`): an invalid file is
+  reported and changes nothing; otherwise added servers start, kept servers whose view
+  (cpus, parents, children, root, settings) changed restart on the same port with their
+  queue, the balancer gets the new topology (`POST /api/topology`), and each removed server
+  runs on until the balancer reports it retired (drained, holding nothing): only then is it
+  stopped and its state file deleted. Every child runs from a snapshot of the topology it
+  belongs to (`topology-N.json` in the run directory), so a crash restarts it as it was.
 
 How nothing outlives it:
 
@@ -66,6 +73,12 @@ from treewave.cli.settings import (
     WAVE_TIMEOUT,
     add_options,
 )
+from treewave.cli.topology_api import (
+    TopologyApiError,
+    TopologyRejected,
+    get_topology,
+    post_topology,
+)
 from treewave.core.topology import Topology, TopologyError, load_topology
 from treewave.wire.secretfile import ensure_secret
 
@@ -80,6 +93,11 @@ STABLE_S = 10.0
 """A child that ran at least this long before dying restarts after the shortest backoff."""
 RUN_DIR_PREFIX = "treewave-run-"
 PID_FILE = "supervisor.pid"
+TOPOLOGY_PATH_FILE = "topology-path"
+"""Holds the topology file a run reloads on SIGHUP (how `treewave apply --local` finds it)."""
+POST_ATTEMPTS_S = 30.0
+"""How long a reload keeps trying to reach the balancer before undoing its changes."""
+POLL_TOPOLOGY_S = 1.0
 START_ATTEMPTS = 3
 """While starting, a child that dies this many times in a row (each within `STABLE_S`)
 makes `treewave run` give up instead of retrying forever."""
@@ -91,6 +109,8 @@ examples:
   treewave run --state-dir run-state --rebalance-interval 0   # keep queues, no auto-balance
 
 Stop with Ctrl-C (or SIGTERM): every server and the balancer stop with it.
+Change the topology live: edit the file, then `kill -HUP PID` (the pid is printed at start)
+or `treewave apply --local --topology FILE`.
 """
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -184,6 +204,23 @@ def allocate_ports(base: int, count: int, exclude: set[int]) -> list[int]:
             ports.append(port)
         port += 1
     return ports
+
+
+# --- topology changes ---------------------------------------------------------------------
+
+
+def server_view(topology: Topology, name: str) -> tuple[object, ...]:
+    """What a running server took from the topology at start (a change needs a restart):
+    its cpus, neighbours, whether it is the root (linked to the balancer) and the
+    settings."""
+    spec = topology.server(name)
+    return (
+        spec.cpus,
+        spec.children,
+        topology.parents(name),
+        topology.root == name,
+        topology.settings,
+    )
 
 
 # --- children ------------------------------------------------------------------------------
@@ -338,14 +375,24 @@ class Supervisor:
     children: list[Child] = field(default_factory=list)
     stop_signal: int | None = None
     force: bool = False
+    reload_requested: bool = False
+    generation: int = 0
+    retiring: set[str] = field(default_factory=set)
+    """Removed servers, still running (and restarted if they die) until the balancer
+    reports them retired."""
 
     def __post_init__(self) -> None:
         self.preexec = _death_signal_preexec()
         self.progress = Progress(self.out)
+        self.next_poll = 0.0
+        self.last_drain: dict[str, tuple[Any, Any]] = {}
 
     # signals
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+            return
         if self.stop_signal is not None:
             self.force = True
         self.stop_signal = signum
@@ -374,50 +421,76 @@ class Supervisor:
             )
         names = self.topology.names
         ports = allocate_ports(self.base_port, len(names), {self.port})
-        peers = {n: f"ws://{HOST}:{p}/ws" for n, p in zip(names, ports, strict=True)}
-        peers_file = self.run_dir / "peers.json"
-        peers_file.write_text(json.dumps(peers, indent=2) + "\n", encoding="utf-8")
-        logs = self.run_dir / "logs"
-        logs.mkdir(exist_ok=True)
+        self.peers = {n: f"ws://{HOST}:{p}/ws" for n, p in zip(names, ports, strict=True)}
+        self.write_peers()
+        (self.run_dir / "logs").mkdir(exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        base = child_command()
+        (self.run_dir / TOPOLOGY_PATH_FILE).write_text(f"{self.topology_path}\n", "utf-8")
         # A fresh link secret per run: servers accept links only from neighbours and the
         # balancer that prove it.
-        secret_file = self.run_dir / "secret"
-        ensure_secret(secret_file)
-        common = [
-            "--topology",
-            str(self.topology_path),
-            "--host",
-            HOST,
-            "--peers",
-            str(peers_file),
-            "--secret-file",
-            str(secret_file),
-        ]
+        ensure_secret(self.run_dir / "secret")
+        snapshot = self.snapshot(self.topology)
         for name, port in zip(names, ports, strict=True):
-            argv = [
-                *base,
-                "node",
-                "--name",
-                name,
-                *common,
-                "--port",
-                str(port),
-                "--state-dir",
-                str(self.state_dir),
-                "--log-level",
-                self.log_level,
-            ]
-            self.children.append(Child(name, "node", port, argv, logs / f"{name}.log"))
-        argv = [*base, "balancer", *common, "--port", str(self.port), "--log-level", self.log_level]
+            self.children.append(self.node_child(name, port, snapshot))
+        base = child_command()
+        argv = [
+            *base,
+            "balancer",
+            *self.common_args(snapshot),
+            "--port",
+            str(self.port),
+            "--log-level",
+            self.log_level,
+        ]
         if self.rebalance_interval is not None:
             argv += ["--rebalance-interval", str(self.rebalance_interval)]
         if self.wave_timeout is not None:
             argv += ["--wave-timeout", str(self.wave_timeout)]
         if self.status_interval is not None:
             argv += ["--status-interval", str(self.status_interval)]
-        self.children.append(Child("balancer", "balancer", self.port, argv, logs / "balancer.log"))
+        log = self.run_dir / "logs" / "balancer.log"
+        self.children.append(Child("balancer", "balancer", self.port, argv, log))
+
+    def write_peers(self) -> None:
+        """Every server's URL, removed ones included while they drain (the balancer still
+        talks to them); rewritten atomically when servers are added."""
+        tmp = self.run_dir / "peers.json.tmp"
+        tmp.write_text(json.dumps(self.peers, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.run_dir / "peers.json")
+
+    def snapshot(self, topology: Topology) -> Path:
+        """The topology of this generation, as a file its servers start (and restart) from."""
+        path = self.run_dir / f"topology-{self.generation}.json"
+        path.write_text(topology.dumps(), encoding="utf-8")
+        return path
+
+    def common_args(self, topology_file: Path) -> list[str]:
+        return [
+            "--topology",
+            str(topology_file),
+            "--host",
+            HOST,
+            "--peers",
+            str(self.run_dir / "peers.json"),
+            "--secret-file",
+            str(self.run_dir / "secret"),
+        ]
+
+    def node_child(self, name: str, port: int, topology_file: Path) -> Child:
+        argv = [
+            *child_command(),
+            "node",
+            "--name",
+            name,
+            *self.common_args(topology_file),
+            "--port",
+            str(port),
+            "--state-dir",
+            str(self.state_dir),
+            "--log-level",
+            self.log_level,
+        ]
+        return Child(name, "node", port, argv, self.run_dir / "logs" / f"{name}.log")
 
     def start(self, child: Child) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -451,7 +524,7 @@ class Supervisor:
         if not isinstance(body, dict) or body.get("status") != "ok":
             return False
         if child.kind == "balancer":
-            return bool(body.get("links_up") == body.get("servers") == len(self.nodes))
+            return bool(body.get("links_up") == body.get("servers") == len(self.topology))
         return True
 
     def tree_complete(self) -> bool:
@@ -561,6 +634,7 @@ class Supervisor:
             "  servers:",
             *(f"    {c.name:<{width}}  {c.url}  pid {c.pid}" for c in self.nodes),
             f"    {'balancer':<{width}}  {url}  pid {self.balancer.pid}",
+            f"  reload       edit {self.topology_path}, then: kill -HUP {os.getpid()}",
             f"  logs         {self.run_dir / 'logs'}",
             f"  state        {self.state_dir}",
             "try: treewave status"
@@ -571,12 +645,165 @@ class Supervisor:
 
     def supervise(self) -> None:
         while not self.stopping:
+            if self.reload_requested:
+                self.reload_requested = False
+                self.reload()
+            if self.retiring and time.monotonic() >= self.next_poll:
+                self.next_poll = time.monotonic() + POLL_TOPOLOGY_S
+                self.poll_retiring()
             self.check_children()
             for child in self.children:
                 if child.recovering and child.restart_at is None and self.healthy(child):
                     child.recovering = False
                     self.say(f"{child.label} is healthy again")
             time.sleep(LOOP_S)
+
+    # topology changes
+
+    def reload(self) -> None:
+        """SIGHUP: realise the topology file as it is now (see the module docstring)."""
+        try:
+            new = load_topology(self.topology_path)
+        except TopologyError as exc:
+            self.warn(f"reload: {exc.source} is not a valid topology; nothing changed:")
+            for problem in exc.problems:
+                self.warn(f"  {problem}")
+            return
+        old = self.topology
+        if new.to_json_data() == old.to_json_data():
+            self.say("reload: the topology is unchanged")
+            return
+        self.generation += 1
+        snapshot = self.snapshot(new)
+        added = [n for n in new.names if n not in old and n not in self.retiring]
+        back = [n for n in new.names if n in self.retiring]
+        removed = [n for n in old.names if n not in new]
+        changed = [n for n in new.names if n in old and server_view(old, n) != server_view(new, n)]
+        self.say(
+            f"reload: {len(new)} servers: {len(added)} added, {len(removed)} removed, "
+            f"{len(changed)} restarting with a changed view, {len(back)} back from retiring"
+        )
+        ports = allocate_ports(self.base_port, len(added), {self.port, *self.used_ports()})
+        for name, port in zip(added, ports, strict=True):
+            self.peers[name] = f"ws://{HOST}:{port}/ws"
+        self.write_peers()
+        started: list[Child] = []
+        for name, port in zip(added, ports, strict=True):
+            child = self.node_child(name, port, snapshot)
+            self.children.insert(len(self.children) - 1, child)  # the balancer stays last
+            self.start(child)
+            child.recovering = True
+            started.append(child)
+            self.say(f"server {name} started (port {port}, pid {child.pid})")
+        # A server back from retiring runs an older topology (or alone): restart it too.
+        restarted = [*changed, *back]
+        for name in restarted:
+            self.restart_with(self.node(name), snapshot)
+        try:
+            self.post_topology(new)
+        except TopologyApiError as exc:
+            self.warn(f"reload: {exc}")
+            self.warn("reload: undoing it; the cluster runs the previous topology")
+            self.undo(old, started, restarted)
+            return
+        self.topology = new
+        # Restarted, the balancer comes back with the topology it adopted.
+        argv = self.balancer.argv
+        argv[argv.index("--topology") + 1] = str(snapshot)
+        self.retiring = (self.retiring | set(removed)) - set(back)
+        self.next_poll = 0.0
+        self.say(
+            "reload: the balancer adopted the new topology"
+            + (f"; draining {', '.join(sorted(self.retiring))}" if self.retiring else "")
+        )
+
+    def used_ports(self) -> set[int]:
+        return {c.port for c in self.children}
+
+    def node(self, name: str) -> Child:
+        for child in self.children:
+            if child.kind == "node" and child.name == name:
+                return child
+        raise KeyError(name)
+
+    def restart_with(self, child: Child, topology_file: Path) -> None:
+        """Stop one server and start it again from `topology_file` (same port, same state
+        directory: its queue survives)."""
+        i = child.argv.index("--topology")
+        child.argv[i + 1] = str(topology_file)
+        self.stop_child(child)
+        self.start(child)
+        child.recovering = True
+        self.say(f"server {child.name} restarted with its new view (pid {child.pid})")
+
+    def stop_child(self, child: Child) -> None:
+        child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        while child.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if child.alive():
+            child.signal(signal.SIGKILL)
+        if child.proc is not None:
+            child.proc.wait()
+        child.restart_at = None
+
+    def post_topology(self, topology: Topology) -> None:
+        """Hand the topology to the balancer; retried while it cannot be reached (it may be
+        restarting); a refusal is final."""
+        deadline = time.monotonic() + POST_ATTEMPTS_S
+        while True:
+            try:
+                post_topology(self.balancer.url, topology.to_json_data())
+                return
+            except TopologyRejected:
+                raise
+            except TopologyApiError as exc:
+                if exc.missing or time.monotonic() > deadline or self.stopping:
+                    raise
+            time.sleep(0.5)
+
+    def undo(self, old: Topology, started: list[Child], restarted: list[str]) -> None:
+        """Back to `old`: stop the servers just added (deleting the state they made) and
+        restart the changed ones from the previous snapshot."""
+        for child in started:
+            self.stop_child(child)
+            self.children.remove(child)
+            self.peers.pop(child.name, None)
+            self.delete_state(child.name)
+        self.write_peers()
+        self.generation += 1
+        snapshot = self.snapshot(old)
+        for name in restarted:
+            self.restart_with(self.node(name), snapshot)
+
+    def delete_state(self, name: str) -> None:
+        for suffix in (".json", ".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / f"{name}{suffix}").unlink()
+
+    def poll_retiring(self) -> None:
+        """Stop each retiring server the balancer reports retired, and delete its state."""
+        try:
+            state = get_topology(self.balancer.url)
+        except TopologyApiError:
+            return  # the balancer may be restarting: ask again later
+        for name in sorted(self.retiring):
+            if state.is_retired(name):
+                child = self.node(name)
+                self.stop_child(child)
+                self.children.remove(child)
+                self.retiring.discard(name)
+                self.peers.pop(name, None)
+                self.write_peers()
+                self.delete_state(name)
+                moved = state.retired[name].get("moved", 0)
+                self.say(f"server {name} retired (moved {moved} tasks): stopped, state deleted")
+            elif name in state.retiring:
+                info = state.retiring[name]
+                held = (info.get("queued"), info.get("running"))
+                if self.last_drain.get(name) != held:
+                    self.last_drain[name] = held
+                    self.say(f"server {name} draining: {held[0]} queued, {held[1]} running")
 
     def stop_all(self) -> None:
         live = [c for c in self.children if c.alive()]

@@ -145,6 +145,17 @@ class TaskLedger:
         self.completed += 1
         return True
 
+    def requeue_running(self) -> int:
+        """Running -> the front of the queue, to start again from scratch (as after a
+        crash): how a server leaving the topology gives up its running tasks once its
+        drain grace has passed. Returns how many."""
+        tasks = list(self.running.values())
+        self.running.clear()
+        self.started_at.clear()
+        for task in tasks:
+            self._enqueue(task)
+        return len(tasks)
+
     # --- donor side --------------------------------------------------------------------------
 
     def prepare(

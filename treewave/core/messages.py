@@ -312,6 +312,47 @@ class TransferReservations(Model):
     reservations: tuple[ReservationInfo, ...] = Field(max_length=100_000)
 
 
+# --- topology change (balancer <-> a server leaving the topology) ---------------------------
+
+
+class DrainRequest(Model):
+    """Balancer -> a server leaving the topology (or coming back into it).
+
+    `hold=True`: from now on the server starts no queued task and takes no new work
+    (submissions are refused, deliveries cancelled, waves refused), so what it holds can
+    only shrink; it is persisted, so a restart keeps it. `requeue_running` (only with the
+    hold, once `drain_grace_s` has passed) also stops every running task and queues it
+    again from scratch, as after a crash. `hold=False` lifts the hold. Idempotent; always
+    answered with a `DrainReport`, so the balancer also polls a retiring server with it.
+    """
+
+    type: Literal["server.drain"] = "server.drain"
+    hold: bool
+    requeue_running: bool = False
+
+    @model_validator(mode="after")
+    def _requeue_needs_hold(self) -> DrainRequest:
+        if self.requeue_running and not self.hold:
+            raise ValueError("requeue_running needs hold (a requeued task would start again)")
+        return self
+
+
+class DrainReport(Model):
+    """Server -> balancer: the answer to a `DrainRequest`, after it took effect (and is on
+    disk): whether it holds, and what it still holds."""
+
+    type: Literal["server.drain_report"] = "server.drain_report"
+    held: bool
+    queued: Count
+    running: Count
+    reserved: Count
+    completed: int = Field(ge=0)
+    transferred_out: int = Field(ge=0)
+    """Cumulative counters: the balancer measures what a drain moved from their growth."""
+    requeued: Count = 0
+    """Running tasks this request stopped and queued again."""
+
+
 Message = Annotated[
     Challenge
     | Hello
@@ -332,7 +373,9 @@ Message = Annotated[
     | TransferQuery
     | TransferReservations
     | TraceRequest
-    | TracePart,
+    | TracePart
+    | DrainRequest
+    | DrainReport,
     Field(discriminator="type"),
 ]
 WaveMessage = EchoExplore | EchoReply | FinnSets

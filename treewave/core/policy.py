@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from treewave.core.load import pressure_of, queued_durations, running_left
 from treewave.core.messages import ServerState
 
 __all__ = [
+    "DrainMove",
     "Load",
     "Move",
     "apply_moves",
@@ -44,6 +45,7 @@ __all__ = [
     "loads_of",
     "lpt_bound",
     "max_pressure",
+    "plan_drain",
     "plan_moves",
 ]
 
@@ -254,3 +256,46 @@ def apply_moves(loads: Iterable[Load], moves: Iterable[Move]) -> list[Load]:
                 raise ValueError(f"{m.source} has no queued task of {d} s to move") from None
             queues[m.target].append(d)
     return [Load(n, x.cpus, x.running_left, tuple(queues[n])) for n, x in by.items()]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainMove:
+    """`tasks` queued tasks of a server leaving the topology, to `target`."""
+
+    source: str
+    target: str
+    tasks: int
+
+
+def plan_drain(
+    sources: Mapping[str, int],
+    targets: Iterable[Load],
+    task_s: float,
+    max_per_move: int = 1000,
+) -> list[DrainMove]:
+    """Moves that empty the draining `sources` (name -> queued tasks to give away) onto
+    `targets`: every task (counted as `task_s` of work) goes, one at a time, to the target
+    whose pressure after taking it is lowest (least pressure first; ties by name), so the
+    new topology fills evenly. A move carries at most `max_per_move` tasks."""
+    if max_per_move < 1:
+        raise ValueError("max_per_move must be >= 1")
+    loads = {x.name: x for x in targets if x.name not in sources}
+    if not loads:
+        return []
+    work = {n: x.work_s for n, x in loads.items()}
+    heap = [((work[n] + task_s) / x.cpus, n) for n, x in loads.items()]
+    heapq.heapify(heap)
+    moved: Counter[tuple[str, str]] = Counter()
+    for source in sorted(sources):
+        for _ in range(max(0, sources[source])):
+            _, dst = heapq.heappop(heap)
+            work[dst] += task_s
+            moved[(source, dst)] += 1
+            heapq.heappush(heap, ((work[dst] + task_s) / loads[dst].cpus, dst))
+    moves: list[DrainMove] = []
+    for (s, t), k in sorted(moved.items()):
+        while k > 0:
+            step = min(k, max_per_move)
+            moves.append(DrainMove(s, t, step))
+            k -= step
+    return moves

@@ -51,6 +51,9 @@ class Settings(BaseModel):
     wave_timeout_s: float = Field(default=5.0, gt=0, le=600)
     queue_order: QueueOrder = "longest-first"
     """How servers run their queues (see `core.ledger.QUEUE_ORDERS`)."""
+    drain_grace_s: float = Field(default=30.0, ge=0, le=86400)
+    """How long a server leaving the topology may go on running its tasks before they are
+    stopped and queued again elsewhere from scratch (0: at once)."""
 
 
 class ServerSpec(BaseModel):

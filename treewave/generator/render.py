@@ -10,6 +10,7 @@ Each target has one Jinja template; what both render alike lives in `shared.j2`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -112,6 +113,28 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def topology_hash(topology: Topology) -> str:
+    """A short content hash of the whole topology: in the balancer's definition, so Compose
+    recreates the balancer whenever the topology changes (a bind-mounted file changing
+    underneath would not)."""
+    return hashlib.sha256(topology.dumps().encode()).hexdigest()[:16]
+
+
+def view_hash(topology: Topology, name: str) -> str:
+    """A short hash of what one server takes from the topology at start (cpus, parents,
+    children, whether it is the root, the settings): in its definition, so Compose
+    recreates exactly the servers whose view changed (their queue volume stays)."""
+    spec = topology.server(name)
+    view = {
+        "cpus": spec.cpus,
+        "parents": list(topology.parents(name)),
+        "children": list(spec.children),
+        "root": topology.root == name,
+        "settings": topology.settings.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def render_texts(
     topology: Topology,
     topology_file_name: str,
@@ -125,6 +148,8 @@ def render_texts(
         "topology_file": topology_file_name,
         "topology_source": source,
         "build_context": build_context,
+        "topology_hash": topology_hash(topology),
+        "view_hashes": {name: view_hash(topology, name) for name in topology.names},
     }
     compose_env = _environment(compose_template.parent)
     compose = compose_env.get_template(compose_template.name).render(context)

@@ -22,11 +22,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import FinnDecided, Output, Send
-from treewave.core.ledger import TRANSFER_REQUESTS, TaskLedger
+from treewave.core.ledger import TRANSFER_REQUESTS, TaskLedger, TransferRequest
 from treewave.core.load import duration_histogram, expected_work_s, pressure
 from treewave.core.messages import (
     MAX_MESSAGE_BYTES,
     Challenge,
+    DrainReport,
+    DrainRequest,
     EchoExplore,
     EchoReply,
     ErrorReply,
@@ -39,6 +41,7 @@ from treewave.core.messages import (
     TasksAccepted,
     TraceRequest,
     TransferAbort,
+    TransferCancel,
     TransferDeliver,
     TransferPrepare,
     TransferQuery,
@@ -47,7 +50,7 @@ from treewave.core.messages import (
 )
 from treewave.core.messages import Model as MessageModel
 from treewave.core.node import NodeProtocol
-from treewave.core.topology import BALANCER, Topology, load_topology
+from treewave.core.topology import BALANCER, ServerSpec, Topology, load_topology
 from treewave.core.trace import TraceRecorder
 from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
@@ -81,6 +84,8 @@ class Server:
             settings.state_dir / f"{self.name}.json" if settings.state_dir is not None else None
         )
         self._task_counter = 0
+        self.held = False
+        """Leaving the topology: start no queued task, take no new work (persisted)."""
         self.ledger = self._load_ledger()
         self._save_pending = False
         self.allowed_inbound = {*topology.parents(self.name), BALANCER}
@@ -94,6 +99,7 @@ class Server:
         if self.state_file is not None and self.state_file.exists():
             data = json.loads(self.state_file.read_text(encoding="utf-8"))
             ledger = TaskLedger.from_json_data(data, self.topology.settings.queue_order)
+            self.held = bool(data.get("held", False))
             log.info(
                 "%s: restored %d queued and %d reserved tasks from %s",
                 self.name,
@@ -112,7 +118,8 @@ class Server:
             return
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.ledger.to_json_data()), encoding="utf-8")
+        data = {**self.ledger.to_json_data(), "held": self.held, "cpus": self.cpus}
+        tmp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(tmp, self.state_file)
 
     def save_soon(self) -> None:
@@ -181,6 +188,7 @@ class Server:
             "pressure": round(pressure(state, self.task_time_s), 6),
             "reserved": led.reserved_count,
             "completed": led.completed,
+            "held": self.held,
             "transferred_in": led.transferred_in,
             "transferred_out": led.transferred_out,
             "parents": list(self.topology.parents(self.name)),
@@ -248,6 +256,11 @@ class Server:
                     reason="sender_mismatch",
                 )
             algorithm = "finn" if isinstance(msg, FinnSets) else "echo"
+            if self.held:
+                raise RemoteProtocolError(
+                    f"{self.name!r} is leaving the topology: it takes no part in waves",
+                    reason="retiring",
+                )
             # Finn never reads the local state: build it (a queue histogram) for Echo only.
             local = self._last_state if algorithm == "finn" else self.local_state()
             out = self.protocol.receive(msg, time.monotonic(), local, wall_now=time.time())
@@ -272,7 +285,14 @@ class Server:
 
     def _balancer_request(self, msg: Message) -> list[MessageModel]:
         led = self.ledger
+        if isinstance(msg, DrainRequest):
+            return [self._drain(msg)]
         if isinstance(msg, SubmitTasks):
+            if self.held:
+                raise RemoteProtocolError(
+                    f"{self.name!r} is leaving the topology: it takes no new tasks",
+                    reason="retiring",
+                )
             added = led.submit(msg.tasks)
             self.metrics.submitted.inc(added)
             self.save()
@@ -285,14 +305,19 @@ class Server:
             raise RemoteProtocolError(
                 f"{msg.type} is not a request a server takes", "unexpected_type"
             )
-        if isinstance(msg, TransferPrepare) and (
-            msg.target == self.name or msg.target not in self.topology
-        ):
+        # The target may be a server this one has never heard of: a server leaving the
+        # topology still runs with the old one and hands its tasks to the new servers.
+        if isinstance(msg, TransferPrepare) and msg.target == self.name:
             raise RemoteProtocolError(
                 f"transfer target {msg.target!r} is not another server", reason="invalid_fields"
             )
+        request: TransferRequest = msg
+        if self.held and isinstance(msg, TransferDeliver):
+            # A held server refuses new work: the refusal is pinned like a cancel, so the
+            # donor takes its tasks back (unless they had already arrived here).
+            request = TransferCancel(transfer=msg.transfer)
         before_in, before_out = led.transferred_in, led.transferred_out
-        reply = led.answer(msg, time.time())
+        reply = led.answer(request, time.time())
         self.metrics.transferred_in.inc(led.transferred_in - before_in)
         self.metrics.transferred_out.inc(led.transferred_out - before_out)
         if not isinstance(msg, TransferQuery):
@@ -301,6 +326,32 @@ class Server:
         if isinstance(msg, (TransferDeliver, TransferAbort)):
             self.wakeup.set()
         return [reply]
+
+    def _drain(self, msg: DrainRequest) -> DrainReport:
+        """Hold (or release) this server, requeueing its running tasks if asked; answered
+        once on disk, with what it still holds."""
+        requeued = 0
+        if msg.requeue_running:
+            for runner in list(self.running_tasks):
+                runner.cancel()
+            requeued = self.ledger.requeue_running()
+            if requeued:
+                log.info("%s: stopped and requeued %d running tasks", self.name, requeued)
+        if msg.hold != self.held:
+            log.info("%s: %s", self.name, "held: leaving the topology" if msg.hold else "released")
+        self.held = msg.hold
+        self.save()
+        self.wakeup.set()
+        led = self.ledger
+        return DrainReport(
+            held=self.held,
+            queued=len(led.queued),
+            running=len(led.running),
+            reserved=led.reserved_count,
+            completed=led.completed,
+            transferred_out=led.transferred_out,
+            requeued=requeued,
+        )
 
     def _outputs(self, out: list[Output]) -> list[tuple[str, MessageModel]]:
         sends: list[tuple[str, MessageModel]] = []
@@ -331,7 +382,7 @@ class Server:
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
-            while len(self.ledger.running) < self.cpus:
+            while not self.held and len(self.ledger.running) < self.cpus:
                 task = self.ledger.start_next(time.monotonic())
                 if task is None:
                     break
@@ -463,7 +514,7 @@ def create_app(settings: NodeSettings, topology: Topology | None = None) -> web.
     """The server's app; background tasks and links live in `cleanup_ctx`."""
     topo = topology or load_topology(settings.topology)
     if settings.name not in topo:
-        raise ValueError(f"server {settings.name!r} is not in the topology")
+        topo = _leaving_topology(settings, topo)
     app = web.Application(middlewares=[json_errors()])
     app[SERVER_KEY] = Server(settings, topo)
     app.router.add_get("/healthz", healthz)
@@ -474,6 +525,25 @@ def create_app(settings: NodeSettings, topology: Topology | None = None) -> web.
     app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_close_links)
     return app
+
+
+def _leaving_topology(settings: NodeSettings, topology: Topology) -> Topology:
+    """A server missing from the topology file but with a saved queue is leaving the
+    topology (under Compose a retiring container restarts with the new, bind-mounted
+    file): it comes back on its own, linked to the balancer only, to be drained."""
+    saved = settings.state_dir / f"{settings.name}.json" if settings.state_dir else None
+    if saved is None or not saved.is_file():
+        raise ValueError(f"server {settings.name!r} is not in the topology")
+    try:
+        cpus = int(json.loads(saved.read_text(encoding="utf-8")).get("cpus", 1))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"server {settings.name!r}: cannot read {saved}: {exc}") from None
+    log.warning(
+        "%s is not in the topology but has a saved queue: starting alone, to be drained",
+        settings.name,
+    )
+    spec = ServerSpec(name=settings.name, cpus=max(1, cpus))
+    return Topology.from_servers([spec], topology.settings)
 
 
 async def _close_links(app: web.Application) -> None:

@@ -1,0 +1,478 @@
+"""The topology-change protocol (`core.migration`) against simulated servers.
+
+The stateful test draws a random topology A with random queued and running tasks and
+adopts a random topology B (overlapping names, new names, removed names). Servers are real
+`TaskLedger`s plus a persisted hold flag, as in the node; a simple synchronous executor
+carries the machine's intents out (a transfer may succeed, fail before anything happened,
+or stop after the prepare and stay *in doubt* until resolved). Hypothesis then picks, at
+every step, any pending intent (in order per server, as on its link) or outcome to
+deliver, or a clock tick, a task finishing,
+a server crash (its ledger goes through JSON: running tasks come back queued), a balancer
+crash (the machine goes through JSON and every message in flight is lost), fresh target
+loads, or a newer topology C superseding the migration mid-way.
+
+Checked throughout: a server is told `Retired` only when it holds nothing and nothing of
+it is in doubt. At quiescence (everything delivered, doubts resolved, the clock past every
+grace): the machine is steady, every removed server is retired and empty, the servers of
+the final topology are not held, no reservation is left, and every task id exists exactly
+once (queued, running, or completed once) across all servers, retired ones included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from treewave.core.errors import LocalProtocolError, RemoteProtocolError, StaleMessage
+from treewave.core.ledger import TaskLedger
+from treewave.core.messages import Task
+from treewave.core.migration import (
+    HoldServer,
+    Intent,
+    Migration,
+    MigrationPhase,
+    MoveQueued,
+    Outcome,
+    ReleaseServer,
+    RequeueRunning,
+    Retired,
+    ServerReport,
+    TargetLoads,
+    TransferDone,
+)
+from treewave.core.policy import Load, plan_drain
+from treewave.core.randomtree import TreeShape, random_topology
+from treewave.core.topology import ServerSpec, Settings, Topology
+
+POOL = [f"s{i}" for i in range(10)]
+PROBE_S = 1.0
+
+
+@dataclass
+class SimServer:
+    name: str
+    cpus: int
+    ledger: TaskLedger = field(default_factory=TaskLedger)
+    held: bool = False
+    retired: bool = False
+
+    def report(self, in_doubt: int, requeued: int = 0) -> ServerReport:
+        led = self.ledger
+        return ServerReport(
+            server=self.name,
+            held=self.held,
+            queued=len(led.queued),
+            running=len(led.running),
+            reserved=led.reserved_count,
+            completed=led.completed,
+            transferred_out=led.transferred_out,
+            requeued=requeued,
+            in_doubt=in_doubt,
+        )
+
+    def start_tasks(self) -> None:
+        while not self.held and len(self.ledger.running) < self.cpus:
+            if self.ledger.start_next() is None:
+                break
+
+
+@dataclass
+class Doubt:
+    transfer: str
+    source: str
+    target: str
+
+
+def topology_of(names: list[str], seed: int, grace: float) -> Topology:
+    return random_topology(
+        len(names),
+        seed,
+        TreeShape(max_children=2, extra_parents=1, cpus=(1, 3), tasks=(0, 0)),
+        names=names,
+        settings=Settings(drain_grace_s=grace),
+    )
+
+
+name_sets = st.lists(st.sampled_from(POOL), min_size=1, max_size=6, unique=True)
+
+
+class MigrationWorld(RuleBasedStateMachine):
+    @initialize(
+        a=name_sets,
+        b=name_sets,
+        seed=st.integers(0, 1000),
+        grace=st.sampled_from([0.0, 2.0, 5.0]),
+        queues=st.lists(st.integers(0, 12), min_size=6, max_size=6),
+        running=st.lists(st.integers(0, 3), min_size=6, max_size=6),
+    )
+    def setup(
+        self,
+        a: list[str],
+        b: list[str],
+        seed: int,
+        grace: float,
+        queues: list[int],
+        running: list[int],
+    ) -> None:
+        self.now = 1000.0
+        self.seed = seed
+        self.grace = grace
+        self.servers: dict[str, SimServer] = {}
+        self.ids: set[str] = set()
+        self.intents: list[Intent] = []
+        self.outcomes: list[Outcome] = []
+        self.doubts: list[Doubt] = []
+        self.transfers = 0
+        self.superseded = False
+        self.removed_ever: set[str] = set()
+        topo_a = topology_of(a, seed, grace)
+        for i, spec in enumerate(topo_a.servers):
+            server = self.add_server(spec)
+            tasks = [Task(id=f"{spec.name}:t{k}", duration_s=1.0) for k in range(queues[i])]
+            server.ledger.submit(tasks)
+            self.ids.update(t.id for t in tasks)
+            for _ in range(min(running[i], spec.cpus)):
+                server.ledger.start_next()
+        self.machine = Migration(topo_a, probe_interval_s=PROBE_S)
+        self.adopt(topology_of(b, seed + 1, grace))
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def add_server(self, spec: ServerSpec) -> SimServer:
+        server = self.servers.get(spec.name)
+        if server is None or server.retired:
+            server = SimServer(spec.name, spec.cpus)
+            self.servers[spec.name] = server
+        return server
+
+    def adopt(self, desired: Topology) -> None:
+        for spec in desired.servers:
+            self.add_server(spec)
+        self.removed_ever |= set(self.machine.topology.names) - set(desired.names)
+        self.intents += self.machine.adopt(desired, self.now)
+
+    def in_doubt(self, name: str) -> int:
+        return sum(1 for d in self.doubts if name in (d.source, d.target))
+
+    def feed(self, outcome: Outcome) -> None:
+        with contextlib.suppress(StaleMessage):
+            self.intents += self.machine.receive(outcome, self.now)
+
+    def execute(self, intent: Intent, mode: str = "ok") -> None:
+        if isinstance(intent, MoveQueued):
+            self.move(intent, mode)
+            return
+        if isinstance(intent, Retired):
+            self.retire(intent.server)
+            return
+        server = self.servers[intent.server]
+        if server.retired:
+            return  # stopped: a request sent before it retired finds nobody
+        requeued = 0
+        if isinstance(intent, ReleaseServer):
+            server.held = False
+            server.start_tasks()
+        else:
+            assert isinstance(intent, (HoldServer, RequeueRunning))
+            server.held = True
+            if isinstance(intent, RequeueRunning):
+                requeued = server.ledger.requeue_running()
+        self.outcomes.append(server.report(self.in_doubt(server.name), requeued))
+
+    def move(self, move: MoveQueued, mode: str) -> None:
+        source, target = self.servers[move.source], self.servers[move.target]
+        moved = 0
+        if mode != "fail":
+            self.transfers += 1
+            tid = f"x{self.transfers}"
+            reservation = source.ledger.prepare(tid, move.target, move.count, self.now)
+            if reservation.tasks:
+                if mode == "doubt":
+                    self.doubts.append(Doubt(tid, move.source, move.target))
+                elif target.held or target.retired:
+                    # A held server cancels deliveries: the donor takes its tasks back.
+                    assert target.ledger.cancel(tid) == "cancelled"
+                    source.ledger.abort(tid)
+                else:
+                    assert target.ledger.deliver(tid, reservation.tasks) == "accepted"
+                    assert source.ledger.commit(tid) == "committed"
+                    moved = len(reservation.tasks)
+                    target.start_tasks()
+        self.outcomes.append(TransferDone(move.source, move.target, moved))
+
+    def resolve(self, doubt: Doubt) -> None:
+        """The balancer's in-doubt resolution: cancel at the recipient, then settle."""
+        self.doubts.remove(doubt)
+        source, target = self.servers[doubt.source], self.servers[doubt.target]
+        assert not source.retired, "a retired server was in doubt"
+        assert not target.retired, "a retired server was in doubt"
+        if target.ledger.cancel(doubt.transfer) == "accepted":
+            source.ledger.commit(doubt.transfer)
+        else:
+            source.ledger.abort(doubt.transfer)
+
+    def retire(self, name: str) -> None:
+        server = self.servers[name]
+        if server.retired:
+            return
+        led = server.ledger
+        assert name not in self.machine.topology, f"{name} retired but in the topology"
+        held = led.task_ids()
+        assert held["queued"] + held["running"] + held["reserved"] == [], (
+            f"{name} retired while holding {held}"
+        )
+        assert self.in_doubt(name) == 0, f"{name} retired with a transfer in doubt"
+        server.retired = True
+
+    # --- rules ----------------------------------------------------------------------------
+
+    @precondition(lambda self: self.intents)
+    @rule(data=st.data(), mode=st.sampled_from(["ok", "ok", "fail", "doubt"]))
+    def deliver_intent(self, data: st.DataObject, mode: str) -> None:
+        # Requests to one server travel in order on its link; across servers, any order.
+        firsts: dict[str, int] = {}
+        for i, intent in enumerate(self.intents):
+            key = intent.source if isinstance(intent, MoveQueued) else intent.server
+            firsts.setdefault(key, i)
+        i = data.draw(st.sampled_from(sorted(firsts.values())), label="intent")
+        self.execute(self.intents.pop(i), mode)
+
+    @precondition(lambda self: self.outcomes)
+    @rule(data=st.data())
+    def deliver_outcome(self, data: st.DataObject) -> None:
+        i = data.draw(st.integers(0, len(self.outcomes) - 1), label="outcome")
+        self.feed(self.outcomes.pop(i))
+
+    @precondition(lambda self: self.doubts)
+    @rule(data=st.data())
+    def resolve_doubt(self, data: st.DataObject) -> None:
+        i = data.draw(st.integers(0, len(self.doubts) - 1), label="doubt")
+        self.resolve(self.doubts[i])
+
+    @rule(dt=st.sampled_from([0.3, 1.0, 3.0]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        self.intents += self.machine.handle_timer(self.now)
+
+    @rule(data=st.data())
+    def finish_a_task(self, data: st.DataObject) -> None:
+        busy = sorted(n for n, s in self.servers.items() if s.ledger.running)
+        if not busy:
+            return
+        server = self.servers[data.draw(st.sampled_from(busy), label="server")]
+        server.ledger.finish(data.draw(st.sampled_from(sorted(server.ledger.running))))
+        server.start_tasks()
+
+    @rule(data=st.data())
+    def crash_a_server(self, data: st.DataObject) -> None:
+        """Restart from the persisted state: running tasks come back queued."""
+        server = self.servers[data.draw(st.sampled_from(sorted(self.servers)), label="crash")]
+        server.ledger = TaskLedger.from_json_data(server.ledger.to_json_data())
+        server.start_tasks()
+
+    @rule()
+    def crash_the_balancer(self) -> None:
+        """Everything in flight is lost; the machine comes back from its saved JSON, and
+        the shell carries out the retirements it may not have finished."""
+        self.machine = Migration.from_json_data(self.machine.to_json_data())
+        self.intents.clear()
+        self.outcomes.clear()
+        for name in self.machine.retired:
+            self.retire(name)
+
+    @rule()
+    def target_loads(self) -> None:
+        loads = tuple(
+            Load(
+                n,
+                self.servers[n].cpus,
+                tuple(t.duration_s for t in s.running.values()),
+                tuple(t.duration_s for t in s.queued),
+            )
+            for n in self.machine.topology.names
+            if (s := self.servers[n].ledger)
+        )
+        self.feed(TargetLoads(loads))
+
+    @precondition(lambda self: not self.superseded)
+    @rule(c=name_sets)
+    def supersede(self, c: list[str]) -> None:
+        self.superseded = True
+        self.adopt(topology_of(c, self.seed + 2, self.grace))
+
+    # --- checks ---------------------------------------------------------------------------
+
+    @invariant()
+    def every_task_exactly_once(self) -> None:
+        if not hasattr(self, "servers"):
+            return
+        places: Counter[str] = Counter()
+        for s in self.servers.values():
+            ids = s.ledger.task_ids()
+            places.update(ids["queued"] + ids["running"] + ids["reserved"] + ids["completed"])
+        assert set(places) == self.ids, (self.ids - set(places), set(places) - self.ids)
+        twice = [t for t, n in places.items() if n > 1]
+        assert not twice, twice
+
+    def teardown(self) -> None:
+        if not hasattr(self, "servers"):
+            return
+        for _ in range(500):
+            for doubt in list(self.doubts):
+                self.resolve(doubt)
+            while self.outcomes or self.intents:
+                if self.outcomes:
+                    self.feed(self.outcomes.pop(0))
+                else:
+                    self.execute(self.intents.pop(0))
+            if self.machine.phase is MigrationPhase.STEADY and not self.machine.releasing:
+                break
+            self.now += PROBE_S
+            self.intents += self.machine.handle_timer(self.now)
+        else:
+            raise AssertionError(f"no quiescence: {self.machine.status(self.now)}")
+        final = self.machine.topology
+        for name, s in self.servers.items():
+            if name in final:
+                assert not s.retired, f"{name} is in the topology but retired"
+                assert not s.held, f"{name} is in the topology but held"
+            elif name in self.removed_ever:
+                assert s.retired, f"{name} left the topology but never retired"
+            assert not s.ledger.reserved, f"{name} keeps a reservation"
+        self.every_task_exactly_once()
+
+
+TestMigration = MigrationWorld.TestCase
+TestMigration.settings = settings(
+    max_examples=300,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+# --- plain tests ---------------------------------------------------------------------------
+
+
+def topo(*servers: tuple[str, int, tuple[str, ...]], grace: float = 10.0) -> Topology:
+    return Topology.from_servers(
+        [ServerSpec(name=n, cpus=c, children=k) for n, c, k in servers],
+        Settings(drain_grace_s=grace),
+    )
+
+
+A = topo(("root", 1, ("old", "keep")), ("old", 2, ()), ("keep", 1, ()))
+B = topo(("root", 1, ("keep", "new")), ("keep", 1, ()), ("new", 3, ()))
+
+
+def test_a_removed_server_is_held_drained_to_the_least_pressed_and_retired() -> None:
+    m = Migration(A)
+    assert m.phase is MigrationPhase.STEADY
+    assert m.adopt(B, 0.0) == [HoldServer("old")]
+    assert m.phase is MigrationPhase.DRAINING
+    assert m.retiring == {"old"}
+    busy = Load("keep", 1, (1.0,), (1.0, 1.0, 1.0))
+    m.receive(TargetLoads((Load("root", 1), busy)), 0.0)
+    moves = m.receive(ServerReport("old", True, queued=6, running=1, reserved=0), 0.1)
+    # "new" (3 idle cpus) takes most, idle "root" one; "keep" (pressed) nothing.
+    assert moves == [MoveQueued("old", "new", 5), MoveQueued("old", "root", 1)]
+    assert m.receive(TransferDone("old", "new", 5), 0.2) == []
+    assert m.receive(TransferDone("old", "root", 1), 0.3) == [HoldServer("old")]
+    # Still running one task: not retired, nothing to move.
+    assert m.receive(ServerReport("old", True, 0, 1, 0, transferred_out=6), 0.4) == []
+    assert m.handle_timer(1.0) == []  # the next probe is due at 1.3
+    assert m.handle_timer(1.3) == [HoldServer("old")]
+    # Past the grace with a task still running: requeue it.
+    assert m.handle_timer(10.0) == [RequeueRunning("old")]
+    out = m.receive(ServerReport("old", True, 1, 0, 0, transferred_out=6, requeued=1), 10.1)
+    assert out == [MoveQueued("old", "new", 1)]
+    m.receive(TransferDone("old", "new", 1), 10.2)
+    assert m.receive(ServerReport("old", True, 0, 0, 0, transferred_out=7), 10.3) == [
+        Retired("old")
+    ]
+    assert m.phase is MigrationPhase.STEADY
+    assert m.status(11.0)["retired"] == {"old": {"moved": 7, "completed": 0, "requeued": 1}}
+
+
+def test_not_retired_before_the_hold_nor_with_a_transfer_in_doubt() -> None:
+    m = Migration(A)
+    m.adopt(B, 0.0)
+    assert m.receive(ServerReport("old", False, 0, 0, 0), 0.1) == []
+    assert m.receive(ServerReport("old", True, 0, 0, 0, in_doubt=1), 0.2) == []
+    assert m.receive(ServerReport("old", True, 0, 0, 0), 0.3) == [Retired("old")]
+
+
+def test_a_newer_topology_releases_a_retiring_server_that_comes_back() -> None:
+    m = Migration(A)
+    m.adopt(B, 0.0)
+    m.receive(ServerReport("old", True, 4, 0, 0), 0.1)
+    out = m.adopt(A, 0.5)
+    assert out == [ReleaseServer("old"), HoldServer("new")]
+    assert m.retiring == {"new"}
+    assert m.releasing == {"old"}
+    # Its move in flight is stale now; reports keep the release going until it is lifted.
+    with pytest.raises(StaleMessage):
+        m.receive(TransferDone("old", "new", 4), 0.6)
+    assert m.receive(ServerReport("old", True, 0, 0, 0), 0.7) == []
+    assert m.handle_timer(1.5) == [HoldServer("new"), ReleaseServer("old")]
+    m.receive(ServerReport("old", False, 0, 0, 0), 1.6)
+    assert m.releasing == frozenset()
+    # A late hold (it overtook the release) is undone.
+    assert m.receive(ServerReport("old", True, 0, 0, 0), 1.7) == [ReleaseServer("old")]
+    assert m.releasing == {"old"}
+    assert m.adopt(A, 2.0) == []  # the same topology again changes nothing
+
+
+def test_it_resumes_from_json_after_a_restart() -> None:
+    m = Migration(A)
+    m.adopt(B, 100.0)
+    m.receive(ServerReport("old", True, 3, 1, 0, transferred_out=2), 100.1)
+    saved = m.to_json_data()
+    back = Migration.from_json_data(saved)
+    assert back.to_json_data() == saved
+    assert back.retiring == {"old"}
+    assert back.topology == B
+    # Moves in flight are forgotten; the next report plans again; the grace still counts
+    # from the original start.
+    assert back.handle_timer(110.0) == [RequeueRunning("old")]
+
+
+def test_bad_inputs_change_nothing() -> None:
+    m = Migration(A)
+    m.adopt(B, 0.0)
+    before = m.to_json_data()
+    with pytest.raises(RemoteProtocolError, match="counts"):
+        m.receive(ServerReport("old", True, -1, 0, 0), 0.1)
+    with pytest.raises(StaleMessage):
+        m.receive(ServerReport("keep", False, 0, 0, 0), 0.1)
+    m.receive(ServerReport("old", True, 2, 0, 0), 0.1)
+    with pytest.raises(RemoteProtocolError, match="moved 5 of 2"):
+        m.receive(TransferDone("old", "new", 5), 0.2)
+    with pytest.raises(LocalProtocolError):
+        m.receive("report", 0.2)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError):
+        m.adopt({"servers": []}, 0.2)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="damaged"):
+        Migration.from_json_data({**before, "retiring": {"keep": {}}})
+    assert m.retiring == {"old"}
+    assert before["topology"] == m.to_json_data()["topology"]
+
+
+def test_plan_drain_fills_the_least_pressed_first() -> None:
+    targets = [Load("a", 1), Load("b", 4), Load("c", 2, (1.0, 1.0), (1.0, 1.0))]
+    moves = plan_drain({"x": 9}, targets, 1.0, max_per_move=3)
+    got = Counter[str]()
+    for mv in moves:
+        assert mv.source == "x"
+        assert 1 <= mv.tasks <= 3
+        got[mv.target] += mv.tasks
+    assert sum(got.values()) == 9
+    # Water-filling: b (4 cpus) to 7/4, a to 2, c (already at pressure 2) nothing; the
+    # last task's tie (a or b at 2.0) goes by name.
+    assert got == {"a": 2, "b": 7}
