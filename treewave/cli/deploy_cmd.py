@@ -9,7 +9,7 @@ from pathlib import Path
 from treewave.cli.argtypes import non_negative_int, positive_float, positive_int
 from treewave.cli.errors import CommandError, ConfigError
 from treewave.cli.settings import TOPOLOGY, add_options
-from treewave.core.topology import Topology, TopologyError, load_topology
+from treewave.core.topology import Topology, TopologyError
 from treewave.generator.generate import generate
 from treewave.generator.render import (
     DEFAULT_CPU_PER_SLOT,
@@ -20,6 +20,7 @@ from treewave.generator.render import (
     render,
     render_swarm,
 )
+from treewave.wire.topology_file import load_topology
 
 GENERATE_EXAMPLE = """\
 examples:

@@ -50,7 +50,7 @@ from treewave.core.messages import (
 )
 from treewave.core.messages import Model as MessageModel
 from treewave.core.node import NodeProtocol
-from treewave.core.topology import BALANCER, ServerSpec, Topology, load_topology
+from treewave.core.topology import BALANCER, ServerSpec, Topology
 from treewave.core.trace import TraceRecorder
 from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
@@ -58,6 +58,7 @@ from treewave.wire.addressing import peer_url
 from treewave.wire.auth import HELLO_TIMEOUT_S, new_nonce, proof_ok
 from treewave.wire.http import json_errors
 from treewave.wire.links import LinkSet, dial_forever, read_frames
+from treewave.wire.topology_file import load_topology
 
 log = logging.getLogger("treewave.node")
 
