@@ -28,8 +28,9 @@ from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.status import setup_status
 from treewave.balancer.traces import setup_traces
 from treewave.core.messages import FinnWork, describe_errors
-from treewave.core.topology import Topology, TopologyError, load_topology
+from treewave.core.topology import Topology, TopologyError
 from treewave.wire.http import json_error, json_errors
+from treewave.wire.topology_file import load_topology
 
 __all__ = ["BALANCER_KEY", "MAX_BODY_BYTES", "create_app", "http_error"]
 

@@ -27,8 +27,6 @@ import aiohttp
 from treewave.balancer.metrics import BalancerMetrics
 from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.traces import WaveTraces, sampled_waves
-from treewave.core.addressing import peer_url
-from treewave.core.auth import link_token
 from treewave.core.echo import EchoInitiator
 from treewave.core.errors import (
     LocalProtocolError,
@@ -48,7 +46,6 @@ from treewave.core.messages import (
     ErrorReply,
     FinnSets,
     FinnWork,
-    Hello,
     Message,
     ServerState,
     SubmitTasks,
@@ -86,6 +83,7 @@ from treewave.core.transfer import (
     TransferResult,
     TransferSend,
 )
+from treewave.wire.addressing import peer_url
 from treewave.wire.links import LinkSet, dial_forever
 
 __all__ = [
@@ -677,11 +675,17 @@ class Balancer:
         for name in self.linked_names:
             if name in self.dialers:
                 continue
-            hello = Hello(sender=BALANCER, token=link_token(self.settings.secret, BALANCER, name))
             url = peer_url(name, self.settings.peer_url_template, self.peer_urls)
             self.dialers[name] = asyncio.create_task(
                 dial_forever(
-                    self.session, name, url, hello, self.links, self.on_frame, self.on_link_up
+                    self.session,
+                    name,
+                    url,
+                    BALANCER,
+                    self.settings.secret,
+                    self.links,
+                    self.on_frame,
+                    self.on_link_up,
                 ),
                 name=f"balancer-link-{name}",
             )

@@ -79,8 +79,9 @@ from treewave.cli.topology_api import (
     get_topology,
     post_topology,
 )
-from treewave.core.secretfile import ensure_secret
-from treewave.core.topology import Topology, TopologyError, load_topology
+from treewave.core.topology import Topology, TopologyError
+from treewave.wire.secretfile import ensure_secret
+from treewave.wire.topology_file import load_topology
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 7999

@@ -25,10 +25,10 @@ from treewave.balancer.settings import DEFAULT_PORT as BALANCER_PORT
 from treewave.balancer.settings import BalancerSettings
 from treewave.cli import settings as opts
 from treewave.cli.errors import ConfigError
-from treewave.core.secretfile import read_secret
 from treewave.core.topology import TopologyError
 from treewave.node import app as node_app
 from treewave.node.settings import NodeSettings
+from treewave.wire.secretfile import read_secret
 
 __all__ = ["balancer_settings", "node_settings", "register"]
 
