@@ -764,6 +764,10 @@ class Balancer:
 
     def _retire(self, name: str) -> None:
         """It holds nothing: no link, no transfers, in nothing from now on."""
+        if name in self.names:
+            # Carried out after a newer topology brought it back: stale (it is released).
+            log.debug("retirement of %s is stale: it is in the topology again", name)
+            return
         self.coordinator.set_servers(self.linked_names)
         self._sync_links()
         self.metrics.retired.inc()
