@@ -221,3 +221,16 @@ def test_cli_render_usage_errors_exit_2(
         main(["render", *args])
     assert exc.value.code == 2
     assert capsys.readouterr().err
+
+
+def test_balancer_state_survives_its_task_on_its_pinned_host(
+    tmp_path: Path, topology: Topology
+) -> None:
+    """The desired topology and a drain in progress live in a volume on the balancer's host,
+    so a recreated balancer task resumes a migration."""
+    stack = _render(topology, tmp_path)
+    balancer = stack["services"]["balancer"]
+    state_dir = balancer["command"][balancer["command"].index("--state-dir") + 1]
+    mounts = {v["target"]: v["source"] for v in balancer["volumes"]}
+    assert mounts[state_dir] == "balancer-state"
+    assert "balancer-state" in stack["volumes"]
