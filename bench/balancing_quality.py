@@ -63,12 +63,9 @@ RUN_TIMEOUT_S = 120.0
 
 
 def balancer_counters(c: Cluster) -> dict[str, float]:
-    import urllib.request
+    from tests.support.http import get_text
 
-    from bench.waves_scale import _OPENER
-
-    with _OPENER.open(urllib.request.Request(c.url + "/metrics"), timeout=10) as resp:
-        text = resp.read().decode()
+    text = get_text(c.url + "/metrics", timeout=10)
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(

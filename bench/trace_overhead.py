@@ -44,8 +44,9 @@ from tests.support.run import RunProcess, start_run
 from treewave.core.messages import FinnWork
 from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.simulation import SimNetwork
-from treewave.core.topology import BALANCER, Settings, Topology, load_topology
+from treewave.core.topology import BALANCER, Settings, Topology
 from treewave.core.trace import DEFAULT_EVENTS_PER_WAVE, TraceRecorder
+from treewave.wire.topology_file import load_topology
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "trace_overhead.json"

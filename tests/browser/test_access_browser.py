@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.browser import SMALL, all_reported, open_page, servers_on_page, wait_for
-from treewave.core.secretfile import ensure_secret
+from treewave.wire.secretfile import ensure_secret
 
 pytestmark = pytest.mark.browser
 

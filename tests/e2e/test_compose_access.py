@@ -140,7 +140,7 @@ def test_reads_health_and_scrapes_need_no_token_but_a_known_host(stack: Any) -> 
     assert status == 421, answer
     # Compose's healthcheck (HTTP/1.0 to 127.0.0.1 inside the container) passes.
     name = stack.container("balancer")
-    assert stack.inspect(name, "{{.State.Health.Status}}") == "healthy"
+    assert stack.health(name) == "healthy"
 
     # Prometheus scrapes balancer:7999 (a Host the balancer serves under).
     def scraped() -> bool | None:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import Cluster, StartCluster
 from tests.support.commands import clean_env, treewave_command
-from treewave.core.secretfile import ensure_secret
+from treewave.wire.secretfile import ensure_secret
 
 HOUR = 3600
 TOPOLOGY: dict[str, Any] = {

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["fetch_json", "get_json", "http_request"]
+__all__ = ["fetch_json", "get_json", "get_text", "http_request"]
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -28,6 +28,12 @@ def get_json(url: str, method: str = "GET", body: Any = None, timeout: float = 3
     """The decoded JSON answer; an HTTP error status raises `urllib.error.HTTPError`."""
     with _OPENER.open(_request(method, url, body), timeout=timeout) as resp:
         return json.loads(resp.read())
+
+
+def get_text(url: str, timeout: float = 30.0) -> str:
+    """The body of a GET as text (e.g. a /metrics page)."""
+    with _OPENER.open(_request("GET", url, None), timeout=timeout) as resp:
+        return str(resp.read().decode())
 
 
 def http_request(method: str, url: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:

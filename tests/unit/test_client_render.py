@@ -12,6 +12,7 @@ from treewave.cli.client_cmd import (
     load_bar,
     load_text,
     render_finn,
+    render_migration,
     render_rebalance,
     render_tree,
     summary_line,
@@ -227,3 +228,36 @@ def test_finn_and_rebalance_summaries() -> None:
     assert render_rebalance(
         {"moves": [], "max_pressure_before": 0.5, "max_pressure_after": 0.5}
     ).startswith("nothing to move")
+
+
+def test_render_migration_shows_retiring_servers_and_what_they_hold() -> None:
+    migration = {
+        "state": "draining",
+        "drain_grace_s": 30.0,
+        "retiring": {
+            "oak": {
+                "queued": 4,
+                "running": 2,
+                "reserved": 3,
+                "held": True,
+                "reported": True,
+                "moved": 11,
+                "requeued": 0,
+                "grace_left_s": 12.4,
+            },
+            "elm": {"queued": None, "running": None, "reported": False, "grace_left_s": 30},
+            "ash": {"queued": 0, "running": 1, "reported": True, "moved": 0, "grace_left_s": 0},
+        },
+        "retired": {"fir": {"moved": 3, "completed": 0, "requeued": 0}},
+        "releasing": ["pine"],
+    }
+    assert render_migration(migration).splitlines() == [
+        "draining: 3 retiring servers (drain grace 30 s); they take no new tasks and hand "
+        "their queue to the new topology",
+        "  ash  retiring: 1 running + 0 queued · moved 0 · grace over",
+        "  elm  not reported yet",
+        "  oak  retiring: 2 running + 4 queued + 3 moving · moved 11 · grace left 12 s",
+        "back in the topology (hold being lifted): pine",
+    ]
+    steady = {"state": "steady", "retiring": {}, "retired": {"fir": {}}, "releasing": []}
+    assert render_migration(steady) == ""

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from treewave.core.topology import DNS_LABEL, RESERVED_NAMES, load_topology
+from treewave.core.topology import DNS_LABEL, RESERVED_NAMES
 from treewave.generator.generate import generate
 from treewave.generator.words import load_words, random_names
+from treewave.wire.topology_file import load_topology
 
 
 def test_same_seed_gives_identical_bytes() -> None:

@@ -53,6 +53,7 @@ EXAMPLES: list[m.Model] = [
     m.TransferReservations(
         reservations=(m.ReservationInfo(transfer="tr-1", target="beta", tasks=2),)
     ),
+    m.Challenge(nonce="0123456789abcdef0123456789abcdef"),
     m.DrainRequest(hold=True, requeue_running=True),
     m.DrainReport(
         held=True, queued=3, running=0, reserved=1, completed=7, transferred_out=2, requeued=2
@@ -186,6 +187,7 @@ def test_unknown_nested_field() -> None:
         ({"type": "tasks.submit", "tasks": [{"id": "bad id", "duration_s": 1}]}, "id"),
         ({"type": "transfer.prepare", "transfer": "t", "target": "b", "count": 0}, "count"),
         ({"type": "transfer.outcome", "transfer": "t", "outcome": "maybe"}, "outcome"),
+        ({"type": "challenge", "nonce": "not hex"}, "nonce"),
         ({"type": "hello", "sender": ""}, "sender"),
         ({"type": "finn", "wave": "w", "sender": "a", "inc": "a", "ninc": [], "dec": {},
           "work": {}, "budget_s": 1}, "inc"),

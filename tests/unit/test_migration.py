@@ -21,6 +21,7 @@ once (queued, running, or completed once) across all servers, retired ones inclu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -127,6 +128,10 @@ class MigrationWorld(RuleBasedStateMachine):
         self.ids: set[str] = set()
         self.intents: list[Intent] = []
         self.outcomes: list[Outcome] = []
+        self.report_epochs: dict[int, int] = {}
+        """id() of a pending report -> its server's move epoch when it was made."""
+        self.move_epochs: Counter[str] = Counter()
+        """Moves executed with each server as donor or recipient."""
         self.doubts: list[Doubt] = []
         self.transfers = 0
         self.superseded = False
@@ -160,7 +165,22 @@ class MigrationWorld(RuleBasedStateMachine):
     def in_doubt(self, name: str) -> int:
         return sum(1 for d in self.doubts if name in (d.source, d.target))
 
+    def balancer_in_doubt(self, report: ServerReport) -> int:
+        """What the balancer's coordinator would count for `report` on its arrival: the
+        transfers in doubt, those whose prepare is still on its way (a pending move), and
+        one that ran after the report was made (on the real links the report arrives
+        before the transfer's own answers from that server, so it is still in flight)."""
+        name = report.server
+        pending = sum(
+            1 for i in self.intents if isinstance(i, MoveQueued) and name in (i.source, i.target)
+        )
+        made_at = self.report_epochs.pop(id(report), self.move_epochs[name])
+        overtaken = 1 if made_at < self.move_epochs[name] else 0
+        return self.in_doubt(name) + pending + overtaken
+
     def feed(self, outcome: Outcome) -> None:
+        if isinstance(outcome, ServerReport):
+            outcome = dataclasses.replace(outcome, in_doubt=self.balancer_in_doubt(outcome))
         with contextlib.suppress(StaleMessage):
             self.intents += self.machine.receive(outcome, self.now)
 
@@ -169,6 +189,8 @@ class MigrationWorld(RuleBasedStateMachine):
             self.move(intent, mode)
             return
         if isinstance(intent, Retired):
+            if intent.server in self.machine.topology:
+                return  # stale: a newer topology brought it back (and releases it)
             self.retire(intent.server)
             return
         server = self.servers[intent.server]
@@ -183,10 +205,14 @@ class MigrationWorld(RuleBasedStateMachine):
             server.held = True
             if isinstance(intent, RequeueRunning):
                 requeued = server.ledger.requeue_running()
-        self.outcomes.append(server.report(self.in_doubt(server.name), requeued))
+        report = server.report(0, requeued)  # in_doubt is the balancer's, on arrival
+        self.report_epochs[id(report)] = self.move_epochs[server.name]
+        self.outcomes.append(report)
 
     def move(self, move: MoveQueued, mode: str) -> None:
         source, target = self.servers[move.source], self.servers[move.target]
+        self.move_epochs[move.source] += 1
+        self.move_epochs[move.target] += 1
         moved = 0
         if mode != "fail":
             self.transfers += 1
@@ -283,6 +309,7 @@ class MigrationWorld(RuleBasedStateMachine):
         self.machine = Migration.from_json_data(self.machine.to_json_data())
         self.intents.clear()
         self.outcomes.clear()
+        self.report_epochs.clear()
         for name in self.machine.retired:
             self.retire(name)
 
@@ -476,3 +503,15 @@ def test_plan_drain_fills_the_least_pressed_first() -> None:
     # Water-filling: b (4 cpus) to 7/4, a to 2, c (already at pressure 2) nothing; the
     # last task's tie (a or b at 2.0) goes by name.
     assert got == {"a": 2, "b": 7}
+
+
+def test_a_retired_server_that_comes_back_is_released() -> None:
+    # Its hold outlives the retirement (the shell may not have stopped it yet, or its
+    # storage survived): without a release it would never start a task again.
+    m = Migration(A)
+    m.adopt(B, 0.0)
+    assert m.receive(ServerReport("old", True, 0, 0, 0), 0.1) == [Retired("old")]
+    assert m.phase is MigrationPhase.STEADY
+    assert m.adopt(A, 1.0) == [ReleaseServer("old"), HoldServer("new")]
+    assert m.releasing == {"old"}
+    assert "old" not in m.retired

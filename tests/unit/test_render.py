@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from treewave.cli.main import main
-from treewave.core.topology import Topology, load_topology
+from treewave.core.topology import Topology
 from treewave.generator.generate import generate
 from treewave.generator.render import (
     COMPOSE_FILE,
@@ -24,6 +24,7 @@ from treewave.generator.render import (
     periodic_intervals,
     render,
 )
+from treewave.wire.topology_file import load_topology
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "compose.template.yml"

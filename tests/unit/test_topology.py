@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from treewave.core.topology import RESERVED_NAMES, Topology, TopologyError, load_topology
+from treewave.core.topology import RESERVED_NAMES, Topology, TopologyError
+from treewave.wire.topology_file import load_topology
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -38,7 +38,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry, Counter
 
-from treewave.core.secretfile import read_secret
+from treewave.wire.secretfile import read_secret
 
 __all__ = [
     "ALWAYS_ALLOWED_HOSTS",

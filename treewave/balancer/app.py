@@ -19,6 +19,7 @@ from treewave.balancer.cluster import (
     Balancer,
     BalancerError,
     ServerNotConnected,
+    ServerRetiring,
     SubmitUnconfirmed,
     UnknownServer,
     tree_json,
@@ -27,8 +28,9 @@ from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.status import setup_status
 from treewave.balancer.traces import setup_traces
 from treewave.core.messages import FinnWork, describe_errors
-from treewave.core.topology import Topology, load_topology
+from treewave.core.topology import Topology, TopologyError
 from treewave.wire.http import json_error, json_errors
+from treewave.wire.topology_file import load_topology
 
 __all__ = ["BALANCER_KEY", "MAX_BODY_BYTES", "create_app", "http_error"]
 
@@ -61,6 +63,8 @@ def http_error(exc: BalancerError) -> web.HTTPException:
     """The HTTP answer to a domain error."""
     if isinstance(exc, UnknownServer):
         return json_error(404, str(exc))
+    if isinstance(exc, ServerRetiring):
+        return json_error(409, str(exc))
     if isinstance(exc, ServerNotConnected):
         return json_error(503, str(exc))
     if isinstance(exc, SubmitUnconfirmed):
@@ -132,6 +136,43 @@ async def api_tasks(request: web.Request) -> web.Response:
     )
 
 
+def topology_refused(problems: list[str]) -> web.HTTPException:
+    """422 naming every problem of a posted topology (nothing changed)."""
+    return web.HTTPUnprocessableEntity(
+        text=json.dumps(
+            {
+                "error": "not a valid topology; nothing changed: " + "; ".join(problems),
+                "problems": problems,
+            }
+        ),
+        content_type="application/json",
+    )
+
+
+async def api_topology(request: web.Request) -> web.Response:
+    return web.json_response(request.app[BALANCER_KEY].topology_status())
+
+
+async def api_post_topology(request: web.Request) -> web.Response:
+    """Make the posted document (the topology file's format, validated as the file is)
+    the desired topology: 202 when a migration to it started, 200 when it is the current
+    one, 422 naming every problem (nothing changed)."""
+    b = request.app[BALANCER_KEY]
+    raw = await request.read()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise topology_refused([f"malformed JSON: {exc}"]) from None
+    try:
+        desired = Topology.parse(data, "the posted topology")
+    except TopologyError as exc:
+        raise topology_refused(exc.problems) from None
+    adopted = await b.adopt(desired)
+    return web.json_response(
+        {"adopted": adopted, **b.topology_status()}, status=202 if adopted else 200
+    )
+
+
 async def api_status(request: web.Request) -> web.Response:
     return web.json_response(request.app[BALANCER_KEY].status())
 
@@ -172,6 +213,8 @@ def create_app(settings: BalancerSettings, topology: Topology | None = None) -> 
     app.router.add_post("/api/finn", api_finn)
     app.router.add_post("/api/rebalance", api_rebalance)
     app.router.add_post("/api/tasks", api_tasks)
+    app.router.add_get("/api/topology", api_topology)
+    app.router.add_post("/api/topology", api_post_topology)
     setup_status(app, balancer, settings.status_interval_s)
     setup_traces(app, balancer.traces)
     app.cleanup_ctx.append(_background)

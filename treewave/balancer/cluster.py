@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
+import os
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,22 +27,26 @@ import aiohttp
 from treewave.balancer.metrics import BalancerMetrics
 from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.traces import WaveTraces, sampled_waves
-from treewave.core.addressing import peer_url
-from treewave.core.auth import link_token
 from treewave.core.deadlines import wave_deadline_s
 from treewave.core.echo import EchoInitiator
-from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
+from treewave.core.errors import (
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    StaleMessage,
+)
 from treewave.core.events import EchoResult, FinnResult, Send
 from treewave.core.finn import FinnInitiator
 from treewave.core.ledger import TRANSFER_REPLIES
 from treewave.core.load import expected_work_s, pressure
 from treewave.core.messages import (
+    DrainReport,
+    DrainRequest,
     EchoExplore,
     EchoReply,
     ErrorReply,
     FinnSets,
     FinnWork,
-    Hello,
     Message,
     ServerState,
     SubmitTasks,
@@ -49,6 +55,19 @@ from treewave.core.messages import (
     TracePart,
     parse_message,
 )
+from treewave.core.migration import (
+    HoldServer,
+    Intent,
+    Migration,
+    MigrationPhase,
+    MoveQueued,
+    ReleaseServer,
+    RequeueRunning,
+    Retired,
+    ServerReport,
+    TargetLoads,
+)
+from treewave.core.migration import TransferDone as MoveDone
 from treewave.core.policy import (
     Move,
     expected_makespan,
@@ -65,14 +84,18 @@ from treewave.core.transfer import (
     TransferResult,
     TransferSend,
 )
+from treewave.wire.addressing import peer_url
 from treewave.wire.links import LinkSet, dial_forever
 
 __all__ = [
     "HISTORY",
     "LIVE_HISTORY",
+    "STATE_FILE",
     "Balancer",
     "BalancerError",
+    "BalancerStateError",
     "ServerNotConnected",
+    "ServerRetiring",
     "SubmitUnconfirmed",
     "UnknownServer",
     "WaveRecord",
@@ -87,6 +110,10 @@ LIVE_HISTORY = 10
 """The status page's own refresh Echoes kept (apart, so they do not crowd out the rest)."""
 RETRY_S = 1.0
 """How soon an unanswered transfer resolution step is sent again."""
+LINK_WAIT_S = 5.0
+"""How long a drain move waits for its servers' links (an added server is still dialled)."""
+STATE_FILE = "balancer-topology.json"
+"""The desired topology and the migration, in the balancer's state directory."""
 
 
 class BalancerError(Exception):
@@ -97,6 +124,22 @@ class UnknownServer(BalancerError):
     def __init__(self, name: str) -> None:
         super().__init__(f"unknown server {name!r}")
         self.name = name
+
+
+class ServerRetiring(BalancerError):
+    """The server is leaving the topology: it takes no new work."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"server {name!r} is retiring (not in the current topology); it takes no new "
+            "tasks, nothing was queued"
+        )
+        self.name = name
+
+
+class BalancerStateError(BalancerError, ValueError):
+    """The saved topology and migration cannot be read: starting without them could strand
+    the tasks of servers still draining, so the balancer does not start."""
 
 
 class ServerNotConnected(BalancerError):
@@ -160,6 +203,12 @@ class Balancer:
 
     def __init__(self, settings: BalancerSettings, topology: Topology) -> None:
         self.settings = settings
+        self.peer_urls = dict(settings.peer_urls)
+        self.state_path = None if settings.state_dir is None else settings.state_dir / STATE_FILE
+        # The saved desired topology and migration, then the file's topology adopted over
+        # it: a balancer started with a topology that left servers out drains them.
+        self.migration = self._restore(topology)
+        self._startup_intents = self.migration.adopt(topology, time.time())
         self.topology = topology
         self.names = frozenset(topology.names)
         self.wave_timeout_s = settings.wave_timeout_s or topology.settings.wave_timeout_s
@@ -176,8 +225,17 @@ class Balancer:
         self.waves: dict[str, PendingWave] = {}
         self._instance = secrets.token_hex(3)
         self.coordinator = TransferCoordinator(
-            topology.names, self._instance, settings.step_timeout_s, RETRY_S
+            self.linked_names, self._instance, settings.step_timeout_s, RETRY_S
         )
+        self.dialers: dict[str, asyncio.Task[None]] = {}
+        """The link task of every server linked to (the topology's and the retiring)."""
+        self.session: aiohttp.ClientSession | None = None
+        self.drain_moves: set[asyncio.Task[None]] = set()
+        self.pending_moves: Counter[str] = Counter()
+        """Drain moves not started yet, by source and target (they count as unsettled)."""
+        self.link_changed = asyncio.Condition()
+        """Notified when a link comes up (drain moves wait for theirs)."""
+        self.topology_lock = asyncio.Lock()
         self.transfers: dict[str, asyncio.Future[int]] = {}
         """Callers waiting for a transfer's result, by transfer id."""
         self.submissions: dict[str, asyncio.Future[TasksAccepted]] = {}
@@ -197,6 +255,8 @@ class Balancer:
         self.listeners: set[asyncio.Queue[dict[str, Any]]] = set()
         self._ids = itertools.count(1)
         self.traces = WaveTraces(settings, topology, self.links, self.publish)
+        self._save()
+        self._show_migration()
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{self._instance}-{next(self._ids)}"
@@ -209,9 +269,14 @@ class Balancer:
     # --- frames from servers ---------------------------------------------------------------
 
     async def on_frame(self, peer: str, text: str) -> None:
+        intents: list[Intent] = []
+        out: list[TransferOutput] = []
         try:
             msg = parse_message(text)
-            out = self.handle(peer, msg)
+            if isinstance(msg, DrainReport):
+                intents = self.on_drain_report(peer, msg)
+            else:
+                out = self.handle(peer, msg)
         except StaleMessage as exc:
             self.metrics.invalid.labels(exc.reason).inc()
             log.debug("%s", exc)
@@ -222,6 +287,7 @@ class Balancer:
             await self.links.send(peer, ErrorReply(error=str(exc)[:2000]))
             return
         await self._apply(out)
+        await self.carry_out(intents)
 
     def handle(self, peer: str, msg: Message) -> list[TransferOutput]:
         """Apply one validated frame; returns what the transfer coordinator wants sent."""
@@ -297,6 +363,9 @@ class Balancer:
             self.last_echo = record
             task_time_s = self.topology.settings.task_time_s
             loads = loads_of(result.states, task_time_s)
+            if self.migration.phase is MigrationPhase.DRAINING:
+                # Drained tasks go where the new topology has least pressure.
+                self.migration.receive(TargetLoads(tuple(loads)), time.time())
             self.metrics.max_pressure.set(max_pressure(loads))
             self.metrics.imbalance.set(imbalance(loads))
             self.metrics.expected_makespan.set(expected_makespan(loads))
@@ -402,9 +471,22 @@ class Balancer:
         `source` to `target`, two-phase; returns how many moved. On any failure the tasks
         stay with (or go back to) the donor, or stay reserved at the donor, in doubt, until
         the coordinator learns which way it went (it keeps at it after this returns)."""
+        tid, done, out = self._start_transfer(source, target, count, durations)
+        return await self._finish_transfer(tid, done, out)
+
+    def _start_transfer(
+        self, source: str, target: str, count: int, durations: tuple[float, ...] | None = None
+    ) -> tuple[str, asyncio.Future[int], list[TransferOutput]]:
+        """Register a transfer with the coordinator at once (so it counts as unsettled for
+        both servers from now on); its first request is in the outputs."""
         tid, out = self.coordinator.start(source, target, count, time.monotonic(), durations)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.transfers[tid] = done
+        return tid, done, out
+
+    async def _finish_transfer(
+        self, tid: str, done: asyncio.Future[int], out: list[TransferOutput]
+    ) -> int:
         try:
             await self._apply(out)
             return await done
@@ -432,6 +514,8 @@ class Balancer:
 
     async def on_link_up(self, name: str) -> None:
         """A server (re)connected: ask for reservations we may have lost track of."""
+        async with self.link_changed:
+            self.link_changed.notify_all()
         await self._apply(self.coordinator.link_up(name, time.monotonic()))
 
     # --- rebalancing ---------------------------------------------------------------------------
@@ -498,6 +582,8 @@ class Balancer:
         are queued and on disk (a server dying with the submission unread must not leave
         them acknowledged). Raises `UnknownServer`, `ServerNotConnected` (nothing queued)
         or `SubmitUnconfirmed` (maybe queued)."""
+        if node in self.migration.retiring:
+            raise ServerRetiring(node)
         if node not in self.names:
             raise UnknownServer(node)
         duration = duration_s or self.topology.settings.task_time_s
@@ -526,25 +612,20 @@ class Balancer:
         """Links to every server, the timers and periodic rebalancing, while inside."""
         # No connection limit: every open link holds one of the session's connections, and
         # aiohttp's default of 100 left a 300-server balancer with 100 links (Finn partial).
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         tasks = [
             asyncio.create_task(self.run_timers(), name="balancer-timers"),
             asyncio.create_task(self.run_periodic_rebalance(), name="balancer-rebalance"),
+            asyncio.create_task(self.run_migration(), name="balancer-migration"),
         ]
-        for name in self.topology.names:
-            hello = Hello(sender=BALANCER, token=link_token(self.settings.secret, BALANCER, name))
-            url = peer_url(name, self.settings.peer_url_template, self.settings.peer_urls)
-            tasks.append(
-                asyncio.create_task(
-                    dial_forever(
-                        session, name, url, hello, self.links, self.on_frame, self.on_link_up
-                    ),
-                    name=f"balancer-link-{name}",
-                )
-            )
+        self._sync_links()
+        startup, self._startup_intents = self._startup_intents, []
+        await self.carry_out(startup)
         try:
             yield
         finally:
+            tasks += [*self.dialers.values(), *self.drain_moves]
+            self.dialers.clear()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -555,7 +636,230 @@ class Balancer:
                 if not waiter.done():
                     waiter.cancel()
             await self.links.close_all()
-            await session.close()
+            await self.session.close()
+            self.session = None
+
+    # --- topology changes ------------------------------------------------------------------------
+
+    @property
+    def linked_names(self) -> tuple[str, ...]:
+        """Every server the balancer keeps a link to: the topology's, and those retiring or
+        being released (they still hold tasks, or must be told to take work again)."""
+        extra = (self.migration.retiring | self.migration.releasing) - self.names
+        return (*self.topology.names, *sorted(extra))
+
+    def topology_status(self) -> dict[str, Any]:
+        """`GET /api/topology`: the adopted topology and the migration's state."""
+        return {
+            "topology": self.topology.to_json_data(),
+            "migration": self.migration.status(time.time()),
+        }
+
+    async def adopt(self, desired: Topology) -> bool:
+        """Make `desired` the topology (validated by the caller) and start, or supersede,
+        the migration to it; False when it is the current topology (nothing changes)."""
+        async with self.topology_lock:
+            if desired.to_json_data() == self.topology.to_json_data():
+                return False
+            self._reread_peers()
+            intents = self.migration.adopt(desired, time.time())
+            self._use_topology(desired)
+            self._save()
+            self.metrics.topology_changes.inc()
+            self._show_migration()
+            log.info(
+                "adopted a topology of %d servers; retiring: %s",
+                len(desired),
+                ", ".join(sorted(self.migration.retiring)) or "none",
+            )
+            self.publish({"event": "topology", "migration": self.migration.status(time.time())})
+        await self.carry_out(intents)
+        return True
+
+    def _reread_peers(self) -> None:
+        """Local mode writes the added servers' URLs into the peers file before posting."""
+        path = self.settings.peers_file
+        if path is None:
+            return
+        try:
+            peers = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            log.warning("cannot read the peers file %s again (%s); keeping the old one", path, exc)
+            return
+        if isinstance(peers, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in peers.items()
+        ):
+            self.peer_urls = peers
+        else:
+            log.warning("the peers file %s does not map names to URLs; keeping the old one", path)
+
+    def _use_topology(self, topology: Topology) -> None:
+        self.topology = topology
+        self.names = frozenset(topology.names)
+        self.wave_timeout_s = self.settings.wave_timeout_s or topology.settings.wave_timeout_s
+        self.traces.topology = topology
+        self.metrics.show_topology(topology)
+        self.coordinator.set_servers(self.linked_names)
+        self._sync_links()
+
+    def _sync_links(self) -> None:
+        """Dial every server newly linked to; drop the links to those no longer linked."""
+        if self.session is None:
+            return
+        wanted = set(self.linked_names)
+        for name in sorted(set(self.dialers) - wanted):
+            self.dialers.pop(name).cancel()
+            log.info("link to %s dropped (retired)", name)
+        for name in self.linked_names:
+            if name in self.dialers:
+                continue
+            url = peer_url(name, self.settings.peer_url_template, self.peer_urls)
+            self.dialers[name] = asyncio.create_task(
+                dial_forever(
+                    self.session,
+                    name,
+                    url,
+                    BALANCER,
+                    self.settings.secret,
+                    self.links,
+                    self.on_frame,
+                    self.on_link_up,
+                ),
+                name=f"balancer-link-{name}",
+            )
+
+    def on_drain_report(self, peer: str, msg: DrainReport) -> list[Intent]:
+        """A server's answer to a `DrainRequest`, with the transfers it is part of that are
+        not settled yet (it must not retire while any is)."""
+        report = ServerReport(
+            server=peer,
+            held=msg.held,
+            queued=msg.queued,
+            running=msg.running,
+            reserved=msg.reserved,
+            completed=msg.completed,
+            transferred_out=msg.transferred_out,
+            requeued=msg.requeued,
+            in_doubt=self.coordinator.involving(peer) + self.pending_moves[peer],
+        )
+        intents = self.migration.receive(report, time.time())
+        self._save()
+        self._show_migration()
+        return intents
+
+    async def carry_out(self, intents: list[Intent]) -> None:
+        """Do what the migration asks; outcomes come back as reports and finished moves."""
+        for intent in intents:
+            if isinstance(intent, HoldServer):
+                await self.links.send(intent.server, DrainRequest(hold=True))
+            elif isinstance(intent, RequeueRunning):
+                log.info("%s: drain grace over; requeueing its running tasks", intent.server)
+                await self.links.send(intent.server, DrainRequest(hold=True, requeue_running=True))
+            elif isinstance(intent, ReleaseServer):
+                await self.links.send(intent.server, DrainRequest(hold=False))
+            elif isinstance(intent, MoveQueued):
+                # Counted at once, not when the task runs: a report of either server that
+                # arrives before the transfer starts must see it as unsettled.
+                self.pending_moves.update((intent.source, intent.target))
+                task = asyncio.create_task(self._drain_move(intent), name="balancer-drain-move")
+                self.drain_moves.add(task)
+                task.add_done_callback(self.drain_moves.discard)
+            elif isinstance(intent, Retired):
+                self._retire(intent.server)
+
+    async def _drain_move(self, move: MoveQueued) -> None:
+        """One `MoveQueued`: a two-phase transfer, answered with exactly one `MoveDone`.
+        A server just added may not be linked yet: the transfer waits for both links a
+        little (rather than go in doubt at once), then starts whatever their state."""
+        started = None
+        try:
+            async with self.link_changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.link_changed.wait_for(
+                            lambda: (
+                                self.links.connected(move.source)
+                                and self.links.connected(move.target)
+                            )
+                        ),
+                        LINK_WAIT_S,
+                    )
+            started = self._start_transfer(move.source, move.target, move.count)
+        except LocalProtocolError as exc:
+            log.warning("drain move %s -> %s: %s", move.source, move.target, exc)
+        finally:
+            self.pending_moves.subtract((move.source, move.target))
+        moved = 0 if started is None else await self._finish_transfer(*started)
+        self.metrics.drain_moved.inc(moved)
+        self.metrics.tasks_moved.inc(moved)
+        try:
+            intents = self.migration.receive(MoveDone(move.source, move.target, moved), time.time())
+        except StaleMessage as exc:  # superseded meanwhile
+            log.debug("%s", exc)
+            return
+        self._save()
+        await self.carry_out(intents)
+
+    def _retire(self, name: str) -> None:
+        """It holds nothing: no link, no transfers, in nothing from now on."""
+        if name in self.names:
+            # Carried out after a newer topology brought it back: stale (it is released).
+            log.debug("retirement of %s is stale: it is in the topology again", name)
+            return
+        self.coordinator.set_servers(self.linked_names)
+        self._sync_links()
+        self.metrics.retired.inc()
+        self._save()
+        self._show_migration()
+        log.info("server %s retired: it holds nothing and may be stopped", name)
+        self.publish({"event": "retired", "server": name})
+
+    async def run_migration(self) -> None:
+        """The migration's timer: probes, the drain grace, releases."""
+        step = min(0.25, self.migration.probe_interval_s / 2)
+        while True:
+            await asyncio.sleep(step)
+            try:
+                await self.carry_out(self.migration.handle_timer(time.time()))
+                self._show_migration()
+            except Exception:  # pragma: no cover - the timer must never stop
+                log.exception("migration timer failed")
+
+    def _show_migration(self) -> None:
+        status = self.migration.status(time.time())
+        self.metrics.show_migration(status)
+
+    # --- persistence ------------------------------------------------------------------------
+
+    def _restore(self, topology: Topology) -> Migration:
+        probe = self.settings.probe_interval_s
+        if self.state_path is None or not self.state_path.exists():
+            return Migration(topology, probe)
+        try:
+            saved = json.loads(self.state_path.read_text(encoding="utf-8"))
+            return Migration.from_json_data(saved)
+        except (OSError, UnicodeDecodeError, ValueError, LocalProtocolError) as exc:
+            raise BalancerStateError(
+                f"cannot use the saved topology {self.state_path}: {exc} (move it away to "
+                "start afresh; servers still draining would then keep their tasks)"
+            ) from None
+
+    def _save(self) -> None:
+        """Write the desired topology and the migration atomically (when a state directory
+        is set)."""
+        if self.state_path is None:
+            return
+        data = json.dumps(self.migration.to_json_data(), separators=(",", ":"))
+        tmp = self.state_path.with_suffix(".tmp")
+        try:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("w", encoding="utf-8") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            log.error("cannot save the topology state to %s: %s", self.state_path, exc)
 
     # --- live updates ----------------------------------------------------------------------------
 
@@ -594,7 +898,7 @@ class Balancer:
                 "overload_percent": self.topology.settings.overload_percent,
                 "task_time_s": self.topology.settings.task_time_s,
             },
-            "links": {n: self.links.connected(n) for n in self.topology.names},
+            "links": {n: self.links.connected(n) for n in self.linked_names},
             "snapshot": None if echo is None else tree_json(echo, self.topology),
             "waves": self.wave_list(include_live),
             "moves": self.last_moves,
@@ -602,6 +906,7 @@ class Balancer:
             "rebalance_interval_s": self.rebalance_interval_s,
             "wave_deadline_s": round(self.wave_deadline_s, 3),
             "in_doubt": len(self.coordinator.in_doubt),
+            "migration": self.migration.status(time.time()),
         }
 
 
@@ -623,7 +928,11 @@ def tree_json(record: WaveRecord, topology: Topology) -> dict[str, Any]:
                 "pressure": round(pressure(s, task_time_s), 6),
                 "echo_parent": s.echo_parent,
             }
-            for s in sorted(record.states, key=lambda s: topology.names.index(s.name))
+            # (a snapshot taken before a topology change may name servers that left)
+            for s in sorted(
+                (s for s in record.states if s.name in topology),
+                key=lambda s: topology.names.index(s.name),
+            )
         ],
         "edges": [{"source": a, "target": b} for a, b in topology.edges],
     }

@@ -3,6 +3,8 @@ dashboards can draw the tree from Prometheus alone."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from treewave.core.topology import Topology
@@ -62,19 +64,60 @@ class BalancerMetrics:
         self.invalid = Counter(
             "treewave_invalid_messages", "Frames rejected by the balancer", ["reason"], registry=r
         )
-        server_info = Gauge(
+        self.topology_changes = Counter(
+            "treewave_topology_changes", "Topologies adopted (POST /api/topology)", registry=r
+        )
+        self.migration_draining = Gauge(
+            "treewave_migration_draining",
+            "1 while servers that left the topology are being drained, else 0",
+            registry=r,
+        )
+        self.retiring_servers = Gauge(
+            "treewave_migration_retiring_servers", "Servers being drained", registry=r
+        )
+        self.retiring_tasks = Gauge(
+            "treewave_migration_retiring_tasks",
+            "Tasks a retiring server still holds (last report)",
+            ["server", "state"],
+            registry=r,
+        )
+        self.retired = Counter(
+            "treewave_migration_retired", "Servers retired (drained, holding nothing)", registry=r
+        )
+        self.drain_moved = Counter(
+            "treewave_migration_tasks_moved",
+            "Tasks moved off retiring servers by the migration",
+            registry=r,
+        )
+        self.server_info = Gauge(
             "treewave_topology_server_info",
             "A server of the topology",
             ["server", "cpus"],
             registry=r,
         )
-        edge_info = Gauge(
+        self.edge_info = Gauge(
             "treewave_topology_edge_info",
             "A parent -> child edge of the topology",
             ["id", "source", "target"],
             registry=r,
         )
+        self.show_topology(topology)
+
+    def show_topology(self, topology: Topology) -> None:
+        """The topology's info series (again, after a change)."""
+        self.server_info.clear()
+        self.edge_info.clear()
         for s in topology.servers:
-            server_info.labels(s.name, str(s.cpus)).set(1)
+            self.server_info.labels(s.name, str(s.cpus)).set(1)
         for a, b in topology.edges:
-            edge_info.labels(f"{a}->{b}", a, b).set(1)
+            self.edge_info.labels(f"{a}->{b}", a, b).set(1)
+
+    def show_migration(self, status: dict[str, Any]) -> None:
+        """The migration gauges from `Migration.status`."""
+        retiring = status["retiring"]
+        self.migration_draining.set(1 if status["state"] == "draining" else 0)
+        self.retiring_servers.set(len(retiring))
+        self.retiring_tasks.clear()
+        for name, held in retiring.items():
+            for state in ("queued", "running"):
+                self.retiring_tasks.labels(name, state).set(held[state] or 0)

@@ -34,5 +34,13 @@ class BalancerSettings:
     """How many traced waves the balancer keeps (bounded memory); 0 turns tracing off."""
     trace_sample: float = 0.1
     """The share of periodic rebalancing waves that are traced (API waves always are)."""
+    state_dir: Path | None = None
+    """Where the desired topology and the migration are kept across restarts (file
+    `balancer-topology.json`); None: in memory only."""
+    peers_file: Path | None = None
+    """The peers file `peer_urls` came from: read again when a topology is posted (local
+    mode writes the added servers' URLs into it before posting)."""
+    probe_interval_s: float = 1.0
+    """How often a retiring server is asked what it still holds."""
     access: AccessSettings = field(default_factory=AccessSettings)
     """Host, Origin, Content-Type and API-token rules of the HTTP API (balancer/access.py)."""

@@ -39,8 +39,9 @@ from treewave.cli.topology_api import (
     get_topology,
     post_topology,
 )
-from treewave.core.topology import Topology, TopologyError, load_topology
+from treewave.core.topology import Topology, TopologyError
 from treewave.generator.render import render
+from treewave.wire.topology_file import load_topology
 
 __all__ = ["register"]
 

@@ -274,6 +274,41 @@ def summary_line(tree: Mapping[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def render_migration(migration: Mapping[str, Any], *, bar_width: int = BAR_WIDTH) -> str:
+    """Servers leaving the topology and what they still hold (`GET /api/topology`'s
+    `migration`); "" when nothing is retiring or being released."""
+    retiring: Mapping[str, Mapping[str, Any]] = migration.get("retiring") or {}
+    releasing = list(migration.get("releasing") or [])
+    if not retiring and not releasing:
+        return ""
+    out: list[str] = []
+    if retiring:
+        n = len(retiring)
+        out.append(
+            f"draining: {n} retiring server{'s' if n != 1 else ''} "
+            f"(drain grace {float(migration.get('drain_grace_s', 0)):g} s); "
+            "they take no new tasks and hand their queue to the new topology"
+        )
+        width = max(len(name) for name in retiring)
+        for name, held in sorted(retiring.items()):
+            label = name.ljust(width)
+            if not held.get("reported"):
+                out.append(f"  {label}  not reported yet")
+                continue
+            running, queued = int(held.get("running") or 0), int(held.get("queued") or 0)
+            reserved = int(held.get("reserved") or 0)
+            text = f"  {label}  retiring: {running} running + {queued} queued"
+            if reserved:
+                text += f" + {reserved} moving"
+            text += f" · moved {int(held.get('moved', 0))}"
+            left = float(held.get("grace_left_s", 0))
+            text += f" · grace left {left:.0f} s" if left > 0 else " · grace over"
+            out.append(text)
+    if releasing:
+        out.append(f"back in the topology (hold being lifted): {', '.join(releasing)}")
+    return "\n".join(out)
+
+
 def render_finn(result: Mapping[str, Any], servers: int | None = None) -> str:
     decided = list(result.get("decided", []))
     k = int(result.get("tasks_per_node", 0))
@@ -456,14 +491,39 @@ def api_token(token_file: Path | None) -> str:
     return token
 
 
+def migration_of(client: Client) -> dict[str, Any] | None:
+    """The balancer's migration state, or None from a balancer without the topology API."""
+    try:
+        body = client.get("/api/topology")
+    except CommandError:
+        return None
+    migration = body.get("migration") if isinstance(body, dict) else None
+    return migration if isinstance(migration, dict) else None
+
+
+def status_text(client: Client, *, colour: bool) -> str:
+    """The tree, then the servers still draining (if any)."""
+    text = render_tree(client.get("/api/tree"), colour=colour)
+    migration = migration_of(client)
+    draining = render_migration(migration) if migration else ""
+    return f"{text}\n{draining}" if draining else text
+
+
+def status_json(client: Client) -> dict[str, Any]:
+    tree: dict[str, Any] = client.get("/api/tree")
+    migration = migration_of(client)
+    if migration is not None:
+        tree["migration"] = migration
+    return tree
+
+
 def status(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.watch is None:
-        tree = client.get("/api/tree")
         if args.json:
-            print(json.dumps(tree, indent=2))
+            print(json.dumps(status_json(client), indent=2))
         else:
-            print(render_tree(tree, colour=_colour_ok()))
+            print(status_text(client, colour=_colour_ok()))
         return 0
     return watch(client, args.watch, as_json=args.json)
 
@@ -474,8 +534,10 @@ def watch(client: Client, every: float, *, as_json: bool) -> int:
     try:
         while True:
             try:
-                tree = client.get("/api/tree")
-                body = json.dumps(tree) if as_json else render_tree(tree, colour=colour)
+                if as_json:
+                    body = json.dumps(status_json(client))
+                else:
+                    body = status_text(client, colour=colour)
             except CommandError as exc:
                 body = f"treewave status: {exc} (retrying)"
             if as_json:

@@ -6,12 +6,21 @@ import argparse
 import os
 from pathlib import Path
 
-from treewave.cli.argtypes import non_negative_int, positive_int
+from treewave.cli.argtypes import non_negative_int, positive_float, positive_int
 from treewave.cli.errors import CommandError, ConfigError
 from treewave.cli.settings import TOPOLOGY, add_options
-from treewave.core.topology import TopologyError, load_topology
+from treewave.core.topology import Topology, TopologyError
 from treewave.generator.generate import generate
-from treewave.generator.render import TemplateNotFoundError, find_compose_template, render
+from treewave.generator.render import (
+    DEFAULT_CPU_PER_SLOT,
+    HOST_LABEL,
+    TARGETS,
+    TemplateNotFoundError,
+    find_compose_template,
+    render,
+    render_swarm,
+)
+from treewave.wire.topology_file import load_topology
 
 GENERATE_EXAMPLE = """\
 examples:
@@ -23,6 +32,8 @@ RENDER_EXAMPLE = """\
 examples:
   treewave render                                # topology.json -> compose.yml, ...
   treewave render --topology big.json --out-dir deploy/big
+  treewave render --target swarm --hosts 3 --out-dir deploy/swarm
+      # -> deploy/swarm/stack.yml; then: docker stack deploy -c deploy/swarm/stack.yml treewave
 """
 
 
@@ -115,25 +126,69 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="compose template (default: compose.template.yml beside the topology, "
         "else the one in the treewave source tree)",
     )
+    ren.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="compose",
+        help="compose (default): compose.yml and friends; swarm: a Docker Swarm stack.yml, "
+        "its Prometheus config and secrets/ (link secret, API token; made once)",
+    )
+    ren.add_argument(
+        "--hosts",
+        type=positive_int,
+        default=1,
+        help=f"swarm: hosts to spread servers over, round-robin in topology order; host N is "
+        f"the swarm node labelled {HOST_LABEL}=hN (default: 1)",
+    )
+    ren.add_argument(
+        "--cpu-per-slot",
+        type=positive_float,
+        default=DEFAULT_CPU_PER_SLOT,
+        help="swarm: real CPU reserved per CPU slot of a server (default: %(default)s)",
+    )
     ren.set_defaults(handler=run_render)
 
 
-def _render_files(topology_path: Path, out_dir: Path, template: Path | None) -> list[Path]:
+def _load(topology_path: Path) -> Topology:
     try:
-        topology = load_topology(topology_path)
+        return load_topology(topology_path)
     except TopologyError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _relative_topology(topology_path: Path, out_dir: Path) -> str:
+    """The topology file as the rendered files refer to it: relative to `out_dir`, so the
+    output directory can move together with it (and no machine path leaks in)."""
+    return Path(os.path.relpath(topology_path.resolve(), out_dir.resolve())).as_posix()
+
+
+def _render_files(topology_path: Path, out_dir: Path, template: Path | None) -> list[Path]:
+    topology = _load(topology_path)
     try:
         compose_template = find_compose_template(topology_path, template)
     except TemplateNotFoundError as exc:
         raise CommandError(str(exc)) from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The compose file bind-mounts the topology by a path relative to itself, so the
-    # output directory can be moved together with it (and no machine path leaks in).
-    topology_rel = Path(os.path.relpath(topology_path.resolve(), out_dir.resolve())).as_posix()
+    topology_rel = _relative_topology(topology_path, out_dir)
     try:
         return render(topology, topology_rel, out_dir, template=compose_template)
     except OSError as exc:
+        raise CommandError(f"cannot write the rendered files: {exc}") from None
+
+
+def _render_swarm_files(
+    topology_path: Path, out_dir: Path, hosts: int, cpu_per_slot: float
+) -> list[Path]:
+    topology = _load(topology_path)
+    if hosts > len(topology.servers):
+        raise CommandError(
+            f"--hosts {hosts} is more than the {len(topology.servers)} servers of {topology_path}"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        topology_rel = _relative_topology(topology_path, out_dir)
+        return render_swarm(topology, topology_rel, out_dir, hosts=hosts, cpu_per_slot=cpu_per_slot)
+    except (OSError, ValueError) as exc:
         raise CommandError(f"cannot write the rendered files: {exc}") from None
 
 
@@ -167,6 +222,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_render(args: argparse.Namespace) -> int:
-    for path in _render_files(args.topology, args.out_dir, args.template):
+    if args.target == "swarm":
+        if args.template is not None:
+            raise CommandError("--template is for --target compose; the swarm stack has its own")
+        paths = _render_swarm_files(args.topology, args.out_dir, args.hosts, args.cpu_per_slot)
+    else:
+        paths = _render_files(args.topology, args.out_dir, args.template)
+    for path in paths:
         print(f"wrote {path}")
     return 0

@@ -80,8 +80,9 @@ from treewave.cli.topology_api import (
     post_topology,
 )
 from treewave.core.deadlines import wave_deadline_s
-from treewave.core.secretfile import ensure_secret
-from treewave.core.topology import Topology, TopologyError, load_topology
+from treewave.core.topology import Topology, TopologyError
+from treewave.wire.secretfile import ensure_secret
+from treewave.wire.topology_file import load_topology
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 7999
@@ -440,6 +441,10 @@ class Supervisor:
             *self.common_args(snapshot),
             "--port",
             str(self.port),
+            # Its own directory ("balancer" is no server's name): the desired topology and
+            # a drain in progress survive its restart.
+            "--state-dir",
+            str(self.state_dir / "balancer"),
             "--log-level",
             self.log_level,
         ]

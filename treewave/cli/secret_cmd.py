@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from treewave.cli.errors import CommandError
-from treewave.core.secretfile import ensure_secret
+from treewave.wire.secretfile import ensure_secret
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -25,10 +25,10 @@ from treewave.balancer.settings import DEFAULT_PORT as BALANCER_PORT
 from treewave.balancer.settings import BalancerSettings
 from treewave.cli import settings as opts
 from treewave.cli.errors import ConfigError
-from treewave.core.secretfile import read_secret
 from treewave.core.topology import TopologyError
 from treewave.node import app as node_app
 from treewave.node.settings import NodeSettings
+from treewave.wire.secretfile import read_secret
 
 __all__ = ["balancer_settings", "node_settings", "register"]
 
@@ -84,6 +84,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         opts.STATUS_INTERVAL,
         opts.TRACE_HISTORY,
         opts.TRACE_SAMPLE,
+        opts.BALANCER_STATE_DIR,
     )
     opts.add_options(b, *opts.ACCESS_OPTIONS, title="access (who may change the cluster)")
     b.set_defaults(handler=serve_balancer)
@@ -159,6 +160,8 @@ def balancer_settings(args: argparse.Namespace) -> BalancerSettings:
         status_interval_s=args.status_interval,
         trace_history=args.trace_history,
         trace_sample=args.trace_sample,
+        state_dir=args.state_dir,
+        peers_file=args.peers,
         access=access_settings(args, args.host),
     )
 

@@ -28,6 +28,7 @@ from treewave.wire.links import DEFAULT_PEER_TEMPLATE
 
 __all__ = [
     "ACCESS_OPTIONS",
+    "BALANCER_STATE_DIR",
     "BALANCER_URL",
     "HOST",
     "LOG_LEVEL",
@@ -115,6 +116,14 @@ STATE_DIR = Option(
     "--state-dir",
     Path,
     "where the server keeps its queue across restarts (default: in memory only)",
+    "TREEWAVE_STATE_DIR",
+    metavar="DIR",
+)
+BALANCER_STATE_DIR = Option(
+    "--state-dir",
+    Path,
+    "where the balancer keeps the desired topology and a migration in progress across "
+    "restarts (default: in memory only)",
     "TREEWAVE_STATE_DIR",
     metavar="DIR",
 )

@@ -93,8 +93,18 @@ class FinnWork(Model):
 # --- links ---------------------------------------------------------------------------------
 
 
+class Challenge(Model):
+    """Acceptor -> dialer, first frame on a link when the deployment has a secret: a fresh
+    nonce the dialer's hello must answer, so a recorded hello cannot be replayed."""
+
+    type: Literal["challenge"] = "challenge"
+    nonce: str = Field(pattern=r"^[0-9a-f]{32,128}$")
+
+
 class Hello(Model):
-    """First frame on every link: who is speaking (checked against the topology)."""
+    """Dialer -> acceptor, first frame from the dialer: who is speaking (checked against the
+    topology) and `token`, its answer to the challenge (HMAC of the secret over the nonce,
+    sender and receiver; empty when the deployment has no secret)."""
 
     type: Literal["hello"] = "hello"
     sender: str = Field(min_length=1, max_length=63)
@@ -344,7 +354,8 @@ class DrainReport(Model):
 
 
 Message = Annotated[
-    Hello
+    Challenge
+    | Hello
     | ErrorReply
     | EchoExplore
     | EchoReply

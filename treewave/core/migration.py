@@ -15,8 +15,10 @@ hands its shell intents to carry out and consumes their outcomes:
   move like any queued task.
 - `Retired(s)`: it holds nothing (a report taken under the hold says 0 queued, running
   and reserved, and no transfer of it is in doubt or in flight): it may be stopped and its
-  storage deleted. A held server never takes work again, so that report is final.
-- `ReleaseServer(s)`: a retiring server came back in a newer topology: lift its hold
+  storage deleted. A held server never takes work again, so that report is final. A
+  `Retired` carried out after a newer topology brought the server back is stale: the
+  shell ignores it (the server is in `topology`, and is being released).
+- `ReleaseServer(s)`: a retiring (or retired) server came back in a newer topology: lift its hold
   (`DrainRequest(hold=False)`); it keeps what it still holds. Re-sent until a report says
   it is no longer held.
 
@@ -65,6 +67,8 @@ MOVE_TIMEOUT_S = 120.0
 """A move whose `TransferDone` has not come back after this long is forgotten (planning
 again is safe: a prepare only reserves what is still queued)."""
 JSON_VERSION = 1
+MAX_RETIRED_KEPT = 10_000
+"""Retired servers remembered (for the shells that stop them and delete their storage)."""
 
 
 class MigrationPhase(Enum):
@@ -196,7 +200,8 @@ class Migration:
         self._releasing: dict[str, float] = {}
         """Servers to release -> when to ask next."""
         self._retired: dict[str, dict[str, int]] = {}
-        """Servers retired in this migration -> what the drain did there."""
+        """Servers retired (in this or an earlier migration, until one brings them back)
+        -> what the drain did there."""
         self._loads: dict[str, Load] = {}
         self._planned_in: dict[str, int] = {}
         """Tasks sent to each target since the last `TargetLoads`."""
@@ -254,9 +259,14 @@ class Migration:
             raise LocalProtocolError(f"a Topology is needed, not {type(desired).__name__}")
         if desired.to_json_data() == self.topology.to_json_data():
             return []
-        if not self._retiring:
-            self._retired.clear()  # a fresh migration
         out: list[Intent] = []
+        # A retired server still holds its hold (it may not even be stopped yet): one that
+        # comes back must be released, or it would never start a task again.
+        for name in sorted(self._retired):
+            if name in desired:
+                del self._retired[name]
+                self._releasing[name] = now + self.probe_interval_s
+                out.append(ReleaseServer(name))
         for name in self.topology.names:
             if name not in desired and name not in self._retiring:
                 self._retiring[name] = _Retiring(name, since=now)
@@ -265,9 +275,6 @@ class Migration:
                 del self._retiring[name]
                 self._releasing[name] = now + self.probe_interval_s
                 out.append(ReleaseServer(name))
-        for name in list(self._retired):
-            if name in desired:
-                del self._retired[name]
         self.topology = desired
         self._loads = {n: x for n, x in self._loads.items() if n in desired}
         self._planned_in = {}
@@ -343,6 +350,10 @@ class Migration:
         r.requeued += rep.requeued
         if rep.held and rep.holds_nothing and not r.outstanding:
             del self._retiring[rep.server]
+            # Kept across migrations (a shell may learn of a retirement only after the next
+            # change started, or after a restart); bounded, oldest first out.
+            while len(self._retired) >= MAX_RETIRED_KEPT:
+                del self._retired[next(iter(self._retired))]
             self._retired[rep.server] = {
                 "moved": r.moved(),
                 "completed": r.completed_here(),
@@ -418,7 +429,7 @@ class Migration:
                 for name, r in sorted(self._retiring.items())
             },
             "releasing": sorted(self._releasing),
-            "retired": dict(sorted(self._retired.items())),
+            "retired": dict(self._retired.items()),
         }
 
     @classmethod

@@ -13,7 +13,6 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -202,24 +201,18 @@ class Topology:
         return json.dumps(self.to_json_data(), indent=2) + "\n"
 
 
-def load_topology(path: str | Path) -> Topology:
-    """Read and validate a topology file; every failure is a `TopologyError`."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TopologyError([f"cannot read the file: {exc.strerror or exc}"], str(p)) from None
-    except UnicodeDecodeError as exc:
-        raise TopologyError([f"not UTF-8 text: {exc.reason} at byte {exc.start}"], str(p)) from None
+def parse_topology_text(text: str, source: str) -> Topology:
+    """Validate a topology document given as JSON text; every failure is a `TopologyError`
+    naming `source` (the core reads no files: the shells hand it the text)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise TopologyError(
-            [f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"], str(p)
+            [f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"], source
         ) from None
     except RecursionError:
-        raise TopologyError(["malformed JSON: nested too deeply"], str(p)) from None
-    return Topology.parse(data, str(p))
+        raise TopologyError(["malformed JSON: nested too deeply"], source) from None
+    return Topology.parse(data, source)
 
 
 def _describe_validation(exc: ValidationError, data: Any) -> list[str]:

@@ -237,6 +237,16 @@ class TransferCoordinator:
         preparing = TransferPhase.PREPARING
         return tuple(tid for tid, t in self._active.items() if t.phase is not preparing)
 
+    def involving(self, server: str) -> int:
+        """Transfers not yet DONE with `server` as donor or recipient (a server leaving
+        the topology must not retire while any is unsettled)."""
+        return sum(1 for t in self._active.values() if server in (t.source, t.target))
+
+    def set_servers(self, servers: Iterable[str]) -> None:
+        """The servers transfers may now involve (the topology changed). Transfers in
+        flight keep going; new ones need both ends in the set."""
+        self.servers = frozenset(servers)
+
     def next_deadline(self) -> float | None:
         return min((t.deadline for t in self._active.values()), default=None)
 

@@ -1,7 +1,10 @@
-"""Render a topology's deployment files: compose file, Prometheus config, Grafana dashboard.
+"""Render a topology's deployment files, for one of two targets: Docker Compose (compose
+file, Prometheus config, Grafana dashboard) or a Docker Swarm stack (stack file and the
+Prometheus config it mounts).
 
 Everything derives from the topology file (one source of truth). Rendering is
 deterministic, so the committed default files can be checked for drift byte for byte.
+Each target has one Jinja template; what both render alike lives in `shared.j2`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,27 @@ import jinja2
 
 from treewave.core.topology import Topology
 from treewave.generator.dashboard import dashboard_json
+from treewave.wire.secretfile import ensure_secret
+
+__all__ = [
+    "COMPOSE_FILE",
+    "DASHBOARD_FILE",
+    "HOST_LABEL",
+    "PROMETHEUS_FILE",
+    "STACK_FILE",
+    "SWARM_SECRET_FILES",
+    "TARGETS",
+    "TemplateNotFoundError",
+    "find_compose_template",
+    "host_names",
+    "render",
+    "render_swarm",
+    "render_swarm_texts",
+    "render_texts",
+    "round_robin_placement",
+]
+
+TARGETS = ("compose", "swarm")
 
 COMPOSE_TEMPLATE_NAME = "compose.template.yml"
 COMPOSE_FILE = Path("compose.yml")
@@ -28,6 +52,15 @@ STATIC_FILES = {
     DATASOURCE_PROVISIONING_FILE: "grafana-datasource.yml",
     DASHBOARD_PROVISIONING_FILE: "grafana-dashboards.yml",
 }
+STACK_FILE = Path("stack.yml")
+STACK_TEMPLATE_NAME = "stack.yml.j2"
+HOST_LABEL = "treewave.host"
+"""The swarm node label that pins servers to hosts: `treewave.host=h1`, `=h2`, ..."""
+SWARM_SECRET_FILES = (Path("secrets/link-secret"), Path("secrets/api-token"))
+"""Made by the render (once, never overwritten) and handed to Swarm as secrets."""
+DEFAULT_CPU_PER_SLOT = 0.05
+"""CPU reserved per CPU slot: tasks are emulated (a slot is held, not burnt), so a server
+needs little real CPU; the reservation still makes the scheduler spread big servers."""
 PACKAGE_TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the source tree: treewave/generator/ -> root
 
@@ -104,8 +137,9 @@ def default_build_context(compose_template: Path, out_dir: Path) -> str:
 
 
 def _environment(search_path: Path) -> jinja2.Environment:
+    """Templates from `search_path`, then the package's (where the shared parts are)."""
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(search_path)),
+        loader=jinja2.FileSystemLoader([str(search_path), str(PACKAGE_TEMPLATES)]),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,  # YAML output, not HTML
@@ -196,3 +230,71 @@ def render(
         build_context = default_build_context(compose_template, out_dir)
     texts = render_texts(topology, topology_file_name, compose_template, build_context)
     return [_write(out_dir / rel, text) for rel, text in texts.items()]
+
+
+def host_names(hosts: int) -> list[str]:
+    """The label values of `hosts` hosts: h1, h2, ..."""
+    if hosts < 1:
+        raise ValueError(f"--hosts must be at least 1, got {hosts}")
+    return [f"h{i}" for i in range(1, hosts + 1)]
+
+
+def round_robin_placement(topology: Topology, hosts: int) -> dict[str, str]:
+    """Server i of the topology file (in file order) goes to host i mod N: a host then holds
+    every N-th server, so putting a subtree's servers in a row spreads them out."""
+    names = host_names(hosts)
+    return {s.name: names[i % hosts] for i, s in enumerate(topology.servers)}
+
+
+def render_swarm_texts(
+    topology: Topology,
+    topology_file_name: str,
+    *,
+    hosts: int = 1,
+    cpu_per_slot: float = DEFAULT_CPU_PER_SLOT,
+) -> dict[Path, str]:
+    """The Swarm target's files (stack file, Prometheus config) by relative path."""
+    if not 0 < cpu_per_slot <= 64:
+        raise ValueError(f"--cpu-per-slot must be in (0, 64], got {cpu_per_slot}")
+    source = topology_file_name if topology_file_name.startswith(".") else f"./{topology_file_name}"
+    env = _environment(PACKAGE_TEMPLATES)
+    context = {
+        "topology": topology,
+        "topology_file": topology_file_name,
+        "topology_source": source,
+        **periodic_intervals(len(topology.servers)),
+    }
+    prometheus = env.get_template("prometheus.yml.j2").render(context)
+    digest = hashlib.sha256(f"{topology.dumps()}\0{prometheus}".encode()).hexdigest()[:12]
+    names = host_names(hosts)
+    stack = env.get_template(STACK_TEMPLATE_NAME).render(
+        context,
+        hosts=names,
+        first_host=names[0],
+        host_label=HOST_LABEL,
+        placement=round_robin_placement(topology, hosts),
+        cpu_per_slot=cpu_per_slot,
+        config_suffix=digest,
+    )
+    return {STACK_FILE: stack, PROMETHEUS_FILE: prometheus}
+
+
+def render_swarm(
+    topology: Topology,
+    topology_file_name: str,
+    out_dir: Path,
+    *,
+    hosts: int = 1,
+    cpu_per_slot: float = DEFAULT_CPU_PER_SLOT,
+) -> list[Path]:
+    """Write `stack.yml` and `prometheus/prometheus.yml` into `out_dir`, and the link secret
+    and API token under `out_dir/secrets/` unless they exist (Swarm secrets cannot change
+    while a stack uses them, and a new secret would lock out running servers)."""
+    if Path(topology_file_name).is_absolute():
+        raise ValueError("topology_file_name must be relative to out_dir (portable files)")
+    texts = render_swarm_texts(topology, topology_file_name, hosts=hosts, cpu_per_slot=cpu_per_slot)
+    written = [_write(out_dir / rel, text) for rel, text in texts.items()]
+    for rel in SWARM_SECRET_FILES:
+        ensure_secret(out_dir / rel)
+        written.append(out_dir / rel)
+    return written

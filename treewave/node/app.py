@@ -20,14 +20,13 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from treewave.core.addressing import peer_url
-from treewave.core.auth import link_token, token_ok
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import FinnDecided, Output, Send
 from treewave.core.ledger import TRANSFER_REQUESTS, TaskLedger, TransferRequest
 from treewave.core.load import duration_histogram, expected_work_s, pressure
 from treewave.core.messages import (
     MAX_MESSAGE_BYTES,
+    Challenge,
     DrainReport,
     DrainRequest,
     EchoExplore,
@@ -46,20 +45,22 @@ from treewave.core.messages import (
     TransferDeliver,
     TransferPrepare,
     TransferQuery,
+    encode,
     parse_message,
 )
 from treewave.core.messages import Model as MessageModel
 from treewave.core.node import NodeProtocol
-from treewave.core.topology import BALANCER, ServerSpec, Topology, load_topology
+from treewave.core.topology import BALANCER, ServerSpec, Topology
 from treewave.core.trace import TraceRecorder
 from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
+from treewave.wire.addressing import peer_url
+from treewave.wire.auth import HELLO_TIMEOUT_S, new_nonce, proof_ok
 from treewave.wire.http import json_errors
 from treewave.wire.links import HEARTBEAT_S, LinkSet, dial_forever, read_frames
+from treewave.wire.topology_file import load_topology
 
 log = logging.getLogger("treewave.node")
-
-HELLO_TIMEOUT_S = 5.0
 
 
 class Server:
@@ -281,6 +282,8 @@ class Server:
             return []
         if isinstance(msg, Hello):
             raise RemoteProtocolError("hello sent twice on one link", reason="unexpected_type")
+        if isinstance(msg, Challenge):
+            raise RemoteProtocolError("a challenge is sent only by a server", "unexpected_type")
         if peer != BALANCER:
             raise RemoteProtocolError(
                 f"{msg.type} is only accepted from the balancer, not {peer!r}",
@@ -435,14 +438,21 @@ class Server:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
         await ws.prepare(request)
         self.links.sockets.add(ws)
+        # A fresh nonce per link: the hello must answer this one, so a recorded hello
+        # (from this link or any other) is refused.
+        nonce = new_nonce()
         try:
+            if self.settings.secret:
+                await ws.send_str(encode(Challenge(nonce=nonce)))
             first = await ws.receive(timeout=HELLO_TIMEOUT_S)
+        except (ConnectionError, RuntimeError):  # the dialer hung up before its hello
+            return ws
         except TimeoutError:
             self.metrics.invalid.labels(self.name, "no_hello").inc()
             log.warning("%s: refused a link: no hello within %s s", self.name, HELLO_TIMEOUT_S)
             await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"no hello")
             return ws
-        peer = self._check_hello(first)
+        peer = self._check_hello(first, nonce)
         if isinstance(peer, str) and peer.startswith("!"):
             reason = "too_large" if _too_big(first.data) else "bad_hello"
             self.metrics.invalid.labels(self.name, reason).inc()
@@ -465,7 +475,7 @@ class Server:
             log.warning("%s: closed the link from %s: frame too large", self.name, peer)
         return ws
 
-    def _check_hello(self, frame: aiohttp.WSMessage) -> str:
+    def _check_hello(self, frame: aiohttp.WSMessage, nonce: str) -> str:
         """The peer's name, or '!' + why the link is refused."""
         if frame.type != aiohttp.WSMsgType.TEXT:
             return "!the first frame must be a text hello"
@@ -477,8 +487,8 @@ class Server:
             return f"!the first frame must be hello, got {msg.type}"
         if msg.sender not in self.allowed_inbound:
             return f"!{msg.sender!r} is not a parent of {self.name!r} nor the balancer"
-        if not token_ok(self.settings.secret, msg.sender, self.name, msg.token):
-            return f"!{msg.sender!r} did not prove the deployment secret"
+        if not proof_ok(self.settings.secret, nonce, msg.sender, self.name, msg.token):
+            return f"!{msg.sender!r} did not answer the challenge with the deployment secret"
         return msg.sender
 
 
@@ -578,11 +588,12 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(server.run_timers(), name=f"{server.name}-timers"),
     ]
     for child in server.topology.children(server.name):
-        hello = Hello(sender=server.name, token=link_token(settings.secret, server.name, child))
         url = peer_url(child, settings.peer_url_template, settings.peer_urls)
         tasks.append(
             asyncio.create_task(
-                dial_forever(session, child, url, hello, server.links, server.on_frame),
+                dial_forever(
+                    session, child, url, server.name, settings.secret, server.links, server.on_frame
+                ),
                 name=f"{server.name}-link-{child}",
             )
         )

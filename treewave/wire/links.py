@@ -12,7 +12,9 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
-from treewave.core.messages import MAX_MESSAGE_BYTES, Hello, Model, encode
+from treewave.core.errors import RemoteProtocolError
+from treewave.core.messages import MAX_MESSAGE_BYTES, Model, encode
+from treewave.wire.auth import dialer_hello
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +105,24 @@ async def dial_forever(
     session: aiohttp.ClientSession,
     name: str,
     url: str,
-    hello: Hello,
+    sender: str,
+    secret: str,
     links: LinkSet,
     on_frame: FrameHandler,
     on_up: Callable[[str], Awaitable[None]] | None = None,
     min_backoff: float = 0.05,
     max_backoff: float = 2.0,
 ) -> None:
-    """Keep a link to `name` open: connect, say hello, read until it drops, reconnect with
-    jittered exponential backoff. Runs until cancelled."""
+    """Keep a link to `name` open: connect, answer its challenge with a hello as `sender`
+    (proving `secret`), read until it drops, reconnect with jittered exponential backoff.
+    Runs until cancelled."""
     backoff = min_backoff
     while True:
         try:
             async with session.ws_connect(
                 url, heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES, autoping=True
             ) as ws:
-                await ws.send_str(encode(hello))
+                await ws.send_str(encode(await dialer_hello(ws, sender, name, secret)))
                 old = links.attach(name, ws)
                 if old is not None:
                     await old.close()
@@ -131,7 +135,7 @@ async def dial_forever(
                 finally:
                     links.detach(name, ws)
                 log.info("link to %s closed", name)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, RemoteProtocolError) as exc:
             log.debug("dial %s (%s) failed: %s", name, url, exc)
         await asyncio.sleep(backoff * (0.5 + random.random()))
         backoff = min(max_backoff, backoff * 2)

@@ -202,6 +202,25 @@
     if (notes.length) list.append(el("li", { class: "moves-when" }, notes.join(" · ")));
   }
 
+  // Servers leaving the topology, with what they still hold (GET /api/topology's migration).
+  function renderRetiring(migration) {
+    const retiring = (migration && migration.retiring) || {};
+    const names = Object.keys(retiring).sort();
+    $("retiring-card").hidden = names.length === 0;
+    const list = $("retiring");
+    list.replaceChildren();
+    for (const name of names) {
+      const r = retiring[name];
+      let text = "not reported yet";
+      if (r.reported) {
+        text = `${r.running} running + ${r.queued} queued · moved ${r.moved}`;
+        if (r.reserved) text += ` · ${r.reserved} moving`;
+        text += r.grace_left_s > 0 ? ` · grace left ${Math.round(r.grace_left_s)} s` : " · grace over";
+      }
+      list.append(el("li", { "data-server": name }, el("b", {}, name), `: ${text}`));
+    }
+  }
+
   function applyStatus(status) {
     if (typeof status.server_time === "number") {
       state.clockOffset = status.server_time - Date.now() / 1000;
@@ -212,6 +231,7 @@
     renderServers(status);
     renderWaves();
     renderMoves();
+    renderRetiring(status.migration);
     document.body.dataset.snapshots = String((parseInt(document.body.dataset.snapshots, 10) || 0) + 1);
   }
 
@@ -250,6 +270,8 @@
       state.waves = [w, ...state.waves.filter((x) => x.wave_id !== w.wave_id)].slice(0, 40);
       renderWaves();
     });
+    // A new topology: the tree is laid out by the server, so draw the page again.
+    es.addEventListener("topology", () => window.location.reload());
     es.addEventListener("moves", (ev) => {
       state.moves = JSON.parse(ev.data).moves || [];
       state.movesAt = Date.now() / 1000 + state.clockOffset;

@@ -1,0 +1,159 @@
+"""Link authentication by challenge-response, over real WebSockets on loopback.
+
+`beta` (a leaf whose parent is `alpha`) serves on a real port with a deployment secret.
+The genuine `alpha` dials it with the real link code through a relay that records every
+frame it carries, as a sniffer on the network would. A third party then replays the
+recorded hello on a link of its own: the server's fresh nonce makes it worthless, so the
+link is refused, counted, and nothing changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from treewave.core.topology import Topology
+from treewave.node.app import SERVER_KEY, Server
+from treewave.node.app import create_app as create_node
+from treewave.node.settings import NodeSettings
+from treewave.wire.auth import hello_proof
+from treewave.wire.links import LinkSet, dial_forever
+
+SECRET = "correct-horse-battery-staple-42"
+TOPOLOGY: dict[str, Any] = {
+    "settings": {"task_time_s": 3600, "wave_timeout_s": 5},
+    "servers": [
+        {"name": "alpha", "cpus": 1, "tasks": 0, "children": ["beta"]},
+        {"name": "beta", "cpus": 1, "tasks": 2, "children": []},
+    ],
+}
+CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+
+
+def recording_relay(target: str, recorded: list[str]) -> web.Application:
+    """Forwards one WebSocket both ways to `target`, keeping the dialer's text frames."""
+
+    async def relay(request: web.Request) -> web.WebSocketResponse:
+        inbound = web.WebSocketResponse()
+        await inbound.prepare(request)
+        async with aiohttp.ClientSession() as session, session.ws_connect(target) as outbound:
+
+            async def upstream() -> None:
+                async for frame in inbound:
+                    recorded.append(frame.data)
+                    await outbound.send_str(frame.data)
+                await outbound.close()
+
+            async def downstream() -> None:
+                async for frame in outbound:
+                    await inbound.send_str(frame.data)
+                await inbound.close()
+
+            await asyncio.gather(upstream(), downstream())
+        return inbound
+
+    app = web.Application()
+    app.router.add_get("/ws", relay)
+    return app
+
+
+async def bad_hello_count(server: Server) -> float:
+    return server.metrics.invalid.labels(server.name, "bad_hello")._value.get()
+
+
+async def wait_until(condition: Any, what: str, limit_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_recorded_hello_replayed_by_a_third_party_is_refused() -> None:
+    settings = NodeSettings(name="beta", topology=Path("topology.json"), secret=SECRET)
+    node = TestServer(create_node(settings, Topology.parse(TOPOLOGY)))
+    await node.start_server()
+    server = node.app[SERVER_KEY]
+    node_url = str(node.make_url("/ws"))
+    recorded: list[str] = []
+    relay = TestServer(recording_relay(node_url, recorded))
+    await relay.start_server()
+    session = aiohttp.ClientSession()
+    try:
+        # The genuine parent gets in through the sniffing relay.
+        links = LinkSet()
+
+        async def ignore(peer: str, text: str) -> None:
+            pass
+
+        alpha = asyncio.create_task(
+            dial_forever(
+                session, "beta", str(relay.make_url("/ws")), "alpha", SECRET, links, ignore
+            )
+        )
+        await wait_until(lambda: server.links.connected("alpha"), "alpha's link to beta")
+        alpha.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await alpha
+        await links.close_all()
+        await wait_until(lambda: not server.links.connected("alpha"), "alpha's link to close")
+        sniffed = json.loads(recorded[0])
+        assert sniffed["type"] == "hello"
+        assert sniffed["sender"] == "alpha"
+        assert len(sniffed["token"]) == 64, sniffed  # a real proof, not an empty token
+
+        # A third party replays it on a link of its own: a new challenge, the old answer.
+        before_tasks = await (await session.get(node.make_url("/api/tasks"))).json()
+        refused_before = await bad_hello_count(server)
+        async with session.ws_connect(node_url) as ws:
+            challenge = json.loads((await ws.receive(timeout=10)).data)
+            assert challenge["type"] == "challenge"
+            await ws.send_str(recorded[0])
+            answer = await ws.receive(timeout=10)
+            assert answer.type == aiohttp.WSMsgType.TEXT
+            assert "did not answer the challenge" in json.loads(answer.data)["error"]
+            assert (await ws.receive(timeout=10)).type in CLOSED
+        assert not server.links.connected("alpha")
+        assert await bad_hello_count(server) == refused_before + 1
+        after_tasks = await (await session.get(node.make_url("/api/tasks"))).json()
+        assert after_tasks == before_tasks
+
+        # Whoever holds the secret answers the new nonce and is let in: the refusal above
+        # was about the replay, not about the link.
+        async with session.ws_connect(node_url) as ws:
+            nonce = json.loads((await ws.receive(timeout=10)).data)["nonce"]
+            assert nonce != challenge["nonce"]
+            proof = hello_proof(SECRET, nonce, "alpha", "beta")
+            await ws.send_str(json.dumps({"type": "hello", "sender": "alpha", "token": proof}))
+            await wait_until(lambda: server.links.connected("alpha"), "the answered link")
+    finally:
+        await session.close()
+        await relay.close()
+        await node.close()
+
+
+async def test_a_dialer_without_the_secret_is_refused() -> None:
+    settings = NodeSettings(name="beta", topology=Path("topology.json"), secret=SECRET)
+    node = TestServer(create_node(settings, Topology.parse(TOPOLOGY)))
+    await node.start_server()
+    server = node.app[SERVER_KEY]
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(node.make_url("/ws")) as ws,
+        ):
+            nonce = json.loads((await ws.receive(timeout=10)).data)["nonce"]
+            wrong = hello_proof("another-deployment-secret", nonce, "alpha", "beta")
+            await ws.send_str(json.dumps({"type": "hello", "sender": "alpha", "token": wrong}))
+            answer = json.loads((await ws.receive(timeout=10)).data)
+            assert "did not answer the challenge" in answer["error"]
+        assert not server.links.connected("alpha")
+        assert await bad_hello_count(server) == 1
+    finally:
+        await node.close()
