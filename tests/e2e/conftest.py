@@ -251,6 +251,12 @@ def _launch(
     finally:
         down = stack.compose("down", "-v", "--remove-orphans", timeout=300)
         assert down.returncode == 0, down.stderr
+        # `down -v` removes the volumes of the services in the current file only: a server a
+        # test removed from the topology (an orphan) leaves its queue volume behind.
+        label = f"com.docker.compose.project={stack.project}"
+        for volume in stack.engine.volumes.list(filters={"label": label}):
+            volume.remove(force=True)
+        assert not stack.engine.volumes.list(filters={"label": label})
 
 
 @pytest.fixture(scope="session")
