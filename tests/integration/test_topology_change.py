@@ -5,8 +5,9 @@ is edited and `SIGHUP` sent, as a user does. Tasks are long (300 s), so none com
 during a test and every submitted id must be, at the end, queued or running at exactly one
 server of the final topology, with no reservation left. While a drain goes on, the
 servers' task lists are sampled: no id is running at two servers, none is unknown, none
-is held by a server that has already retired. Kills of the balancer and of a retiring
-server mid-drain are survived: each is restarted by the supervisor and the drain resumes.
+is held by a server that has already retired. Kills of the balancer, of a retiring server
+and of a receiving server mid-drain are survived: each is restarted by the supervisor and
+the drain resumes.
 """
 
 from __future__ import annotations
@@ -106,9 +107,10 @@ def server_ports(run: RunProcess) -> dict[str, int]:
     return {**{n: p for n, (p, _) in run.servers.items() if n != "balancer"}, **out}
 
 
-def _started(line: str) -> tuple[str, int] | None:
+def _started(line: str) -> tuple[str, int, int] | None:
+    """(name, port, pid) of a server the supervisor started after a reload."""
     m = re.search(r"server (\S+) started \(port (\d+), pid (\d+)\)", line)
-    return None if m is None else (m[1], int(m[2]))
+    return None if m is None else (m[1], int(m[2]), int(m[3]))
 
 
 def tasks_at(port: int) -> dict[str, list[str]] | None:
@@ -381,5 +383,33 @@ def test_a_retiring_server_killed_mid_drain_restarts_resumes_and_retires(
     os.kill(run.servers["beta"][1], signal.SIGKILL)
     mark = len(run.lines)
     run.wait_for(r"beta.*restart", 30, mark)
+    drain_until_retired(run, check, {"beta", "delta"})
+    check.final([s["name"] for s in CHANGED["servers"]])
+
+
+def test_a_receiving_server_killed_mid_drain_keeps_what_it_received(
+    tmp_path: Path, runs: list[RunProcess]
+) -> None:
+    run = start(tmp_path, runs, BASE)
+    ids = load_cluster(run)
+    check = Conservation(run, ids)
+    reload(run, tmp_path, CHANGED)
+    # zeta joins with the change and receives drained tasks: kill it once it holds some,
+    # while the drain is still moving more (its transfers in flight go in doubt).
+    deadline = time.monotonic() + 30
+    pid = 0
+    while time.monotonic() < deadline:
+        started = [m for line in run.lines if (m := _started(line)) and m[0] == "zeta"]
+        if started:
+            port, pid = started[-1][1], started[-1][2]
+            held = tasks_at(port)
+            if held and any(held.get(k) for k in ("queued", "running")):
+                break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"zeta received nothing in 30 s:\n{run.output}")
+    mark = len(run.lines)
+    os.kill(pid, signal.SIGKILL)
+    run.wait_for(r"zeta.*restart", 30, mark)
     drain_until_retired(run, check, {"beta", "delta"})
     check.final([s["name"] for s in CHANGED["servers"]])
