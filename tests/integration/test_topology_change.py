@@ -186,6 +186,27 @@ def load_cluster(run: RunProcess) -> set[str]:
     return ids
 
 
+def start_draining(tmp_path: Path, runs: list[RunProcess]) -> tuple[RunProcess, Conservation]:
+    """A loaded cluster just told (SIGHUP) to change from BASE to CHANGED."""
+    run = start(tmp_path, runs, BASE)
+    check = Conservation(run, load_cluster(run))
+    reload(run, tmp_path, CHANGED)
+    return run, check
+
+
+def kill_until_restarted(run: RunProcess, label: str, pid: int) -> None:
+    """SIGKILL one supervised process and wait until the supervisor restarted it."""
+    mark = len(run.lines)
+    os.kill(pid, signal.SIGKILL)
+    run.wait_for(rf"{label}.*restart", 30, mark)
+
+
+def finish_drain(run: RunProcess, check: Conservation) -> None:
+    """Wait for beta and delta to retire, then check every task id is in one place."""
+    drain_until_retired(run, check, {"beta", "delta"})
+    check.final([s["name"] for s in CHANGED["servers"]])
+
+
 def assert_gone(pids: list[int], timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -347,15 +368,10 @@ def test_a_second_change_during_a_drain_brings_a_retiring_server_back(
 
 
 def test_the_balancer_killed_mid_drain_resumes_it(tmp_path: Path, runs: list[RunProcess]) -> None:
-    run = start(tmp_path, runs, BASE)
-    ids = load_cluster(run)
-    check = Conservation(run, ids)
-    reload(run, tmp_path, CHANGED)
+    run, check = start_draining(tmp_path, runs)
     check.sample()
     assert (tmp_path / "state" / "balancer" / "balancer-topology.json").exists()
-    os.kill(run.servers["balancer"][1], signal.SIGKILL)
-    mark = len(run.lines)
-    run.wait_for(r"balancer.*restart", 30, mark)
+    kill_until_restarted(run, "balancer", run.servers["balancer"][1])
     deadline = time.monotonic() + 30
     state: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -368,32 +384,22 @@ def test_the_balancer_killed_mid_drain_resumes_it(tmp_path: Path, runs: list[Run
     assert [s["name"] for s in state["topology"]["servers"]] == [
         s["name"] for s in CHANGED["servers"]
     ]
-    drain_until_retired(run, check, {"beta", "delta"})
-    check.final([s["name"] for s in CHANGED["servers"]])
+    finish_drain(run, check)
 
 
 def test_a_retiring_server_killed_mid_drain_restarts_resumes_and_retires(
     tmp_path: Path, runs: list[RunProcess]
 ) -> None:
-    run = start(tmp_path, runs, BASE)
-    ids = load_cluster(run)
-    check = Conservation(run, ids)
-    reload(run, tmp_path, CHANGED)
+    run, check = start_draining(tmp_path, runs)
     assert "beta" in topology_state(run)["migration"]["retiring"]
-    os.kill(run.servers["beta"][1], signal.SIGKILL)
-    mark = len(run.lines)
-    run.wait_for(r"beta.*restart", 30, mark)
-    drain_until_retired(run, check, {"beta", "delta"})
-    check.final([s["name"] for s in CHANGED["servers"]])
+    kill_until_restarted(run, "beta", run.servers["beta"][1])
+    finish_drain(run, check)
 
 
 def test_a_receiving_server_killed_mid_drain_keeps_what_it_received(
     tmp_path: Path, runs: list[RunProcess]
 ) -> None:
-    run = start(tmp_path, runs, BASE)
-    ids = load_cluster(run)
-    check = Conservation(run, ids)
-    reload(run, tmp_path, CHANGED)
+    run, check = start_draining(tmp_path, runs)
     # zeta joins with the change and receives drained tasks: kill it once it holds some,
     # while the drain is still moving more (its transfers in flight go in doubt).
     deadline = time.monotonic() + 30
@@ -408,8 +414,5 @@ def test_a_receiving_server_killed_mid_drain_keeps_what_it_received(
         time.sleep(0.1)
     else:
         raise AssertionError(f"zeta received nothing in 30 s:\n{run.output}")
-    mark = len(run.lines)
-    os.kill(pid, signal.SIGKILL)
-    run.wait_for(r"zeta.*restart", 30, mark)
-    drain_until_retired(run, check, {"beta", "delta"})
-    check.final([s["name"] for s in CHANGED["servers"]])
+    kill_until_restarted(run, "zeta", pid)
+    finish_drain(run, check)
