@@ -164,25 +164,31 @@ def _first_complete(dep: Deployment, timeout: float = 600) -> bool:
     return False
 
 
+def _unhealthy(dep: Deployment) -> list[str] | None:
+    """The names of the project's containers marked unhealthy (None if docker failed)."""
+    ps = subprocess.run(
+        [
+            "docker",
+            "ps",
+            "--format",
+            "{{.Names}}",
+            "--filter",
+            f"label=com.docker.compose.project={dep.project}",
+            "--filter",
+            "health=unhealthy",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return ps.stdout.split() if ps.returncode == 0 else None
+
+
 def _until_none_unhealthy(dep: Deployment, timeout: float) -> None:
     """Wait for every container marked unhealthy to pass a check again."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ps = subprocess.run(
-            [
-                "docker",
-                "ps",
-                "-q",
-                "--filter",
-                f"label=com.docker.compose.project={dep.project}",
-                "--filter",
-                "health=unhealthy",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if ps.returncode == 0 and not ps.stdout.strip():
+        if _unhealthy(dep) == []:
             return
         time.sleep(5)
 
@@ -244,6 +250,13 @@ def measure(
                 up = dep.compose("up", "-d", "--wait", *dep.services)
                 if up.returncode == 0:
                     break
+                row.setdefault("up_failures", []).append(
+                    {
+                        "after_s": round(time.monotonic() - start, 2),
+                        "stderr": up.stderr[-1500:],
+                        "unhealthy": _unhealthy(dep),
+                    }
+                )
                 if attempt == UP_ATTEMPTS:
                     raise RuntimeError(f"up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}")
                 _until_none_unhealthy(dep, timeout=300)

@@ -318,9 +318,14 @@ def test_periodic_work_is_sized_by_the_tree() -> None:
     assert big["root_healthcheck_interval_s"] == 5
     assert big["scrape_interval_s"] == 15
     assert periodic_intervals(3000)["scrape_interval_s"] == 15
+    # The start period covers start-up at about 1 s per server, in doublings from 30 s.
+    assert periodic_intervals(10)["healthcheck_start_period_s"] == 30
+    assert periodic_intervals(100)["healthcheck_start_period_s"] == 120
+    assert big["healthcheck_start_period_s"] == 480
     for servers in (1, 7, 30, 99, 101, 300, 1000):
         every = periodic_intervals(servers)
         assert servers / every["node_healthcheck_interval_s"] <= 2
+        assert every["healthcheck_start_period_s"] >= max(30, servers)
         assert 5 <= every["scrape_interval_s"] <= 15
 
 

@@ -19,14 +19,12 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from treewave.balancer import app as balancer_app
 from treewave.balancer.access import access_settings
 from treewave.balancer.settings import DEFAULT_PORT as BALANCER_PORT
 from treewave.balancer.settings import BalancerSettings
 from treewave.cli import settings as opts
 from treewave.cli.errors import ConfigError
 from treewave.core.topology import TopologyError
-from treewave.node import app as node_app
 from treewave.node.settings import NodeSettings
 from treewave.wire.secretfile import read_secret
 
@@ -194,9 +192,17 @@ def serve(
     return 0
 
 
+# Each service's app is imported by its own command only: a server container imports
+# neither the balancer's domain nor its page (a 300-server stack starts 300 interpreters).
+
+
 def serve_node(args: argparse.Namespace) -> int:
+    from treewave.node import app as node_app
+
     return serve(args, node_settings, node_app.create_app)
 
 
 def serve_balancer(args: argparse.Namespace) -> int:
+    from treewave.balancer import app as balancer_app
+
     return serve(args, balancer_settings, balancer_app.create_app)

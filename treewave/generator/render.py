@@ -76,6 +76,13 @@ MIN_SCRAPE_INTERVAL_S = 5
 MAX_SCRAPE_INTERVAL_S = 15
 """The dashboard's rates look back one minute: at least four scrapes."""
 SCRAPES_PER_S = 20.0
+MIN_START_PERIOD_S = 30
+START_SECONDS_PER_SERVER = 1.0
+"""Starting a container costs about 0.9 s of the machine on 2 cores (dockerd, runc, the
+shim and the interpreter: 300 servers take about 260 s to be up). A healthcheck that fails
+while the stack is still starting counts against its retries only after the start period,
+so the period covers the whole start-up: a slow check on a host busy starting hundreds of
+containers must not mark a healthy service unhealthy (and fail `up --wait`)."""
 
 
 def _doubling(smallest: int, at_least: float) -> int:
@@ -87,8 +94,10 @@ def _doubling(smallest: int, at_least: float) -> int:
 
 
 def periodic_intervals(servers: int) -> dict[str, float]:
-    """The rendered stack's periodic work, sized by its number of servers: a server's
-    healthcheck interval grows so the stack runs at most `HEALTHCHECKS_PER_S` checks a
+    """The rendered stack's periodic work, sized by its number of servers: every service's
+    healthcheck start period covers the stack's start-up (30 s up to 30 servers, then
+    doubling: 60, 120, 240, 480 s ...; a check passing early still makes a service healthy
+    at once), a server's healthcheck interval grows so the stack runs at most `HEALTHCHECKS_PER_S` checks a
     second, Prometheus's scrape interval so it scrapes at most `SCRAPES_PER_S` targets a
     second (up to 15 s). A 10-server stack keeps 5 s for both. The healthcheck interval
     doubles in steps (5, 10, 20, 40, 80, 160 s ...) rather than following the count: it is
@@ -100,6 +109,9 @@ def periodic_intervals(servers: int) -> dict[str, float]:
             MIN_HEALTHCHECK_INTERVAL_S, servers / HEALTHCHECKS_PER_S
         ),
         "root_healthcheck_interval_s": ROOT_HEALTHCHECK_INTERVAL_S,
+        "healthcheck_start_period_s": _doubling(
+            MIN_START_PERIOD_S, servers * START_SECONDS_PER_SERVER
+        ),
         "scrape_interval_s": max(
             MIN_SCRAPE_INTERVAL_S, min(MAX_SCRAPE_INTERVAL_S, math.ceil(servers / SCRAPES_PER_S))
         ),
