@@ -15,6 +15,11 @@ CPU per message = the node process's CPU time (user + system, /proc) over the ru
 what it spends idle over the same wall time (measured first), divided by the messages it
 handled (each explore in and each reply out counts as one). Prints the figures and writes
 bench/results/node_cpu.json.
+
+`--floor` measures the same way a bare aiohttp WebSocket server that answers every frame
+with one fixed, pre-encoded Echo reply of the same size (no parsing, no state machine, no
+encoding): what reading and writing one frame costs in aiohttp and the event loop alone,
+the floor under the server's figure.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.support.ports import free_port
-from treewave.core.messages import EchoExplore, Hello, parse_message
+from treewave.core.messages import EchoExplore, EchoReply, Hello, ServerState, parse_message
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "node_cpu.json"
@@ -62,6 +67,37 @@ async def drive(url: str, messages: int, rate: float) -> float:
         return time.monotonic() - start
 
 
+def serve_floor(port: int, reply: str) -> None:
+    """The floor: a bare aiohttp WebSocket server answering every frame after the first
+    (the hello) with `reply`."""
+    from aiohttp import web
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=8 * 1024 * 1024)
+        await ws.prepare(request)
+        await ws.receive()
+        async for _ in ws:
+            await ws.send_str(reply)
+        return ws
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    app.router.add_get("/healthz", healthz)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def floor_reply(queued: int) -> str:
+    """An Echo reply as `b` would send it with `queued` tasks queued and one running."""
+    state = ServerState(
+        name="b", cpus=1, running=1, queued=queued, completed=0, parents=("a",),
+        echo_parent="a", running_left_s=(3599.0,), queued_s=((3600.0, queued),),
+    )  # fmt: skip
+    return EchoReply(wave="w0", sender="b", states=(state,), sent=1).model_dump_json()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,8 +108,15 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=3.0, help="seconds of idle baseline")
     ap.add_argument("--core", type=int, default=1, help="core to pin the server to")
     ap.add_argument("--label", default="", help="stored with the result (e.g. before/after)")
+    ap.add_argument(
+        "--floor", action="store_true", help="measure a bare aiohttp server instead (see above)"
+    )
+    ap.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.serve_floor:
+        serve_floor(args.serve_floor, floor_reply(args.queued))
+        return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="treewave-nodecpu-"))
     topo = {
@@ -88,6 +131,9 @@ def main() -> int:
     argv = [sys.executable, "-m", "treewave.cli.main", "node", "--name", "b",
             "--topology", str(tmp / "topology.json"), "--port", str(port),
             "--log-level", "WARNING"]  # fmt: skip
+    if args.floor:
+        argv = [sys.executable, "-m", "bench.node_cpu", "--serve-floor", str(port),
+                "--queued", str(args.queued)]  # fmt: skip
     if shutil.which("taskset"):
         argv = ["taskset", "-c", str(args.core), *argv]
     log = (tmp / "node.log").open("wb")
@@ -134,6 +180,7 @@ def main() -> int:
         "idle_cpu_per_s": round(idle_per_s, 4),
         "cpu_us_per_message": round(per_msg_us, 2),
         "queued": args.queued,
+        "server": "bare aiohttp (--floor)" if args.floor else "treewave node",
         "loadavg": load,
     }
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -326,7 +326,16 @@ def test_periodic_work_is_sized_by_the_tree() -> None:
         every = periodic_intervals(servers)
         assert servers / every["node_healthcheck_interval_s"] <= 2
         assert every["healthcheck_start_period_s"] >= max(30, servers)
+        # Once healthy, unhealthy only after failing for about the start period (or 3 checks).
+        for kind, interval in (("fast", 5), ("node", every["node_healthcheck_interval_s"])):
+            tries = every[f"{kind}_healthcheck_retries"]
+            assert tries >= 3
+            assert tries * (interval + every["healthcheck_timeout_s"]) >= every[
+                "healthcheck_start_period_s"
+            ]
         assert 5 <= every["scrape_interval_s"] <= 15
+    assert periodic_intervals(10)["fast_healthcheck_retries"] == 3
+    assert big["fast_healthcheck_retries"] == 32
 
 
 def test_a_large_stack_checks_its_servers_less_often_but_its_root_as_often(
@@ -338,6 +347,10 @@ def test_a_large_stack_checks_its_servers_less_often_but_its_root_as_often(
         check = services[name]["healthcheck"]
         assert check["interval"] == ("5s" if name == topology.root else "160s"), name
         assert "/healthz" in check["test"][-1]
-        assert check["retries"] == 3
+        # The root, checked every 5 s, tolerates failures for the whole 480 s start-up.
+        assert check["retries"] == (32 if name == topology.root else 3), name
+        assert check["start_period"] == "480s"
+    for name in ("balancer", "prometheus"):
+        assert services[name]["healthcheck"]["retries"] == 32
     prometheus = yaml.safe_load((tmp_path / PROMETHEUS_FILE).read_text(encoding="utf-8"))
     assert prometheus["global"]["scrape_interval"] == "15s"

@@ -70,8 +70,12 @@ HEALTHCHECKS_PER_S = 2
 50 ms of CPU in runc, the containerd shim and dockerd (measured with bench/idle_cpu.py),
 so 300 servers checked every 5 s would keep three quarters of a 2-core machine busy."""
 MIN_HEALTHCHECK_INTERVAL_S = 5
-ROOT_HEALTHCHECK_INTERVAL_S = 5
+FAST_HEALTHCHECK_INTERVAL_S = 5
+"""The root's, the balancer's and Prometheus's checks (and a Swarm stack's servers')."""
+ROOT_HEALTHCHECK_INTERVAL_S = FAST_HEALTHCHECK_INTERVAL_S
 """The root is checked as often as a small stack's servers: the balancer waits for it."""
+HEALTHCHECK_TIMEOUT_S = 10
+MIN_HEALTHCHECK_RETRIES = 3
 MIN_SCRAPE_INTERVAL_S = 5
 MAX_SCRAPE_INTERVAL_S = 15
 """The dashboard's rates look back one minute: at least four scrapes."""
@@ -79,10 +83,9 @@ SCRAPES_PER_S = 20.0
 MIN_START_PERIOD_S = 30
 START_SECONDS_PER_SERVER = 1.0
 """Starting a container costs about 0.9 s of the machine on 2 cores (dockerd, runc, the
-shim and the interpreter: 300 servers take about 260 s to be up). A healthcheck that fails
-while the stack is still starting counts against its retries only after the start period,
-so the period covers the whole start-up: a slow check on a host busy starting hundreds of
-containers must not mark a healthy service unhealthy (and fail `up --wait`)."""
+shim and the interpreter: 300 servers take about 260 s to be up). A slow check on a host
+busy starting hundreds of containers must not mark a service unhealthy (and fail `up
+--wait`): the start period and the retries cover the whole start-up."""
 
 
 def _doubling(smallest: int, at_least: float) -> int:
@@ -97,21 +100,31 @@ def periodic_intervals(servers: int) -> dict[str, float]:
     """The rendered stack's periodic work, sized by its number of servers: every service's
     healthcheck start period covers the stack's start-up (30 s up to 30 servers, then
     doubling: 60, 120, 240, 480 s ...; a check passing early still makes a service healthy
-    at once), a server's healthcheck interval grows so the stack runs at most `HEALTHCHECKS_PER_S` checks a
-    second, Prometheus's scrape interval so it scrapes at most `SCRAPES_PER_S` targets a
+    at once) and, once healthy, a service is marked unhealthy only after failing its checks
+    for about as long (the retries; Docker counts failures after the first success even
+    within the start period, and a `docker exec` on a host starting 200 containers can take
+    longer than its timeout several times in a row); a server's healthcheck interval grows
+    so the stack runs at most `HEALTHCHECKS_PER_S` checks a second, Prometheus's scrape interval so it scrapes at most `SCRAPES_PER_S` targets a
     second (up to 15 s). A 10-server stack keeps 5 s for both. The healthcheck interval
     doubles in steps (5, 10, 20, 40, 80, 160 s ...) rather than following the count: it is
     part of every server's service definition, and a change makes Compose recreate every
     server, so adding one server to a topology should rarely change it."""
+    node_interval = _doubling(MIN_HEALTHCHECK_INTERVAL_S, servers / HEALTHCHECKS_PER_S)
+    start_period = _doubling(MIN_START_PERIOD_S, servers * START_SECONDS_PER_SERVER)
+
+    def retries(interval: int) -> int:
+        return max(
+            MIN_HEALTHCHECK_RETRIES, math.ceil(start_period / (interval + HEALTHCHECK_TIMEOUT_S))
+        )
+
     return {
         "healthchecks_per_s": HEALTHCHECKS_PER_S,
-        "node_healthcheck_interval_s": _doubling(
-            MIN_HEALTHCHECK_INTERVAL_S, servers / HEALTHCHECKS_PER_S
-        ),
+        "node_healthcheck_interval_s": node_interval,
         "root_healthcheck_interval_s": ROOT_HEALTHCHECK_INTERVAL_S,
-        "healthcheck_start_period_s": _doubling(
-            MIN_START_PERIOD_S, servers * START_SECONDS_PER_SERVER
-        ),
+        "healthcheck_start_period_s": start_period,
+        "healthcheck_timeout_s": HEALTHCHECK_TIMEOUT_S,
+        "node_healthcheck_retries": retries(node_interval),
+        "fast_healthcheck_retries": retries(FAST_HEALTHCHECK_INTERVAL_S),
         "scrape_interval_s": max(
             MIN_SCRAPE_INTERVAL_S, min(MAX_SCRAPE_INTERVAL_S, math.ceil(servers / SCRAPES_PER_S))
         ),
