@@ -104,8 +104,9 @@ def periodic_intervals(servers: int) -> dict[str, float]:
     for about as long (the retries; Docker counts failures after the first success even
     within the start period, and a `docker exec` on a host starting 200 containers can take
     longer than its timeout several times in a row); a server's healthcheck interval grows
-    so the stack runs at most `HEALTHCHECKS_PER_S` checks a second, Prometheus's scrape interval so it scrapes at most `SCRAPES_PER_S` targets a
-    second (up to 15 s). A 10-server stack keeps 5 s for both. The healthcheck interval
+    so the stack runs at most `HEALTHCHECKS_PER_S` checks a second, Prometheus's scrape
+    interval so it scrapes at most `SCRAPES_PER_S` targets a second (up to 15 s).
+    A 10-server stack keeps 5 s for both. The healthcheck interval
     doubles in steps (5, 10, 20, 40, 80, 160 s ...) rather than following the count: it is
     part of every server's service definition, and a change makes Compose recreate every
     server, so adding one server to a topology should rarely change it."""
