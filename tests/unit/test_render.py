@@ -330,9 +330,10 @@ def test_periodic_work_is_sized_by_the_tree() -> None:
         for kind, interval in (("fast", 5), ("node", every["node_healthcheck_interval_s"])):
             tries = every[f"{kind}_healthcheck_retries"]
             assert tries >= 3
-            assert tries * (interval + every["healthcheck_timeout_s"]) >= every[
-                "healthcheck_start_period_s"
-            ]
+            assert (
+                tries * (interval + every["healthcheck_timeout_s"])
+                >= every["healthcheck_start_period_s"]
+            )
         assert 5 <= every["scrape_interval_s"] <= 15
     assert periodic_intervals(10)["fast_healthcheck_retries"] == 3
     assert big["fast_healthcheck_retries"] == 32
