@@ -10,7 +10,9 @@ rebalancing off), then Echo (`GET /api/tree`) and Finn (`POST /api/finn`, zero t
 run `--samples` times each, one after the other. Wave time is the balancer-reported
 `duration_s`. Its floor is 2 x depth x the one-hop WebSocket round trip, measured here on
 the same machine with a bare aiohttp echo server (another process) and client; depth counts
-the balancer's link to the root. Echo must send exactly 2|E| messages.
+the balancer's link to the root. Echo must send exactly 2|E| messages. CPU per wave: the
+CPU time (user + system, /proc) of the balancer and every server over the samples, per
+wave and per wave message (everything the cluster does, traces of the waves included).
 
 Simulator: one subprocess per size runs `treewave simulate`'s function (one Echo, one Finn
 through the in-memory network) and reports wall time and peak RSS of that process.
@@ -61,6 +63,22 @@ class Cluster:
     topology: Topology
     url: str
     node_urls: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    """The balancer's and every server's process, by name."""
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) used so far by (the balancer, all the servers)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        balancer = servers = 0
+        for name, pid in self.pids.items():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                used = int(fields[11]) + int(fields[12])
+                if name == "balancer":
+                    balancer += used
+                else:
+                    servers += used
+        return balancer / ticks, servers / ticks
 
     def tree(self) -> dict[str, Any]:
         return get_json(self.url + "/api/tree")  # type: ignore[no-any-return]
@@ -106,6 +124,7 @@ def cluster(
             for name, (port, _) in run.servers.items()
             if name in topology
         }
+        c.pids = {name: pid for name, (_, pid) in run.servers.items()}
         if len(c.node_urls) != len(topology):
             raise RuntimeError(f"could not read every server URL from:\n{run.output[-2000:]}")
         yield c
@@ -211,8 +230,11 @@ def bench_real(nodes: int, shape: str, samples: int, rtt: float) -> dict[str, An
     with cluster(topo) as c:
         up_s = time.monotonic() - t0
         c.tree()  # warm the links
+        cpu0 = c.cpu_seconds()
         echo = [c.tree() for _ in range(samples)]
+        cpu1 = c.cpu_seconds()
         finn = [c.finn(tasks_per_node=0) for _ in range(samples)]
+        cpu2 = c.cpu_seconds()
     out: dict[str, Any] = {
         "nodes": nodes,
         "shape": shape,
@@ -223,10 +245,15 @@ def bench_real(nodes: int, shape: str, samples: int, rtt: float) -> dict[str, An
         "floor_s": floor,
         "loadavg_1min": os.getloadavg()[0],
     }
-    for name, waves in (("echo", echo), ("finn", finn)):
+    for name, waves, before, after in (("echo", echo, cpu0, cpu1), ("finn", finn, cpu1, cpu2)):
         times = [w["duration_s"] for w in waves]
         msgs = sorted({w["messages"] for w in waves})
+        balancer_cpu, servers_cpu = (a - b for a, b in zip(after, before, strict=True))
+        cpu = balancer_cpu + servers_cpu
         out[name] = {
+            "cpu_ms_per_wave": round(1000 * cpu / len(waves), 2),
+            "balancer_cpu_ms_per_wave": round(1000 * balancer_cpu / len(waves), 2),
+            "cpu_us_per_message": round(1e6 * cpu / sum(w["messages"] for w in waves), 1),
             "median_s": statistics.median(times),
             "p95_s": pct(times, 0.95),
             "messages": msgs,
@@ -314,7 +341,10 @@ def main() -> int:
             e, f = r["echo"], r["finn"]
             print(
                 f"  {n:>4} {shape:<8} depth {r['depth_hops']:>3}: echo {ms(e['median_s'])} ms "
-                f"(x{e['floor_ratio_median']:.2f} floor), finn {ms(f['median_s'])} ms",
+                f"(x{e['floor_ratio_median']:.2f} floor), finn {ms(f['median_s'])} ms; CPU "
+                f"per wave echo {e['cpu_ms_per_wave']} ms (balancer "
+                f"{e['balancer_cpu_ms_per_wave']}; {e['cpu_us_per_message']} us per message), "
+                f"finn {f['cpu_ms_per_wave']} ms ({f['cpu_us_per_message']} us)",
                 flush=True,
             )
     report["real"] = real

@@ -86,6 +86,7 @@ from treewave.core.transfer import (
 )
 from treewave.wire.addressing import peer_url
 from treewave.wire.links import LinkSet, dial_forever
+from treewave.wire.timers import sleep_until
 
 __all__ = [
     "HISTORY",
@@ -436,10 +437,8 @@ class Balancer:
             if deadline is None:
                 await self.timer_changed.wait()
                 continue
-            delay = deadline - time.monotonic()
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.timer_changed.wait(), delay)
+            if deadline > time.monotonic():
+                await sleep_until(deadline, self.timer_changed)
                 if time.monotonic() < deadline:
                     continue  # woken by an earlier deadline: sleep again
             now = time.monotonic()
@@ -615,6 +614,7 @@ class Balancer:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         tasks = [
             asyncio.create_task(self.run_timers(), name="balancer-timers"),
+            asyncio.create_task(self.links.keep_alive(), name="balancer-keep-alive"),
             asyncio.create_task(self.run_periodic_rebalance(), name="balancer-rebalance"),
             asyncio.create_task(self.run_migration(), name="balancer-migration"),
         ]

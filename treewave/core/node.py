@@ -45,9 +45,10 @@ class NodeProtocol:
         running_left_s: tuple[float, ...] = (),
         queued_s: tuple[tuple[float, int], ...] = (),
     ) -> ServerState:
-        """This server's own state: built from its own bookkeeping, so not re-validated
-        (what other servers send is validated when it arrives)."""
-        return ServerState.model_construct(
+        """This server's own state, validated like any other: with pydantic 2, building a
+        model through validation (in Rust) is cheaper than `model_construct` (a Python loop
+        over the fields; 2.0 vs 2.7 us here), and one is built for every Echo message."""
+        return ServerState(
             name=self.name,
             cpus=cpus,
             running=running,

@@ -57,7 +57,8 @@ from treewave.node.settings import NodeSettings
 from treewave.wire.addressing import peer_url
 from treewave.wire.auth import HELLO_TIMEOUT_S, new_nonce, proof_ok
 from treewave.wire.http import json_errors
-from treewave.wire.links import HEARTBEAT_S, LinkSet, dial_forever, read_frames
+from treewave.wire.links import LinkSet, dial_forever, read_frames
+from treewave.wire.timers import sleep_until
 from treewave.wire.topology_file import load_topology
 
 log = logging.getLogger("treewave.node")
@@ -417,10 +418,8 @@ class Server:
             if deadline is None:
                 await self.timer_changed.wait()
                 continue
-            delay = deadline - time.monotonic()
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.timer_changed.wait(), delay)
+            if deadline > time.monotonic():
+                await sleep_until(deadline, self.timer_changed)
                 if time.monotonic() < deadline:
                     continue  # woken early by an earlier deadline: sleep again
             out = self.protocol.handle_timer(time.monotonic(), self.local_state())
@@ -435,7 +434,7 @@ class Server:
 
     async def run_inbound(self, request: web.Request) -> web.WebSocketResponse:
         """A parent's or the balancer's link: hello first, then one reader until close."""
-        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, autoping=False)
         await ws.prepare(request)
         self.links.sockets.add(ws)
         # A fresh nonce per link: the hello must answer this one, so a recorded hello
@@ -466,7 +465,7 @@ class Server:
             await old.close()
         self.refresh_gauges()
         try:
-            error = await read_frames(peer, ws, self.on_frame)
+            error = await read_frames(peer, ws, self.on_frame, self.links)
         finally:
             self.links.detach(peer, ws)
             self.refresh_gauges()
@@ -586,6 +585,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(server.run_slots(), name=f"{server.name}-slots"),
         asyncio.create_task(server.run_timers(), name=f"{server.name}-timers"),
+        asyncio.create_task(server.links.keep_alive(), name=f"{server.name}-keep-alive"),
     ]
     for child in server.topology.children(server.name):
         url = peer_url(child, settings.peer_url_template, settings.peer_urls)
