@@ -157,3 +157,42 @@ async def test_a_dialer_without_the_secret_is_refused() -> None:
         assert await bad_hello_count(server) == 1
     finally:
         await node.close()
+
+
+async def test_a_web_page_cannot_open_a_link_even_without_a_secret() -> None:
+    # Browsers apply no same-origin rule to WebSockets but always send Origin; a page
+    # must not become "the balancer" of a server, even one run without a secret.
+    settings = NodeSettings(name="beta", topology=Path("topology.json"))
+    node = TestServer(create_node(settings, Topology.parse(TOPOLOGY)))
+    await node.start_server()
+    server = node.app[SERVER_KEY]
+    try:
+        async with aiohttp.ClientSession() as session:
+            with contextlib.suppress(aiohttp.WSServerHandshakeError):
+                async with session.ws_connect(
+                    node.make_url("/ws"), headers={"Origin": "http://evil.example"}
+                ):
+                    raise AssertionError("a link with an Origin was accepted")
+            async with session.get(
+                node.make_url("/ws"),
+                headers={
+                    "Origin": "http://evil.example",
+                    "Connection": "Upgrade",
+                    "Upgrade": "websocket",
+                    "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                },
+            ) as response:
+                assert response.status == 403
+                assert "web pages" in (await response.json())["error"]
+            # The same handshake without Origin (as treewave's own links) is accepted.
+            async with session.ws_connect(node.make_url("/ws")) as ws:
+                await ws.send_str(json.dumps({"type": "hello", "sender": "alpha"}))
+                for _ in range(100):
+                    if server.links.connected("alpha"):
+                        break
+                    await asyncio.sleep(0.02)
+                assert server.links.connected("alpha")
+        assert server.metrics.invalid.labels("beta", "cross_origin")._value.get() == 2
+    finally:
+        await node.close()

@@ -56,7 +56,7 @@ from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
 from treewave.wire.addressing import peer_url
 from treewave.wire.auth import HELLO_TIMEOUT_S, new_nonce, proof_ok
-from treewave.wire.http import json_errors
+from treewave.wire.http import json_error, json_errors
 from treewave.wire.links import LinkSet, dial_forever, read_frames
 from treewave.wire.timers import sleep_until
 from treewave.wire.topology_file import load_topology
@@ -434,6 +434,14 @@ class Server:
 
     async def run_inbound(self, request: web.Request) -> web.WebSocketResponse:
         """A parent's or the balancer's link: hello first, then one reader until close."""
+        if "Origin" in request.headers:
+            # Browsers send Origin on every WebSocket handshake (and apply no same-origin
+            # rule to WebSockets); treewave's own links never do. A web page must not be
+            # able to open a link, whatever the secret.
+            self.metrics.invalid.labels(self.name, "cross_origin").inc()
+            log.warning("%s: refused a link from a web page (Origin %s)", self.name,
+                        request.headers["Origin"][:100])  # fmt: skip
+            raise json_error(403, "links are not opened from web pages (the request has an Origin)")
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, autoping=False)
         await ws.prepare(request)
         self.links.sockets.add(ws)
