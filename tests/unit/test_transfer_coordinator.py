@@ -130,6 +130,11 @@ class TransferMachine(RuleBasedStateMachine):
     def restart_coordinator(self) -> None:
         self.net.restart_coordinator()
 
+    @rule(name=st.sampled_from(NAMES), held=st.booleans())
+    def hold_or_release(self, name: str, held: bool) -> None:
+        """A server leaving the topology refuses deliveries; the drain may release it."""
+        self.net.hold(name, held)
+
     @rule(dt=st.sampled_from([0.5, 1.0, 2.5]))
     def advance(self, dt: float) -> None:
         self.net.advance(dt)
@@ -183,9 +188,11 @@ def random_walk(net: TransferNetwork, rng: random.Random, steps: int, all_ids: s
             net.restart_coordinator()
         elif roll < 0.88:
             net.advance(rng.choice([0.5, 1.0, 2.5]))
-        else:
+        elif roll < 0.97:
             name = rng.choice(NAMES)
             net.start_task(name) if rng.random() < 0.5 else net.finish_task(name)
+        else:
+            net.hold(rng.choice(NAMES), rng.random() < 0.5)
         check_conservation(net, all_ids)
     check_quiescent(net, all_ids)
 
@@ -311,6 +318,24 @@ def test_a_transfer_moves_tasks_through_every_phase() -> None:
     assert net.done[tid] == 1
     assert net.servers["b"].ledger.task_ids()["queued"] == ["a.1", "a.2"]
     assert net.servers["a"].ledger.task_ids()["queued"] == ["a.0"]
+
+
+def test_a_held_recipient_refuses_the_delivery_and_the_donor_keeps_its_tasks() -> None:
+    net = TransferNetwork(tasks_for({"a": 3, "b": 0}))
+    net.hold("b", True)
+    net.crash("b")  # held is persisted: it survives a restart
+    net.restart("b")
+    tid = net.start("a", "b", 2)
+    happy(net)
+    assert net.results[tid].moved == 0
+    assert net.servers["b"].ledger.task_ids()["queued"] == []
+    assert sorted(net.servers["a"].ledger.task_ids()["queued"]) == ["a.0", "a.1", "a.2"]
+    assert not net.servers["a"].ledger.reserved
+    net.hold("b", False)  # released: it takes work again
+    tid = net.start("a", "b", 2)
+    happy(net)
+    assert net.results[tid].moved == 2
+    assert len(net.servers["b"].ledger.task_ids()["queued"]) == 2
 
 
 def test_nothing_to_move_is_empty() -> None:

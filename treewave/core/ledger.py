@@ -263,9 +263,13 @@ class TaskLedger:
 
     # --- the coordinator's requests ------------------------------------------------------------
 
-    def answer(self, msg: TransferRequest, now: float) -> TransferReply:
+    def answer(self, msg: TransferRequest, now: float, *, held: bool = False) -> TransferReply:
         """Apply one request of the transfer coordinator and return the reply (the shell
-        persists the ledger before sending it)."""
+        persists the ledger before sending it). A `held` server (leaving the topology)
+        refuses new work: a delivery is answered as a cancel, pinned like one, so the donor
+        takes its tasks back (unless they had already arrived here)."""
+        if held and isinstance(msg, TransferDeliver):
+            msg = TransferCancel(transfer=msg.transfer)
         if isinstance(msg, TransferPrepare):
             reservation = self.prepare(msg.transfer, msg.target, msg.count, now, msg.durations)
             return TransferPrepared(transfer=msg.transfer, tasks=reservation.tasks)

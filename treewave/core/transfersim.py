@@ -49,9 +49,16 @@ class SimParticipant:
     ledger: TaskLedger
     persisted: dict[str, Any]
     up: bool = True
+    held: bool = False
+    """Leaving the topology: deliveries are refused (`TaskLedger.answer`). Persisted with
+    the ledger, as the node does."""
 
     def persist(self) -> None:
-        self.persisted = self.ledger.to_json_data()
+        self.persisted = {**self.ledger.to_json_data(), "held": self.held}
+
+    def reload(self) -> None:
+        self.ledger = TaskLedger.from_json_data(self.persisted)
+        self.held = bool(self.persisted.get("held", False))
 
 
 @dataclass
@@ -87,7 +94,8 @@ class TransferNetwork:
         for name, tasks in self.tasks.items():
             ledger = TaskLedger()
             ledger.submit(tasks)
-            self.servers[name] = SimParticipant(name, ledger, ledger.to_json_data())
+            self.servers[name] = SimParticipant(name, ledger, {})
+            self.servers[name].persist()
         self.coordinator = self._new_coordinator()
 
     def _new_coordinator(self) -> TransferCoordinator:
@@ -120,12 +128,12 @@ class TransferNetwork:
         """The server dies: what it did not persist is gone; frames to it are lost."""
         p = self.servers[name]
         p.up = False
-        p.ledger = TaskLedger.from_json_data(p.persisted)
+        p.reload()
         self.in_flight = [f for f in self.in_flight if f.to != name]
 
     def restart(self, name: str) -> None:
         p = self.servers[name]
-        p.ledger = TaskLedger.from_json_data(p.persisted)
+        p.reload()
         p.up = True
         self._apply(self.coordinator.link_up(name, self.now))
 
@@ -138,6 +146,13 @@ class TransferNetwork:
         for name, p in self.servers.items():
             if p.up:
                 self._apply(self.coordinator.link_up(name, self.now))
+
+    def hold(self, name: str, held: bool) -> None:
+        """Hold (or release) a server that is up, as a drain request does (persisted)."""
+        p = self.servers[name]
+        if p.up:
+            p.held = held
+            p.persist()
 
     def advance(self, dt: float) -> None:
         self.now += dt
@@ -170,7 +185,7 @@ class TransferNetwork:
         if not p.up:
             return
         assert isinstance(msg, TRANSFER_REQUESTS)
-        reply = p.ledger.answer(msg, self.now)
+        reply = p.ledger.answer(msg, self.now, held=p.held)
         if not isinstance(msg, TransferQuery):
             p.persist()
         self.in_flight.append(Flight(flight.to, COORDINATOR, reply, self.generation))

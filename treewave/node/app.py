@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import FinnDecided, Output, Send
-from treewave.core.ledger import TRANSFER_REQUESTS, TaskLedger, TransferRequest
+from treewave.core.ledger import TRANSFER_REQUESTS, TaskLedger
 from treewave.core.load import duration_histogram, expected_work_s, pressure
 from treewave.core.messages import (
     MAX_MESSAGE_BYTES,
@@ -41,7 +41,6 @@ from treewave.core.messages import (
     TasksAccepted,
     TraceRequest,
     TransferAbort,
-    TransferCancel,
     TransferDeliver,
     TransferPrepare,
     TransferQuery,
@@ -320,13 +319,8 @@ class Server:
             raise RemoteProtocolError(
                 f"transfer target {msg.target!r} is not another server", reason="invalid_fields"
             )
-        request: TransferRequest = msg
-        if self.held and isinstance(msg, TransferDeliver):
-            # A held server refuses new work: the refusal is pinned like a cancel, so the
-            # donor takes its tasks back (unless they had already arrived here).
-            request = TransferCancel(transfer=msg.transfer)
         before_in, before_out = led.transferred_in, led.transferred_out
-        reply = led.answer(request, time.time())
+        reply = led.answer(msg, time.time(), held=self.held)
         self.metrics.transferred_in.inc(led.transferred_in - before_in)
         self.metrics.transferred_out.inc(led.transferred_out - before_out)
         if not isinstance(msg, TransferQuery):
