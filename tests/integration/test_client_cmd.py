@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.commands import clean_env, treewave_command
+from tests.support.commands import clean_env, sigint_as_in_a_terminal, treewave_command
 from tests.support.http import get_json
 from tests.support.ports import free_port_block
 from tests.support.run import NAMES, RunProcess, start_run
@@ -108,6 +108,7 @@ def test_status_watch_refreshes_until_ctrl_c(cluster: RunProcess) -> None:
         stdin=subprocess.DEVNULL,
         text=True,
         env=clean_env(),
+        preexec_fn=sigint_as_in_a_terminal,
     )
     try:
         assert proc.stdout is not None

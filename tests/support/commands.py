@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +22,13 @@ def treewave_command() -> list[str]:
         "-c",
         "import sys; from treewave.cli.main import main; sys.exit(main())",
     ]
+
+
+def sigint_as_in_a_terminal() -> None:
+    """`preexec_fn` for a child that a test stops with SIGINT, as Ctrl-C would: it starts
+    with SIGINT's default disposition. Under a runner started as a background job SIGINT
+    is inherited as ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

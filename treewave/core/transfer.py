@@ -139,6 +139,9 @@ class TransferCoordinator:
         self._active: dict[str, _Transfer] = {}
         self._done: OrderedDict[str, None] = OrderedDict()
         self._counter = 0
+        self._unknown: set[str] = set(self.servers)
+        """Servers whose reservations this coordinator has not heard yet (each is asked
+        when its link comes up): one may hold a reservation naming any server."""
 
     # --- the surface ---------------------------------------------------------------------------
 
@@ -238,14 +241,23 @@ class TransferCoordinator:
         return tuple(tid for tid, t in self._active.items() if t.phase is not preparing)
 
     def involving(self, server: str) -> int:
-        """Transfers not yet DONE with `server` as donor or recipient (a server leaving
-        the topology must not retire while any is unsettled)."""
-        return sum(1 for t in self._active.values() if server in (t.source, t.target))
+        """Transfers not yet DONE with `server` as donor or recipient, plus one while some
+        server's reservations are not known yet (a server leaving the topology must not
+        retire while any is unsettled: after a restart of the balancer a donor may still
+        hold a reservation for it, whose verdict would be deleted with its storage)."""
+        unknown = 1 if self._unknown else 0
+        return unknown + sum(1 for t in self._active.values() if server in (t.source, t.target))
+
+    @property
+    def reservations_unknown(self) -> frozenset[str]:
+        """Servers not yet asked (or not yet answered) which reservations they hold."""
+        return frozenset(self._unknown)
 
     def set_servers(self, servers: Iterable[str]) -> None:
         """The servers transfers may now involve (the topology changed). Transfers in
         flight keep going; new ones need both ends in the set."""
         self.servers = frozenset(servers)
+        self._unknown &= self.servers
 
     def next_deadline(self) -> float | None:
         return min((t.deadline for t in self._active.values()), default=None)
@@ -354,6 +366,7 @@ class TransferCoordinator:
 
     def _recover(self, msg: TransferReservations, now: float, donor: str) -> list[TransferOutput]:
         """Reservations `donor` holds that no transfer here drives: resolve each."""
+        self._unknown.discard(donor)
         out: list[TransferOutput] = []
         for r in msg.reservations:
             if r.transfer in self._active or r.transfer in self._done:

@@ -97,6 +97,10 @@ class TransferNetwork:
             self.servers[name] = SimParticipant(name, ledger, {})
             self.servers[name].persist()
         self.coordinator = self._new_coordinator()
+        # The deployment is new: every server has answered that it holds no reservation
+        # (as its first link up would have it asked).
+        for name in self.servers:
+            self.coordinator.receive(TransferReservations(reservations=()), self.now, name)
 
     def _new_coordinator(self) -> TransferCoordinator:
         return self.factory(self.servers, f"c{self.generation}", self.step_timeout_s, self.retry_s)
