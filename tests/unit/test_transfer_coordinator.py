@@ -468,3 +468,17 @@ def test_bad_calls_and_replies_change_nothing() -> None:
         c.receive(TransferSettled(transfer=tid, outcome="aborted"), 0.0, "a")
     out = c.receive(TransferSettled(transfer=tid, outcome="committed"), 0.0, "a")
     assert TransferDone(tid, "committed", 1) in out
+
+
+def test_a_server_is_involved_until_every_server_has_told_its_reservations() -> None:
+    # After a restart the coordinator does not know which reservations the servers hold;
+    # any may name a retiring server as recipient, so none may retire before all answered.
+    c = TransferCoordinator(["a", "b", "gone"], "c1")
+    assert c.involving("b") == 1
+    assert c.reservations_unknown == {"a", "b", "gone"}
+    c.receive(TransferReservations(reservations=()), 0.0, "a")
+    c.receive(TransferReservations(reservations=()), 0.0, "b")
+    assert c.involving("b") == 1  # "gone" has not answered
+    c.set_servers(["a", "b"])  # it retired: nobody waits for it any more
+    assert c.reservations_unknown == frozenset()
+    assert c.involving("b") == 0
