@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from tests.support.migration import drain_topology
 from treewave.core.errors import LocalProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.ledger import TaskLedger
 from treewave.core.messages import Task
@@ -48,7 +49,6 @@ from treewave.core.migration import (
     TransferDone,
 )
 from treewave.core.policy import Load, plan_drain
-from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.topology import ServerSpec, Settings, Topology
 
 POOL = [f"s{i}" for i in range(10)]
@@ -90,16 +90,6 @@ class Doubt:
     target: str
 
 
-def topology_of(names: list[str], seed: int, grace: float) -> Topology:
-    return random_topology(
-        len(names),
-        seed,
-        TreeShape(max_children=2, extra_parents=1, cpus=(1, 3), tasks=(0, 0)),
-        names=names,
-        settings=Settings(drain_grace_s=grace),
-    )
-
-
 name_sets = st.lists(st.sampled_from(POOL), min_size=1, max_size=6, unique=True)
 
 
@@ -136,7 +126,7 @@ class MigrationWorld(RuleBasedStateMachine):
         self.transfers = 0
         self.superseded = False
         self.removed_ever: set[str] = set()
-        topo_a = topology_of(a, seed, grace)
+        topo_a = drain_topology(a, seed, grace)
         for i, spec in enumerate(topo_a.servers):
             server = self.add_server(spec)
             tasks = [Task(id=f"{spec.name}:t{k}", duration_s=1.0) for k in range(queues[i])]
@@ -145,7 +135,7 @@ class MigrationWorld(RuleBasedStateMachine):
             for _ in range(min(running[i], spec.cpus)):
                 server.ledger.start_next()
         self.machine = Migration(topo_a, probe_interval_s=PROBE_S)
-        self.adopt(topology_of(b, seed + 1, grace))
+        self.adopt(drain_topology(b, seed + 1, grace))
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -331,7 +321,7 @@ class MigrationWorld(RuleBasedStateMachine):
     @rule(c=name_sets)
     def supersede(self, c: list[str]) -> None:
         self.superseded = True
-        self.adopt(topology_of(c, self.seed + 2, self.grace))
+        self.adopt(drain_topology(c, self.seed + 2, self.grace))
 
     # --- checks ---------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from tests.support.migration import drain_topology
 from treewave.core.errors import LocalProtocolError, StaleMessage
 from treewave.core.messages import Task
 from treewave.core.migration import (
@@ -42,8 +43,7 @@ from treewave.core.migration import (
     TransferDone,
 )
 from treewave.core.policy import Load
-from treewave.core.randomtree import TreeShape, random_topology
-from treewave.core.topology import Settings, Topology
+from treewave.core.topology import Topology
 from treewave.core.transfersim import TransferNetwork
 
 POOL = [f"s{i}" for i in range(7)]
@@ -53,16 +53,6 @@ STEP_S = 2.0
 
 name_sets = st.lists(st.sampled_from(POOL), min_size=1, max_size=5, unique=True)
 Drain = HoldServer | RequeueRunning | ReleaseServer
-
-
-def topology_of(names: list[str], seed: int, grace: float) -> Topology:
-    return random_topology(
-        len(names),
-        seed,
-        TreeShape(max_children=2, extra_parents=1, cpus=(1, 3), tasks=(0, 0)),
-        names=names,
-        settings=Settings(drain_grace_s=grace),
-    )
 
 
 class MigrationOverTransfers(RuleBasedStateMachine):
@@ -90,7 +80,7 @@ class MigrationOverTransfers(RuleBasedStateMachine):
         early: list[tuple[int, int, int]],
     ) -> None:
         self.seed, self.grace = seed, grace
-        topo_a = topology_of(a, seed, grace)
+        topo_a = drain_topology(a, seed, grace)
         self.cpus = {s.name: s.cpus for s in topo_a.servers}
         tasks = {
             name: [Task(id=f"{name}:t{k}", duration_s=1.0) for k in range(q)] if name in a else []
@@ -120,7 +110,7 @@ class MigrationOverTransfers(RuleBasedStateMachine):
         self.retired: set[str] = set()
         self.removed_ever: set[str] = set()
         self.superseded = False
-        self.adopt(topology_of(b, seed + 1, grace))
+        self.adopt(drain_topology(b, seed + 1, grace))
 
     # --- the balancer's shell ---------------------------------------------------------------
 
@@ -185,15 +175,7 @@ class MigrationOverTransfers(RuleBasedStateMachine):
     @precondition(lambda self: self.moves)
     @rule(data=st.data())
     def start_a_move(self, data: st.DataObject) -> None:
-        move = self.moves.pop(data.draw(st.integers(0, len(self.moves) - 1)))
-        self.pending.subtract((move.source, move.target))
-        try:
-            tid = self.net.start(move.source, move.target, move.count)
-        except LocalProtocolError:
-            self.feed(TransferDone(move.source, move.target, 0))
-            return
-        self.started[tid] = move
-        self.collect_results()
+        self.start_a_move_at(data.draw(st.integers(0, len(self.moves) - 1)))
 
     @rule(pair=st.permutations(POOL).map(lambda p: (p[0], p[1])), count=st.integers(1, 3))
     def rebalance(self, pair: tuple[str, str], count: int) -> None:
@@ -278,7 +260,7 @@ class MigrationOverTransfers(RuleBasedStateMachine):
         if not names:
             return
         self.superseded = True
-        self.adopt(topology_of(names, self.seed + 2, self.grace))
+        self.adopt(drain_topology(names, self.seed + 2, self.grace))
 
     # --- checks -------------------------------------------------------------------------------
 
@@ -337,6 +319,8 @@ class MigrationOverTransfers(RuleBasedStateMachine):
         self.every_task_in_exactly_one_place()
 
     def start_a_move_at(self, i: int) -> None:
+        """The shell starts a queued move as a transfer (`Cluster._drain_move`); one it
+        cannot start ends at once, having moved nothing."""
         move = self.moves.pop(i)
         self.pending.subtract((move.source, move.target))
         try:
