@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -159,7 +160,9 @@ async def test_a_dialer_without_the_secret_is_refused() -> None:
         await node.close()
 
 
-async def test_a_web_page_cannot_open_a_link_even_without_a_secret() -> None:
+async def test_a_web_page_cannot_open_a_link_even_without_a_secret(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # Browsers apply no same-origin rule to WebSockets but always send Origin; a page
     # must not become "the balancer" of a server, even one run without a secret.
     settings = NodeSettings(name="beta", topology=Path("topology.json"))
@@ -194,5 +197,8 @@ async def test_a_web_page_cannot_open_a_link_even_without_a_secret() -> None:
                     await asyncio.sleep(0.02)
                 assert server.links.connected("alpha")
         assert server.metrics.invalid.labels("beta", "cross_origin")._value.get() == 2
+        # Both counted, logged once: a page opening links in a loop cannot flood the log.
+        refusals = [r for r in caplog.records if "from a web page" in r.getMessage()]
+        assert len(refusals) == 1
     finally:
         await node.close()

@@ -10,13 +10,13 @@ import pytest
 
 from treewave.balancer.access import (
     AccessSettings,
-    RejectionLog,
     access_settings,
     host_allowed,
     is_loopback,
     origin_allowed,
 )
 from treewave.cli.settings import ACCESS_OPTIONS, add_options, resolve
+from treewave.wire.http import RejectionLog
 
 
 @pytest.mark.parametrize(

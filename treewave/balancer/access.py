@@ -38,6 +38,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry, Counter
 
+from treewave.wire.http import LOG_EVERY_S, RejectionLog
 from treewave.wire.secretfile import read_secret
 
 __all__ = [
@@ -59,7 +60,6 @@ ALWAYS_ALLOWED_HOSTS = ("localhost", "balancer")
 """Besides IP literals and `*.localhost`: loopback, and the compose service name
 (Prometheus scrapes `balancer:7999`)."""
 REASONS = ("host", "origin", "content_type", "token_missing", "token_wrong")
-LOG_EVERY_S = 60.0
 TOKEN_ENV = "TREEWAVE_API_TOKEN"
 TOKEN_FILE_ENV = "TREEWAVE_API_TOKEN_FILE"
 _HOST_ENTRY = re.compile(r"^(\*|\.?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)$")
@@ -189,25 +189,6 @@ def _bearer(header: str | None) -> str | None:
 
 
 # --- the middleware ---------------------------------------------------------------------------
-
-
-class RejectionLog:
-    """Log a rejection at most once per `every_s` per client, so a flood of bad requests
-    cannot flood the log (the metric still counts every one)."""
-
-    def __init__(self, every_s: float = LOG_EVERY_S, keep: int = 4096) -> None:
-        self.every_s = every_s
-        self.keep = keep
-        self.last: dict[str, float] = {}
-
-    def should_log(self, client: str, now: float) -> bool:
-        last = self.last.get(client)
-        if last is not None and now - last < self.every_s:
-            return False
-        if len(self.last) >= self.keep:
-            self.last = {c: t for c, t in self.last.items() if now - t < self.every_s}
-        self.last[client] = now
-        return True
 
 
 def access_middleware(settings: AccessSettings, registry: CollectorRegistry) -> Middleware:

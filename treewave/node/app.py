@@ -55,7 +55,7 @@ from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
 from treewave.wire.addressing import peer_url
 from treewave.wire.auth import HELLO_TIMEOUT_S, new_nonce, proof_ok
-from treewave.wire.http import json_error, json_errors
+from treewave.wire.http import LOG_EVERY_S, RejectionLog, json_error, json_errors
 from treewave.wire.links import LinkSet, dial_forever, read_frames
 from treewave.wire.timers import sleep_until
 from treewave.wire.topology_file import load_topology
@@ -95,6 +95,8 @@ class Server:
         self._save_pending = False
         self.allowed_inbound = {*topology.parents(self.name), BALANCER}
         self._buckets: dict[str, tuple[float, float]] = {}
+        self.rejections = RejectionLog()
+        """Refused link handshakes are logged once per client per minute (always counted)."""
         self._histogram: tuple[tuple[int, int], tuple[tuple[float, int], ...]] = ((0, -1), ())
         self._last_state = self.local_state()
 
@@ -433,8 +435,13 @@ class Server:
             # rule to WebSockets); treewave's own links never do. A web page must not be
             # able to open a link, whatever the secret.
             self.metrics.invalid.labels(self.name, "cross_origin").inc()
-            log.warning("%s: refused a link from a web page (Origin %s)", self.name,
-                        request.headers["Origin"][:100])  # fmt: skip
+            client = request.remote or "unknown"
+            if self.rejections.should_log(client, time.monotonic()):
+                log.warning(
+                    "%s: refused a link from a web page (Origin %s) at %s [further refusals "
+                    "of this client are only counted for %g s]",
+                    self.name, request.headers["Origin"][:100], client, LOG_EVERY_S,
+                )  # fmt: skip
             raise json_error(403, "links are not opened from web pages (the request has an Origin)")
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, autoping=False)
         await ws.prepare(request)

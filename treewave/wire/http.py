@@ -8,11 +8,39 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-__all__ = ["ErrorHook", "Handler", "error_text", "json_error", "json_errors"]
+__all__ = [
+    "LOG_EVERY_S",
+    "ErrorHook",
+    "Handler",
+    "RejectionLog",
+    "error_text",
+    "json_error",
+    "json_errors",
+]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ErrorHook = Callable[[web.Request, web.HTTPException], None]
 """Called with every 4xx/5xx answer, e.g. to count it."""
+LOG_EVERY_S = 60.0
+
+
+class RejectionLog:
+    """Log a rejection at most once per `every_s` per client, so a flood of bad requests
+    cannot flood the log (the metric still counts every one)."""
+
+    def __init__(self, every_s: float = LOG_EVERY_S, keep: int = 4096) -> None:
+        self.every_s = every_s
+        self.keep = keep
+        self.last: dict[str, float] = {}
+
+    def should_log(self, client: str, now: float) -> bool:
+        last = self.last.get(client)
+        if last is not None and now - last < self.every_s:
+            return False
+        if len(self.last) >= self.keep:
+            self.last = {c: t for c, t in self.last.items() if now - t < self.every_s}
+        self.last[client] = now
+        return True
 
 
 def error_text(message: str) -> str:
