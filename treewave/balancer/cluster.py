@@ -86,7 +86,7 @@ from treewave.core.transfer import (
 )
 from treewave.wire.addressing import peer_url
 from treewave.wire.links import LinkSet, dial_forever
-from treewave.wire.timers import sleep_until
+from treewave.wire.timers import DeadlineTimer
 
 __all__ = [
     "HISTORY",
@@ -247,9 +247,9 @@ class Balancer:
         self.last_moves: list[dict[str, Any]] = []
         self.last_rebalance_at: float | None = None
         self.rebalance_lock = asyncio.Lock()
-        self.timer_changed = asyncio.Event()
-        """Set when a deadline comes before the one `run_timers` sleeps until."""
-        self._timer_at: float | None = None
+        self.timers = DeadlineTimer(self._next_deadline, self._deadline_passed)
+        """The waves' deadlines and the transfers' timeouts and retries; `moved()` when a
+        wave or a transfer step starts."""
         self.rebalance_soon = asyncio.Event()
         """Set when new work arrives: the periodic loop rebalances at once, not at the next
         tick (only when periodic rebalancing is on)."""
@@ -400,7 +400,7 @@ class Balancer:
     ) -> EchoResult | FinnResult:
         pending = PendingWave(init)
         self.waves[wave] = pending
-        self._timers_moved()
+        self.timers.moved()
         self.traces.started(init, sends)
         try:
             for send in sends:
@@ -426,27 +426,13 @@ class Balancer:
             )
         self.publish({"event": "wave", "wave": record.summary()})
 
-    async def run_timers(self) -> None:
-        """Drive the waves' deadlines and the transfers' timeouts and retries: sleep until
-        the earliest one, or until an earlier one appears (`_timers_moved`). With no wave
-        or transfer in flight the balancer does not wake up at all (it polled every 20 ms)."""
-        while True:
-            self.timer_changed.clear()
-            deadline = self._next_deadline()
-            self._timer_at = deadline
-            if deadline is None:
-                await self.timer_changed.wait()
-                continue
-            if deadline > time.monotonic():
-                await sleep_until(deadline, self.timer_changed)
-                if time.monotonic() < deadline:
-                    continue  # woken by an earlier deadline: sleep again
-            now = time.monotonic()
-            for pending in list(self.waves.values()):
-                result = pending.initiator.handle_timer(now)
-                if result is not None and not pending.done.done():
-                    pending.done.set_result(result)
-            await self._apply(self.coordinator.handle_timer(now))
+    async def _deadline_passed(self, now: float) -> None:
+        """Decide waves past their deadline; time out or retry transfer steps."""
+        for pending in list(self.waves.values()):
+            result = pending.initiator.handle_timer(now)
+            if result is not None and not pending.done.done():
+                pending.done.set_result(result)
+        await self._apply(self.coordinator.handle_timer(now))
 
     def _next_deadline(self) -> float | None:
         deadlines = [p.initiator.deadline for p in self.waves.values() if not p.done.done()]
@@ -454,12 +440,6 @@ class Balancer:
         if transfers is not None:
             deadlines.append(transfers)
         return min(deadlines, default=None)
-
-    def _timers_moved(self) -> None:
-        """Wake `run_timers` if a deadline now comes before the one it sleeps until."""
-        deadline = self._next_deadline()
-        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
-            self.timer_changed.set()
 
     # --- transfers -------------------------------------------------------------------------
 
@@ -509,7 +489,7 @@ class Balancer:
             elif isinstance(item, TransferDone):
                 self.metrics.transfers.labels(item.outcome).inc()
         self.metrics.in_doubt.set(len(self.coordinator.in_doubt))
-        self._timers_moved()
+        self.timers.moved()
 
     async def on_link_up(self, name: str) -> None:
         """A server (re)connected: ask for reservations we may have lost track of."""
@@ -613,7 +593,7 @@ class Balancer:
         # aiohttp's default of 100 left a 300-server balancer with 100 links (Finn partial).
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         tasks = [
-            asyncio.create_task(self.run_timers(), name="balancer-timers"),
+            asyncio.create_task(self.timers.run(), name="balancer-timers"),
             asyncio.create_task(self.links.keep_alive(), name="balancer-keep-alive"),
             asyncio.create_task(self.run_periodic_rebalance(), name="balancer-rebalance"),
             asyncio.create_task(self.run_migration(), name="balancer-migration"),

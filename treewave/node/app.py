@@ -57,7 +57,7 @@ from treewave.wire.addressing import peer_url
 from treewave.wire.auth import HELLO_TIMEOUT_S, new_nonce, proof_ok
 from treewave.wire.http import LOG_EVERY_S, RejectionLog, json_error, json_errors
 from treewave.wire.links import LinkSet, dial_forever, read_frames
-from treewave.wire.timers import sleep_until
+from treewave.wire.timers import DeadlineTimer
 from treewave.wire.topology_file import load_topology
 
 log = logging.getLogger("treewave.node")
@@ -80,10 +80,8 @@ class Server:
         self.metrics.cpus.set(self.cpus)
         self.links = LinkSet()
         self.wakeup = asyncio.Event()
-        self.timer_changed = asyncio.Event()
-        """Set when a wave starts whose deadline is earlier than the one `run_timers`
-        sleeps until."""
-        self._timer_at: float | None = None
+        self.timers = DeadlineTimer(lambda: self.protocol.next_deadline(), self._deadline_passed)
+        """Wave deadlines; `moved()` when a wave starts."""
         self.running_tasks: set[asyncio.Task[None]] = set()
         self.state_file = (
             settings.state_dir / f"{self.name}.json" if settings.state_dir is not None else None
@@ -273,7 +271,7 @@ class Server:
             waves = len(self.protocol.echo_waves) + len(self.protocol.finn_waves)
             out = self.protocol.receive(msg, time.monotonic(), local, wall_now=time.time())
             if len(self.protocol.echo_waves) + len(self.protocol.finn_waves) > waves:
-                self._wave_started()
+                self.timers.moved()
             if self.trace.enabled:
                 known = self.protocol.finn_sets(msg.wave) if algorithm == "finn" else None
                 self.trace.received(peer, msg, time.time(), known)
@@ -403,30 +401,10 @@ class Server:
         self.save_soon()
         self.wakeup.set()
 
-    async def run_timers(self) -> None:
-        """Drive wave deadlines with the monotonic clock: sleep until the earliest one, or
-        until a new wave brings an earlier one. An idle server never wakes up (polling
-        every 50 ms was most of an idle server's CPU, times 300 containers)."""
-        while True:
-            self.timer_changed.clear()
-            deadline = self.protocol.next_deadline()
-            self._timer_at = deadline
-            if deadline is None:
-                await self.timer_changed.wait()
-                continue
-            if deadline > time.monotonic():
-                await sleep_until(deadline, self.timer_changed)
-                if time.monotonic() < deadline:
-                    continue  # woken early by an earlier deadline: sleep again
-            out = self.protocol.handle_timer(time.monotonic(), self.local_state())
-            for to, msg in self._outputs(out):
-                await self.links.send(to, msg)
-
-    def _wave_started(self) -> None:
-        """Wake the timer loop if a new wave's deadline comes before the one it sleeps to."""
-        deadline = self.protocol.next_deadline()
-        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
-            self.timer_changed.set()
+    async def _deadline_passed(self, now: float) -> None:
+        """Answer Echo waves past their deadline, forget Finn waves past theirs."""
+        for to, msg in self._outputs(self.protocol.handle_timer(now, self.local_state())):
+            await self.links.send(to, msg)
 
     async def run_inbound(self, request: web.Request) -> web.WebSocketResponse:
         """A parent's or the balancer's link: hello first, then one reader until close."""
@@ -593,7 +571,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     tasks = [
         asyncio.create_task(server.run_slots(), name=f"{server.name}-slots"),
-        asyncio.create_task(server.run_timers(), name=f"{server.name}-timers"),
+        asyncio.create_task(server.timers.run(), name=f"{server.name}-timers"),
         asyncio.create_task(server.links.keep_alive(), name=f"{server.name}-keep-alive"),
     ]
     for child in server.topology.children(server.name):
