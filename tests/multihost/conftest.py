@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.support.http import http_request
 from treewave.core.topology import Topology
 from treewave.generator.render import HOST_LABEL, render_swarm, round_robin_placement
 
@@ -71,29 +72,6 @@ def lab_problem() -> str | None:
     if any(LAB_STATE.glob("h*.pid")):
         return f"a multihost lab is already up on this machine ({LAB_STATE}); only one can exist"
     return None
-
-
-def http_request(
-    method: str, url: str, body: Any = None, token: str = "", timeout: float = 30
-) -> tuple[int, Any]:
-    """(status, decoded JSON body) of one request; HTTP errors are answers, not raised."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            status: int = resp.status
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        status = exc.code
-    try:
-        return status, json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        return status, raw.decode(errors="replace")
 
 
 def run(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:

@@ -16,11 +16,13 @@ __all__ = ["fetch_json", "get_json", "get_text", "http_request"]
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _request(method: str, url: str, body: Any) -> urllib.request.Request:
+def _request(method: str, url: str, body: Any, token: str = "") -> urllib.request.Request:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     return req
 
 
@@ -36,10 +38,13 @@ def get_text(url: str, timeout: float = 30.0) -> str:
         return str(resp.read().decode())
 
 
-def http_request(method: str, url: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
-    """(status, decoded JSON body) of one request; HTTP errors are answers, not raised."""
+def http_request(
+    method: str, url: str, body: Any = None, timeout: float = 30, token: str = ""
+) -> tuple[int, Any]:
+    """(status, decoded JSON body) of one request, with the API `token` if given; HTTP
+    errors are answers, not raised."""
     try:
-        with _OPENER.open(_request(method, url, body), timeout=timeout) as resp:
+        with _OPENER.open(_request(method, url, body, token), timeout=timeout) as resp:
             raw = resp.read()
             status: int = resp.status
     except urllib.error.HTTPError as exc:
