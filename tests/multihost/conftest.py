@@ -32,7 +32,7 @@ import pytest
 
 from tests.support.http import http_request
 from treewave.core.topology import Topology
-from treewave.generator.render import HOST_LABEL, render_swarm, round_robin_placement
+from treewave.generator.render import HOST_LABEL, PLACEMENT_FILE, read_placement, render_swarm
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_STATE = Path("/run/twlab")
@@ -127,12 +127,14 @@ class SwarmStack:
 
     @property
     def placement(self) -> dict[str, int]:
-        """Server name -> host number (1-based), as the render placed it."""
-        placed = round_robin_placement(self.topology, len(self.lab.sockets))
+        """Server name -> host number (1-based), as the renders placed it (removed servers
+        too: the render remembers them)."""
+        placed = read_placement(self.directory / PLACEMENT_FILE)
         return {name: int(label[1:]) for name, label in placed.items()}
 
     def servers_on(self, host: int) -> list[str]:
-        return sorted(n for n, h in self.placement.items() if h == host)
+        names = set(self.topology.names)
+        return sorted(n for n, h in self.placement.items() if h == host and n in names)
 
     @property
     def balancer_url(self) -> str:
@@ -146,9 +148,18 @@ class SwarmStack:
     def token(self) -> str:
         return (self.directory / "secrets" / "api-token").read_text().strip()
 
-    def deploy(self) -> None:
+    def deploy(self, *, prune: bool = False) -> None:
+        """`docker stack deploy`; with `prune`, services no longer in the stack file go."""
         done = run(
-            ["docker", "stack", "deploy", "-c", str(self.directory / "stack.yml"), self.name],
+            [
+                "docker",
+                "stack",
+                "deploy",
+                *(["--prune"] if prune else []),
+                "-c",
+                str(self.directory / "stack.yml"),
+                self.name,
+            ],
             DOCKER_HOST=self.lab.manager,
             TREEWAVE_IMAGE=self.lab.image,
             PROMETHEUS_IMAGE=self.lab.prometheus_image,

@@ -18,7 +18,11 @@ and share one stack:
 5. every service stopped, then started again in reverse order (balancer first, root last):
    the services converge without any start order, each server with its queue;
 6. re-deployed with a server appended to the topology: every service rolls onto the new
-   topology, the existing servers keep their hosts and queues, the new one joins.
+   topology, the existing servers keep their hosts and queues, the new one joins;
+7. re-deployed without a server from the middle of the file (no `--prune`): every other
+   server keeps its host (the render's placement file), the recreated balancer drains the
+   removed one across hosts, and once it is retired `docker stack deploy --prune` removes its
+   service and its volume can go: every task id exactly once, none lost.
 """
 
 from __future__ import annotations
@@ -302,7 +306,7 @@ def test_redeploy_with_an_added_server(swarm: Any, topology: Topology, created: 
     """A server appended to the topology file: `render` + `docker stack deploy` again rolls
     every service onto the new topology (new config names), the new server starts on the
     host its position gives it, and every existing server keeps its host and its queue.
-    (Retiring servers is the topology-change feature's; not covered here.)"""
+    (Removing one is the next test's.)"""
     grown = Topology.parse(grown_topology())
     before = swarm.placement
     swarm.redeploy(grown)
@@ -321,3 +325,82 @@ def grown_topology() -> dict[str, Any]:
     yew["children"] = [*yew["children"], "sage"]
     servers.append({"name": "sage", "cpus": 2, "tasks": 1, "children": []})
     return {**TOPOLOGY, "servers": servers}
+
+
+# --- 7. a re-deploy without a server: drained, then pruned -----------------------------------
+
+
+@pytest.mark.timeout(900)
+def test_redeploy_without_a_server_drains_it_then_prune_removes_it(
+    swarm: Any, created: set[str]
+) -> None:
+    """`ivy` (host 3, third in the file) leaves the topology with tasks queued and running.
+    Re-deployed without `--prune`, its service keeps running while the balancer (recreated
+    with the new topology, its state in its volume) drains it into servers on other hosts:
+    the running tasks after the grace, from scratch. Every server after it in the file keeps
+    its host, so no queue is stranded in a volume on the wrong host."""
+    removed, grace_s = "ivy", 2.0
+    submit(swarm, created, removed, 12)
+    held = swarm.node_tasks(removed)
+    holding = len(held["queued"]) + len(held["running"])
+    assert holding >= 12, held
+    before = swarm.placement
+    shrunk = Topology.parse(without_server(swarm.topology, removed, drain_grace_s=grace_s))
+    started = time.monotonic()
+    swarm.redeploy(shrunk)
+    assert swarm.placement == before  # nobody moved, ivy remembered on its host
+
+    def retired() -> dict[str, Any] | None:
+        state: dict[str, Any] = swarm.get("/api/topology")
+        migration = state["migration"]
+        done = migration["state"] == "steady" and removed in migration.get("retired", {})
+        return state if done and state["topology"] == shrunk.to_json_data() else None
+
+    state = swarm.wait_for(f"{removed} drained and retired", retired, 300, every=2)
+    took = time.monotonic() - started
+    swarm.notes.append(f"{removed} ({holding} tasks) retired {took:.0f} s after the re-deploy")
+    assert state["migration"]["retired"][removed]["moved"] == holding, state["migration"]
+    left = swarm.node_tasks(removed)  # still running (no prune yet), and empty
+    assert left["queued"] + left["running"] + left["reserved"] == [], left
+    complete_after_heal(swarm, shrunk, f"re-deployed without {removed}")
+    # What it completed before it left (its start-up task) is recorded only in its ledger,
+    # which goes with its volume: completed there, and nowhere else.
+    completed_there = set(left["completed"])
+    assert completed_there, left
+    assert not completed_there & swarm.task_places().keys()
+    created -= completed_there
+    assert_every_task_once(swarm, created)
+
+    host = before[removed]
+    swarm.deploy(prune=True)
+    volume = f"{swarm.name}_state-{removed}"
+
+    def volume_removed() -> bool | None:
+        ps = swarm.lab.docker("ps", "-aq", "--filter", f"volume={volume}", host=host)
+        if ps.split():
+            return None  # the pruned service's container is still being removed
+        if volume in swarm.lab.docker("volume", "ls", "-q", host=host).split():
+            swarm.lab.docker("volume", "rm", volume, host=host)
+        return True
+
+    swarm.wait_for(f"{removed}'s container gone and its volume removed", volume_removed, 120)
+    services = swarm.lab.docker("service", "ls", "--format", "{{.Name}}").split()
+    assert f"{swarm.name}_{removed}" not in services, services
+    assert sorted(s.removeprefix(f"{swarm.name}_") for s in services) == sorted(
+        [*shrunk.names, "balancer", "prometheus"]
+    )
+    complete_after_heal(swarm, shrunk, f"{removed} pruned")
+    assert_every_task_once(swarm, created)
+
+
+def without_server(topology: Topology, removed: str, **settings: Any) -> dict[str, Any]:
+    data = topology.to_json_data()
+    return {
+        **data,
+        "settings": {**data.get("settings", {}), **settings},
+        "servers": [
+            {**s, "children": [c for c in s["children"] if c != removed]}
+            for s in data["servers"]
+            if s["name"] != removed
+        ],
+    }

@@ -4,6 +4,7 @@ sharing its parts with the compose target."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
 import subprocess
@@ -17,12 +18,13 @@ from treewave.cli.main import main
 from treewave.core.topology import Topology
 from treewave.generator.generate import generate
 from treewave.generator.render import (
+    PLACEMENT_FILE,
     PROMETHEUS_FILE,
     STACK_FILE,
     SWARM_SECRET_FILES,
+    place_servers,
     render,
     render_swarm,
-    round_robin_placement,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,8 +59,8 @@ def test_render_is_deterministic_and_keeps_its_secrets(tmp_path: Path, topology:
 def test_one_pinned_service_per_server(tmp_path: Path, topology: Topology) -> None:
     services = _render(topology, tmp_path, hosts=3, cpu_per_slot=0.25)["services"]
     assert set(services) == set(topology.names) | {"balancer", "prometheus"}
-    placement = round_robin_placement(topology, 3)
-    assert [placement[n] for n in topology.names[:4]] == ["h1", "h2", "h3", "h1"]
+    placement = place_servers(topology, 3)
+    assert [placement[n] for n in topology.names] == ["h1", "h2", "h3"] * 3 + ["h1"]
     for server in topology.servers:
         svc = services[server.name]
         assert svc["command"][:3] == ["node", "--name", server.name]
@@ -234,3 +236,94 @@ def test_balancer_state_survives_its_task_on_its_pinned_host(
     mounts = {v["target"]: v["source"] for v in balancer["volumes"]}
     assert mounts[state_dir] == "balancer-state"
     assert "balancer-state" in stack["volumes"]
+
+
+def _pinned_hosts(stack: dict[str, Any]) -> dict[str, str]:
+    return {
+        name: svc["deploy"]["placement"]["constraints"][0].rsplit(" ", 1)[1]
+        for name, svc in stack["services"].items()
+        if name not in ("balancer", "prometheus")
+    }
+
+
+def _without(topology: Topology, removed: str) -> Topology:
+    data = topology.to_json_data()
+    data["servers"] = [
+        {**s, "children": [c for c in s["children"] if c != removed]}
+        for s in data["servers"]
+        if s["name"] != removed
+    ]
+    return Topology.parse(data)
+
+
+# Leaves wherever the tests remove a server: root r on h1; a b c d e f g on h2 h3 h1 h2 ...
+STAR = Topology.parse(
+    {
+        "servers": [
+            {"name": "r", "cpus": 1, "children": list("abcdefg")},
+            *({"name": n, "cpus": 1, "children": []} for n in "abcdefg"),
+        ]
+    }
+)
+
+
+def test_a_re_render_never_moves_a_server(tmp_path: Path) -> None:
+    """A server's queue is in a volume on its host: removing a server from the middle of the
+    file, or adding one, leaves every other server where it was (a pure round-robin by
+    position would move every server after the removed one, each to start empty)."""
+    first = _pinned_hosts(_render(STAR, tmp_path))
+    assert list(first.values()) == ["h1", "h2", "h3"] * 2 + ["h1", "h2"]
+    smaller = _without(STAR, "b")  # on h3
+    second = _pinned_hosts(_render(smaller, tmp_path))
+    assert second == {n: h for n, h in first.items() if n != "b"}
+    # A new server goes to the host with the fewest (h3 lost one), not by its position.
+    data = smaller.to_json_data()
+    data["servers"].append({"name": "newcomer", "cpus": 1, "tasks": 0, "children": []})
+    data["servers"][0]["children"].append("newcomer")
+    third = _pinned_hosts(_render(Topology.parse(data), tmp_path))
+    assert third == {**second, "newcomer": "h3"}
+
+
+def test_a_server_that_comes_back_returns_to_its_host(tmp_path: Path) -> None:
+    """The placement file remembers removed servers: one that comes back in a later topology
+    (e.g. while still retiring, so with its queue) is pinned to the host holding its volume."""
+    first = _pinned_hosts(_render(STAR, tmp_path))
+    _render(_without(STAR, "a"), tmp_path)
+    assert json.loads((tmp_path / PLACEMENT_FILE).read_text())["a"] == "h2"
+    assert _pinned_hosts(_render(STAR, tmp_path)) == first
+
+
+def test_fewer_hosts_than_placed_servers_need_is_refused(tmp_path: Path) -> None:
+    _render(STAR, tmp_path, hosts=3)
+    stack_before = (tmp_path / STACK_FILE).read_bytes()
+    with pytest.raises(ValueError, match=r"--hosts 2 leaves out the host of b \(on h3\), e "):
+        _render(STAR, tmp_path, hosts=2)
+    assert (tmp_path / STACK_FILE).read_bytes() == stack_before
+    # Once the servers of h3 are gone from the topology, two hosts do.
+    smaller = _without(_without(STAR, "b"), "e")
+    assert set(_pinned_hosts(_render(smaller, tmp_path, hosts=2)).values()) == {"h1", "h2"}
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ("{not json", "not a readable placement file"),
+        ('["h1"]', "expected an object of server name -> host"),
+        ('{"oak": "host-1", "elm": 3}', "not a host label (h1, h2, ...) for elm, oak"),
+    ],
+)
+def test_a_broken_placement_file_is_named_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, words: str
+) -> None:
+    topo = tmp_path / "topology.json"
+    topo.write_text(generate(6, seed=1).dumps(), encoding="utf-8")
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / PLACEMENT_FILE).write_text(content, encoding="utf-8")
+    code = main(["render", "--target", "swarm", "--topology", str(topo), "--out-dir", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert words in err, err
+    assert "placement.json" in err, err
+    assert not (out / STACK_FILE).exists()
+    assert (out / PLACEMENT_FILE).read_text(encoding="utf-8") == content

@@ -137,8 +137,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--hosts",
         type=positive_int,
         default=1,
-        help=f"swarm: hosts to spread servers over, round-robin in topology order; host N is "
-        f"the swarm node labelled {HOST_LABEL}=hN (default: 1)",
+        help=f"swarm: hosts to spread servers over; host N is the swarm node labelled "
+        f"{HOST_LABEL}=hN (default: 1). A first render goes round-robin in topology order; "
+        "later renders into the same --out-dir keep every server on its host "
+        "(placement.json) and put new ones on the hosts with the fewest",
     )
     ren.add_argument(
         "--cpu-per-slot",
@@ -188,8 +190,10 @@ def _render_swarm_files(
         out_dir.mkdir(parents=True, exist_ok=True)
         topology_rel = _relative_topology(topology_path, out_dir)
         return render_swarm(topology, topology_rel, out_dir, hosts=hosts, cpu_per_slot=cpu_per_slot)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise CommandError(f"cannot write the rendered files: {exc}") from None
+    except ValueError as exc:  # the placement file or --hosts against it
+        raise ConfigError(str(exc)) from None
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -202,8 +206,8 @@ def run_generate(args: argparse.Namespace) -> int:
             cpus=args.cpus,
             tasks=args.tasks,
         )
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
+    except ValueError as exc:  # the placement file or --hosts against it
+        raise ConfigError(str(exc)) from None
     out: Path = args.out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,9 @@ import hashlib
 import json
 import math
 import os
+import re
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import jinja2
@@ -25,6 +28,7 @@ __all__ = [
     "COMPOSE_FILE",
     "DASHBOARD_FILE",
     "HOST_LABEL",
+    "PLACEMENT_FILE",
     "PROMETHEUS_FILE",
     "STACK_FILE",
     "SWARM_SECRET_FILES",
@@ -32,11 +36,12 @@ __all__ = [
     "TemplateNotFoundError",
     "find_compose_template",
     "host_names",
+    "place_servers",
+    "read_placement",
     "render",
     "render_swarm",
     "render_swarm_texts",
     "render_texts",
-    "round_robin_placement",
 ]
 
 TARGETS = ("compose", "swarm")
@@ -58,6 +63,10 @@ HOST_LABEL = "treewave.host"
 """The swarm node label that pins servers to hosts: `treewave.host=h1`, `=h2`, ..."""
 SWARM_SECRET_FILES = (Path("secrets/link-secret"), Path("secrets/api-token"))
 """Made by the render (once, never overwritten) and handed to Swarm as secrets."""
+PLACEMENT_FILE = Path("placement.json")
+"""Which host each server was placed on, kept beside the stack file: a server's queue is in
+a volume on its host, so a re-render must never move it (it would start empty elsewhere)."""
+_HOST_NAME = re.compile(r"h[1-9][0-9]*")
 DEFAULT_CPU_PER_SLOT = 0.05
 """CPU reserved per CPU slot: tasks are emulated (a slot is held, not burnt), so a server
 needs little real CPU; the reservation still makes the scheduler spread big servers."""
@@ -265,11 +274,54 @@ def host_names(hosts: int) -> list[str]:
     return [f"h{i}" for i in range(1, hosts + 1)]
 
 
-def round_robin_placement(topology: Topology, hosts: int) -> dict[str, str]:
-    """Server i of the topology file (in file order) goes to host i mod N: a host then holds
-    every N-th server, so putting a subtree's servers in a row spreads them out."""
+def place_servers(
+    topology: Topology, hosts: int, previous: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Server name -> host label. A server placed before keeps its host (its queue lives
+    there); a new one goes to the host with the fewest servers, the lowest on a tie, in file
+    order, so a first render is round-robin: server i on host i mod N, and a subtree listed
+    in a row is spread out. Raises ValueError when a server of `topology` was placed on a
+    host beyond `hosts`."""
     names = host_names(hosts)
-    return {s.name: names[i % hosts] for i, s in enumerate(topology.servers)}
+    before = previous or {}
+    beyond = sorted(
+        f"{s.name} (on {before[s.name]})"
+        for s in topology.servers
+        if s.name in before and before[s.name] not in names
+    )
+    if beyond:
+        raise ValueError(
+            f"--hosts {hosts} leaves out the host of {', '.join(beyond)}, placed there by an "
+            f"earlier render ({PLACEMENT_FILE}): keep --hosts, or remove those servers first "
+            "(drained by a topology change)"
+        )
+    placed = {s.name: before[s.name] for s in topology.servers if s.name in before}
+    load = Counter(placed.values())
+    for server in topology.servers:
+        if server.name not in placed:
+            host = min(names, key=lambda h: (load[h], names.index(h)))
+            placed[server.name] = host
+            load[host] += 1
+    return {s.name: placed[s.name] for s in topology.servers}
+
+
+def read_placement(path: Path) -> dict[str, str]:
+    """An earlier render's placement file, or {} when there is none. Raises ValueError
+    naming the file when it is not a JSON object of server name -> host label (h1, h2, ...)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable placement file: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected an object of server name -> host (h1, h2, ...)")
+    bad = sorted(
+        str(k) for k, v in data.items() if not (isinstance(v, str) and _HOST_NAME.fullmatch(v))
+    )
+    if bad:
+        raise ValueError(f"{path}: not a host label (h1, h2, ...) for {', '.join(bad)}")
+    return {str(k): str(v) for k, v in data.items()}
 
 
 def render_swarm_texts(
@@ -278,8 +330,10 @@ def render_swarm_texts(
     *,
     hosts: int = 1,
     cpu_per_slot: float = DEFAULT_CPU_PER_SLOT,
+    placement: Mapping[str, str] | None = None,
 ) -> dict[Path, str]:
-    """The Swarm target's files (stack file, Prometheus config) by relative path."""
+    """The Swarm target's files (stack file, Prometheus config) by relative path;
+    `placement` as made by `place_servers` (default: a first render's)."""
     if not 0 < cpu_per_slot <= 64:
         raise ValueError(f"--cpu-per-slot must be in (0, 64], got {cpu_per_slot}")
     source = topology_file_name if topology_file_name.startswith(".") else f"./{topology_file_name}"
@@ -298,7 +352,7 @@ def render_swarm_texts(
         hosts=names,
         first_host=names[0],
         host_label=HOST_LABEL,
-        placement=round_robin_placement(topology, hosts),
+        placement=placement or place_servers(topology, hosts),
         cpu_per_slot=cpu_per_slot,
         config_suffix=digest,
     )
@@ -315,10 +369,18 @@ def render_swarm(
 ) -> list[Path]:
     """Write `stack.yml` and `prometheus/prometheus.yml` into `out_dir`, and the link secret
     and API token under `out_dir/secrets/` unless they exist (Swarm secrets cannot change
-    while a stack uses them, and a new secret would lock out running servers)."""
+    while a stack uses them, and a new secret would lock out running servers). Servers keep
+    the hosts an earlier render into `out_dir` gave them (`placement.json`, which remembers
+    removed servers too, should one come back while its queue is still on its host)."""
     if Path(topology_file_name).is_absolute():
         raise ValueError("topology_file_name must be relative to out_dir (portable files)")
-    texts = render_swarm_texts(topology, topology_file_name, hosts=hosts, cpu_per_slot=cpu_per_slot)
+    previous = read_placement(out_dir / PLACEMENT_FILE)
+    placement = place_servers(topology, hosts, previous)
+    texts = render_swarm_texts(
+        topology, topology_file_name, hosts=hosts, cpu_per_slot=cpu_per_slot, placement=placement
+    )
+    remembered = dict(sorted({**previous, **placement}.items()))
+    texts[PLACEMENT_FILE] = json.dumps(remembered, indent=2) + "\n"
     written = [_write(out_dir / rel, text) for rel, text in texts.items()]
     for rel in SWARM_SECRET_FILES:
         ensure_secret(out_dir / rel)
