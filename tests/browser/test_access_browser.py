@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -111,6 +112,10 @@ def test_page_asks_for_the_token_once_and_its_buttons_work(
     )
     driver.find_element(By.ID, "rebalance-button").click()
     wait_for("the rebalance notice", lambda: "Rebalance:" in notice.text, timeout=20)
+    # Pressure is expected work per cpu, in seconds (not a percentage of anything).
+    shown = re.search(r"max pressure (\d+\.\d\d) s → (\d+\.\d\d) s per cpu", notice.text)
+    assert shown, notice.text
+    assert float(shown[2]) <= float(shown[1]), notice.text
     assert not form.is_displayed()
     assert not driver.find_element(By.ID, "error").is_displayed()
 

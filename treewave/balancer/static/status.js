@@ -432,7 +432,7 @@
       }
       return `Rebalance: ${moved} task${moved === 1 ? "" : "s"} moved in ${r.moves.length} ` +
         `move${r.moves.length === 1 ? "" : "s"}; max pressure ` +
-        `${Math.round(r.max_pressure_before * 100)}% → ${Math.round(r.max_pressure_after * 100)}%` +
+        `${r.max_pressure_before.toFixed(2)} s → ${r.max_pressure_after.toFixed(2)} s per cpu` +
         partial;
     });
   });
