@@ -43,12 +43,13 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from bench.waves_scale import Cluster, bench_topology, cluster
-from bench.workloads import Workload, all_workloads
+from bench.workloads import Batch, Workload, all_workloads
 from tests.support.http import get_json
 from treewave.core.topology import Topology
 
@@ -57,6 +58,16 @@ RESULTS = REPO / "bench" / "results" / "balancing_quality.json"
 SEED = 5
 POLL_S = 0.02
 RUN_TIMEOUT_S = 120.0
+
+
+def paced(w: Workload, t0: float) -> Iterator[tuple[Batch, ...]]:
+    """The workload's arrivals, each one's batches handed out at its time (`t0` plus its
+    `at_s`, or at once when that has passed): the same pace for treewave and for Dask."""
+    for at, batches in w.arrivals():
+        delay = t0 + at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        yield batches
 
 
 # --- treewave ---------------------------------------------------------------------------------
@@ -92,14 +103,9 @@ def run_treewave(c: Cluster, w: Workload, pool: ThreadPoolExecutor) -> dict[str,
     done0 = sum(s["completed"] for s in before)
     in0 = sum(s["transferred_in"] for s in before)
     counters0 = balancer_counters(c)
-    times = sorted({b.at_s for b in w.batches})
     t0 = time.monotonic()
-    for at in times:
-        delay = t0 + at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        batch = [b for b in w.batches if b.at_s == at]
-        list(pool.map(lambda b: c.submit(b.node, b.count, b.duration_s, b.actual_s), batch))
+    for batches in paced(w, t0):
+        list(pool.map(lambda b: c.submit(b.node, b.count, b.duration_s, b.actual_s), batches))
     peak_busy = 0
     while True:
         now = states()
@@ -147,13 +153,9 @@ def run_dask(servers: dict[str, int], w: Workload) -> dict[str, Any]:
         info = client.scheduler_info(n_workers=-1)["workers"]
         addr = {v["name"]: a for a, v in info.items()}
         futures = []
-        times = sorted({b.at_s for b in w.batches})
         t0 = time.monotonic()
-        for at in times:
-            delay = t0 + at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            for b in (b for b in w.batches if b.at_s == at):
+        for batches in paced(w, t0):
+            for b in batches:
                 futures += client.map(
                     time.sleep,
                     [b.run_s] * b.count,
@@ -172,8 +174,8 @@ def run_dask(servers: dict[str, int], w: Workload) -> dict[str, Any]:
 def _expand(w: Workload) -> list[Any]:
     """One entry per task, in submission order (time, then batch order)."""
     out = []
-    for at in sorted({b.at_s for b in w.batches}):
-        for b in (b for b in w.batches if b.at_s == at):
+    for _, batches in w.arrivals():
+        for b in batches:
             out += [b] * b.count
     return out
 

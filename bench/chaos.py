@@ -49,7 +49,6 @@ import tempfile
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.cluster import Service
-from tests.support.http import get_json
+from tests.support.http import get_json, get_text
 from tests.support.ports import free_ports
 from treewave.core.randomtree import random_topology
 
@@ -396,9 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cluster.wait_complete()
         print("load stopped; draining", flush=True)
         drain_s, tasks = drain(cluster, args.drain_timeout)
-        metrics_text = (
-            urllib.request.urlopen(cluster.balancer_url + "/metrics", timeout=30).read().decode()
-        )
+        metrics_text = get_text(cluster.balancer_url + "/metrics", timeout=30)
         results = account(topology, rec, tasks)
         ok = True
     finally:

@@ -46,12 +46,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.idle_cpu import idle_cpu
+from tests.support.compose import run_compose
+from tests.support.http import get_json
 from tests.support.ports import free_port
 from treewave.core.topology import Settings
 from treewave.generator.generate import generate
@@ -89,21 +90,18 @@ def _p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
-def _request(method: str, url: str, body: Any = None, timeout: float = 120) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+API_TIMEOUT_S = 120.0
 
 
-def _waves(url: str, method: str, body: Any, samples: int) -> tuple[list[float], list[float], int]:
-    """(balancer-reported seconds, client seconds, how many were complete)."""
+def _waves(
+    url: str, method: str, body: Any, samples: int, token: str = ""
+) -> tuple[list[float], list[float], int]:
+    """(balancer-reported seconds, client seconds, how many were complete), with the API
+    `token` if the balancer requires one."""
     reported, client, complete = [], [], 0
     for _ in range(samples):
         t0 = time.perf_counter()
-        answer = _request(method, url, body)
+        answer = get_json(url, method, body, timeout=API_TIMEOUT_S, token=token)
         client.append(time.perf_counter() - t0)
         reported.append(float(answer["duration_s"]))
         complete += bool(answer["complete"])
@@ -137,16 +135,7 @@ class Deployment:
         self.services = [*self.topology.names, "balancer", "prometheus"]
 
     def compose(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-        base = ["docker", "compose", "-p", self.project, "-f", str(self.directory / "compose.yml")]
-        return subprocess.run(
-            [*base, *args],
-            env=self.env,
-            cwd=self.directory,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return run_compose(self.project, self.directory, self.env, *args, timeout=timeout)
 
     def api(self, path: str) -> str:
         return f"http://127.0.0.1:{self.balancer_port}{path}"
@@ -156,7 +145,7 @@ def _first_complete(dep: Deployment, timeout: float = 600) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if _request("GET", dep.api("/api/tree"))["complete"]:
+            if get_json(dep.api("/api/tree"), timeout=API_TIMEOUT_S)["complete"]:
                 return True
         except OSError:
             pass
@@ -270,7 +259,9 @@ def measure(
                 dep.project, idle_window_s, frozenset(dep.topology.names)
             )
             row["load_idle"] = [round(x, 1) for x in os.getloadavg()]
-            row["wave_deadline_s"] = _request("GET", dep.api("/api/status"))["wave_deadline_s"]
+            row["wave_deadline_s"] = get_json(dep.api("/api/status"), timeout=API_TIMEOUT_S)[
+                "wave_deadline_s"
+            ]
 
             reported, client, complete = _waves(dep.api("/api/tree"), "GET", None, echo_samples)
             row["echo"] = {

@@ -76,65 +76,51 @@ def stats(values_s: list[float]) -> dict[str, float]:
     }
 
 
-def measure_echo(api: Api, runs: int, servers: int) -> dict[str, Any]:
+def measure_wave(
+    api: Api, runs: int, servers: int, method: str, path: str, body: Any, reached: str
+) -> dict[str, Any]:
+    """`runs` waves of one kind: the errors (a failed request, a wave whose `reached` list
+    misses a server), the message count and the balancer's and the client's times of the
+    complete ones (`complete`: how many)."""
     server_side: list[float] = []
     client_side: list[float] = []
     errors: list[str] = []
-    in_a_row = 0
     messages = None
     for _ in range(runs):
         try:
-            elapsed, tree = api.call("GET", "/api/tree")
+            elapsed, answer = api.call(method, path, body)
         except (OSError, RuntimeError, http.client.HTTPException, ValueError) as exc:
             errors.append(str(exc))
             continue
-        if not tree.get("complete") or len(tree.get("nodes", [])) != servers:
-            errors.append(f"partial wave {tree.get('wave_id')}: missing {tree.get('missing')}")
+        if not answer.get("complete") or len(answer.get(reached, [])) != servers:
+            errors.append(f"partial wave {answer.get('wave_id')}: missing {answer.get('missing')}")
             continue
-        in_a_row += 1
-        server_side.append(float(tree["duration_s"]))
+        server_side.append(float(answer["duration_s"]))
         client_side.append(elapsed)
-        messages = tree.get("messages")
+        messages = answer.get("messages")
     return {
-        "runs": runs,
-        "ok_in_a_row": in_a_row if not errors else None,
+        "complete": len(server_side),
         "errors": errors[:10],
         "error_count": len(errors),
         "messages_per_wave": messages,
         "balancer": stats(server_side) if server_side else None,
         "client": stats(client_side) if client_side else None,
     }
+
+
+def measure_echo(api: Api, runs: int, servers: int) -> dict[str, Any]:
+    wave = measure_wave(api, runs, servers, "GET", "/api/tree", None, "nodes")
+    complete = wave.pop("complete")
+    return {"runs": runs, "ok_in_a_row": complete if not wave["error_count"] else None, **wave}
 
 
 def measure_finn(api: Api, runs: int, servers: int, tasks_per_node: int) -> dict[str, Any]:
-    server_side: list[float] = []
-    client_side: list[float] = []
-    errors: list[str] = []
     body: dict[str, Any] = {"tasks_per_node": tasks_per_node}
     if tasks_per_node:
         body["duration_s"] = 0.01  # short tasks: the queues stay empty between waves
-    messages = None
-    for _ in range(runs):
-        try:
-            elapsed, result = api.call("POST", "/api/finn", body)
-        except (OSError, RuntimeError, http.client.HTTPException, ValueError) as exc:
-            errors.append(str(exc))
-            continue
-        if not result.get("complete") or len(result.get("decided", [])) != servers:
-            errors.append(f"partial wave {result.get('wave_id')}: missing {result.get('missing')}")
-            continue
-        server_side.append(float(result["duration_s"]))
-        client_side.append(elapsed)
-        messages = result.get("messages")
-    return {
-        "runs": runs,
-        "tasks_per_node": tasks_per_node,
-        "errors": errors[:10],
-        "error_count": len(errors),
-        "messages_per_wave": messages,
-        "balancer": stats(server_side) if server_side else None,
-        "client": stats(client_side) if client_side else None,
-    }
+    wave = measure_wave(api, runs, servers, "POST", "/api/finn", body, "decided")
+    del wave["complete"]
+    return {"runs": runs, "tasks_per_node": tasks_per_node, **wave}
 
 
 def git_commit() -> str | None:

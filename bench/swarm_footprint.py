@@ -36,11 +36,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from bench import compose_footprint as cf
+from tests.support.http import get_json
 from treewave.core.topology import Settings
 from treewave.generator.generate import generate
 from treewave.generator.render import HOST_LABEL, render_swarm
@@ -103,31 +103,6 @@ class Lab:
         return _run(["docker", "-H", self.sockets[host - 1], *args]).stdout
 
 
-def _request(method: str, url: str, token: str, body: Any = None) -> Any:
-    """One API call with the stack's API token (the Swarm balancer always requires it)."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Authorization", f"Bearer {token}")
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        return json.loads(resp.read())
-
-
-def _waves(
-    url: str, token: str, method: str, body: Any, samples: int
-) -> tuple[list[float], list[float], int]:
-    """(balancer-reported seconds, client seconds, how many were complete)."""
-    reported, client, complete = [], [], 0
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        answer = _request(method, url, token, body)
-        client.append(time.perf_counter() - t0)
-        reported.append(float(answer["duration_s"]))
-        complete += bool(answer["complete"])
-    return reported, client, complete
-
-
 def _healthy(lab: Lab, stack: str, services: list[str]) -> bool:
     seen = set()
     for host in range(1, HOSTS + 1):
@@ -187,7 +162,8 @@ def measure_swarm(lab: Lab, nodes: int, echo_samples: int, finn_samples: int) ->
             row["deploy_s"] = round(time.monotonic() - start, 2)
             while True:
                 try:
-                    if _request("GET", f"{api}/api/tree", token)["complete"]:
+                    tree = get_json(f"{api}/api/tree", timeout=cf.API_TIMEOUT_S, token=token)
+                    if tree["complete"]:
                         break
                 except OSError:
                     pass
@@ -195,11 +171,13 @@ def measure_swarm(lab: Lab, nodes: int, echo_samples: int, finn_samples: int) ->
                     raise RuntimeError("no complete Echo within 900 s")
                 time.sleep(0.5)
             row["first_complete_s"] = round(time.monotonic() - start, 2)
-            reported, client, complete = _waves(f"{api}/api/tree", token, "GET", None, echo_samples)
+            reported, client, complete = cf._waves(
+                f"{api}/api/tree", "GET", None, echo_samples, token
+            )
             row["echo"] = {"samples": echo_samples, "complete": complete,
                            "balancer": cf._ms(reported), "client": cf._ms(client)}  # fmt: skip
-            reported, client, complete = _waves(
-                f"{api}/api/finn", token, "POST", {"tasks_per_node": 0}, finn_samples
+            reported, client, complete = cf._waves(
+                f"{api}/api/finn", "POST", {"tasks_per_node": 0}, finn_samples, token
             )
             row["finn"] = {"samples": finn_samples, "complete": complete,
                            "balancer": cf._ms(reported), "client": cf._ms(client)}  # fmt: skip

@@ -148,6 +148,7 @@ def measure_compose(args: argparse.Namespace, directory: Path) -> dict[str, Any]
     import subprocess
 
     import docker
+    from tests.support.compose import run_compose
     from tests.support.ports import free_port
     from treewave.cli.apply_cmd import NODE_TASKS
     from treewave.core.topology import Topology
@@ -169,13 +170,10 @@ def measure_compose(args: argparse.Namespace, directory: Path) -> dict[str, Any]
         "TREEWAVE_GRAFANA_PORT": str(free_port()),
     }
     project = f"treewave-bench-migrate-{secrets.token_hex(3)}"
-    base = ["docker", "compose", "-p", project, "-f", str(directory / "compose.yml")]
     url = f"http://127.0.0.1:{port}"
 
     def compose(*more: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*base, *more], env=env, cwd=directory, capture_output=True, text=True, check=False
-        )
+        return run_compose(project, directory, env, *more, timeout=None)
 
     try:
         for attempt in range(3):

@@ -67,6 +67,12 @@ class Workload:
         """Work really done (actual durations)."""
         return sum(b.count * b.run_s for b in self.batches)
 
+    def arrivals(self) -> list[tuple[float, tuple[Batch, ...]]]:
+        """The batches grouped by arrival time, earliest first, each group in batch order
+        (the order they are submitted in)."""
+        times = sorted({b.at_s for b in self.batches})
+        return [(at, tuple(b for b in self.batches if b.at_s == at)) for at in times]
+
     @property
     def longest_s(self) -> float:
         return max((b.run_s for b in self.batches), default=0.0)

@@ -4,10 +4,8 @@ the same browser: real headless Chromium, real processes (issue 15)."""
 from __future__ import annotations
 
 import http.server
-import json
 import re
 import threading
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,14 +14,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.browser import SMALL, all_reported, open_page, servers_on_page, wait_for
+from tests.support.http import get_json, get_text
 from treewave.wire.secretfile import ensure_secret
 
 pytestmark = pytest.mark.browser
 
 
 def rejected(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+    text = get_text(url + "/metrics", timeout=10)
     return {
         s.labels["reason"]: s.value
         for f in text_string_to_metric_families(text)
@@ -38,8 +36,7 @@ def queued(url: str) -> dict[str, int]:
     link between servers may still be dialling)."""
 
     def complete() -> dict[str, Any] | None:
-        with urllib.request.urlopen(url + "/api/tree", timeout=30) as resp:
-            tree: dict[str, Any] = json.loads(resp.read())
+        tree: dict[str, Any] = get_json(url + "/api/tree", timeout=30)
         return tree if tree["complete"] else None
 
     tree = wait_for("a complete Echo", complete, timeout=30)

@@ -7,8 +7,6 @@ trace-finn.png (the copies in docs/ are the README's)."""
 from __future__ import annotations
 
 import itertools
-import json
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.support.browser import VIEWPORT, wait_for
+from tests.support.http import get_json
 from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.topology import Settings
 from treewave.generator.words import random_names
@@ -40,11 +39,6 @@ return {
   posText: document.getElementById('trace-pos').textContent,
 };
 """
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        return json.loads(resp.read())
 
 
 def diagram(driver: Any) -> dict[str, Any]:

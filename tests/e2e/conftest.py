@@ -25,20 +25,20 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 import docker
+from tests.support.compose import run_compose
 from tests.support.http import http_request
 from tests.support.ports import free_port
-from tests.support.waiting import wait_for
+from tests.support.waiting import wait_for_value
 from treewave.core.topology import Topology
 from treewave.generator.render import render
 
 REPO = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 600
-T = TypeVar("T")
 
 
 def compose_problem() -> str | None:
@@ -74,19 +74,8 @@ class Stack:
 
     # --- docker ------------------------------------------------------------------------------
 
-    def _base(self) -> list[str]:
-        return ["docker", "compose", "-p", self.project, "-f", str(self.directory / "compose.yml")]
-
     def compose(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*self._base(), *args],
-            cwd=self.directory,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return run_compose(self.project, self.directory, self.env, *args, timeout=timeout)
 
     @property
     def engine(self) -> Any:
@@ -169,14 +158,8 @@ class Stack:
         tree = self.tree()
         return tree if tree["complete"] else None
 
-    @staticmethod
-    def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 1) -> T:
-        """`wait_for`, retrying on the failures a stack has while it heals."""
-        value = wait_for(
-            what, probe, timeout, interval=every, retry_on=(AssertionError, OSError, ValueError)
-        )
-        assert value is not None
-        return value
+    wait_for = staticmethod(wait_for_value)
+    """Retrying on the failures a stack has while it heals (`HEALING`)."""
 
     # --- failures ------------------------------------------------------------------------------
 

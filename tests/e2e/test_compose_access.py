@@ -10,19 +10,17 @@ runs: its bridge gateway).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.http import http_request
 from treewave.core.topology import ServerSpec, Settings, Topology
 
 pytestmark = pytest.mark.e2e
@@ -53,16 +51,8 @@ def non_loopback_ipv4() -> str | None:
 def request(
     method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
 ) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    """`http_request` with the patience a stack on a busy machine needs."""
+    return http_request(method, url, body, timeout=60, headers=headers)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,12 @@ the drain resumes.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import signal
 import subprocess
 import time
 import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.support.commands import clean_env, treewave_command
-from tests.support.http import get_json, http_request
+from tests.support.http import get_json, get_text, http_request
 from tests.support.run import (
     TOPOLOGY,
     RunProcess,
@@ -257,27 +255,9 @@ def test_sighup_renames_removes_and_adds_servers_without_losing_a_task(
     assert sorted(n["name"] for n in tree["nodes"]) == sorted(s["name"] for s in CHANGED["servers"])
     status, _ = http_request("POST", run.balancer_url + "/api/tasks", {"node": "beta", "count": 1})
     assert status == 404
-    metrics = urllib_text(run.balancer_url + "/metrics")
+    metrics = get_text(run.balancer_url + "/metrics", timeout=10)
     assert "treewave_migration_retired_total 2.0" in metrics
     assert "treewave_migration_draining 0.0" in metrics
-
-
-def post_raw(url: str, data: bytes) -> tuple[int, Any]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    req = urllib.request.Request(url, data=data, method="POST")
-    req.add_header("Content-Type", "application/json")
-    try:
-        with opener.open(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def urllib_text(url: str) -> str:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=10) as resp:
-        text: str = resp.read().decode()
-    return text
 
 
 def test_an_invalid_topology_is_refused_naming_every_problem(
@@ -298,7 +278,9 @@ def test_an_invalid_topology_is_refused_naming_every_problem(
     assert "Bad_Name" in text
     status, body = http_request("POST", run.balancer_url + "/api/topology", [1, 2])
     assert status == 422, body
-    status, body = post_raw(run.balancer_url + "/api/topology", b'{"servers": [')
+    status, body = http_request(
+        "POST", run.balancer_url + "/api/topology", b'{"servers": [', timeout=10
+    )
     assert status == 422, body
     assert body["problems"][0].startswith("malformed JSON")
     assert topology_state(run) == before
@@ -322,7 +304,7 @@ def test_a_second_change_during_a_drain_brings_a_retiring_server_back(
     assert {"beta", "delta"} <= set(topology_state(run)["migration"]["retiring"])
     check.sample()
     # (the status page and `treewave status` show them, with what they still hold)
-    page = urllib_text(run.balancer_url + "/")
+    page = get_text(run.balancer_url + "/", timeout=10)
 
     assert 'id="retiring-card" hidden' not in page
     assert 'data-server="beta"' in page

@@ -21,8 +21,6 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.support.http import http_request
+from tests.support.waiting import wait_for_value
 from treewave.core.topology import Topology
 from treewave.generator.render import HOST_LABEL, PLACEMENT_FILE, read_placement, render_swarm
 
@@ -254,19 +253,9 @@ class SwarmStack:
 
     @staticmethod
     def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 1) -> T:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            try:
-                value = probe()
-            except (AssertionError, OSError, urllib.error.URLError) as exc:
-                last = exc
-            else:
-                if value is not None:
-                    return value
-                last = "not yet"
-            time.sleep(every)
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+        """A probe's assertion (a failed `docker` command too) or a failed connection
+        means "not yet"."""
+        return wait_for_value(what, probe, timeout, every, retry_on=(AssertionError, OSError))
 
     def dump_logs(self, request: pytest.FixtureRequest) -> None:
         parts = [f"notes: {self.notes}"]

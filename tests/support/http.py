@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -16,19 +17,35 @@ __all__ = ["fetch_json", "get_json", "get_text", "http_request"]
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _request(method: str, url: str, body: Any, token: str = "") -> urllib.request.Request:
-    data = None if body is None else json.dumps(body).encode()
+def _request(
+    method: str,
+    url: str,
+    body: Any,
+    token: str = "",
+    headers: Mapping[str, str] | None = None,
+) -> urllib.request.Request:
+    """`body` goes as JSON; bytes go as they are (e.g. a malformed document), still
+    labelled JSON. `headers` come last, so they can replace any of these."""
+    if body is None:
+        data = None
+    else:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
+    for name, value in (headers or {}).items():
+        req.add_header(name, value)
     return req
 
 
-def get_json(url: str, method: str = "GET", body: Any = None, timeout: float = 30.0) -> Any:
-    """The decoded JSON answer; an HTTP error status raises `urllib.error.HTTPError`."""
-    with _OPENER.open(_request(method, url, body), timeout=timeout) as resp:
+def get_json(
+    url: str, method: str = "GET", body: Any = None, timeout: float = 30.0, token: str = ""
+) -> Any:
+    """The decoded JSON answer, with the API `token` if given; an HTTP error status raises
+    `urllib.error.HTTPError`."""
+    with _OPENER.open(_request(method, url, body, token), timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
@@ -39,12 +56,19 @@ def get_text(url: str, timeout: float = 30.0) -> str:
 
 
 def http_request(
-    method: str, url: str, body: Any = None, timeout: float = 30, token: str = ""
+    method: str,
+    url: str,
+    body: Any = None,
+    timeout: float = 30,
+    token: str = "",
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[int, Any]:
-    """(status, decoded JSON body) of one request, with the API `token` if given; HTTP
-    errors are answers, not raised."""
+    """(status, decoded JSON body) of one request: `body` sent as JSON (bytes as they
+    are), with the API `token` and the `headers` if given. HTTP errors are answers, not
+    raised; an answer that is not JSON comes back as text."""
+    req = _request(method, url, body, token, headers)
     try:
-        with _OPENER.open(_request(method, url, body, token), timeout=timeout) as resp:
+        with _OPENER.open(req, timeout=timeout) as resp:
             raw = resp.read()
             status: int = resp.status
     except urllib.error.HTTPError as exc:

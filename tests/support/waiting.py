@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["wait_for", "wait_until"]
+__all__ = ["HEALING", "wait_for", "wait_for_value", "wait_until"]
 
 T = TypeVar("T")
 
@@ -41,6 +41,26 @@ def wait_for(
                 f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})"
             )
         time.sleep(interval)
+
+
+HEALING: tuple[type[BaseException], ...] = (AssertionError, OSError, ValueError)
+"""What a deployment's probe raises while it heals: a probe's own assertion, a refused or
+failed connection (`urllib.error.URLError` is an OSError), an answer that is not JSON yet."""
+
+
+def wait_for_value(
+    what: str,
+    probe: Callable[[], T | None],
+    timeout: float,
+    every: float = 1.0,
+    retry_on: tuple[type[BaseException], ...] = HEALING,
+) -> T:
+    """`wait_for` with a probe that answers None for "not yet" (and a value once there),
+    polled every `every` seconds; `retry_on` failures count as "not yet" and the last one
+    is named on timeout."""
+    value = wait_for(what, probe, timeout, interval=every, retry_on=retry_on)
+    assert value is not None
+    return value
 
 
 async def wait_until(condition: Callable[[], bool], what: str, limit_s: float = 30.0) -> None:

@@ -75,6 +75,15 @@ def test_lower_bound() -> None:
     assert late.classic_bound(2) == 3.0
 
 
+def test_arrivals_group_batches_by_time_in_submission_order() -> None:
+    a, b, c, d = (Batch(at, name, 1, 1.0) for name, at in zip("abcd", [0.0, 1.5, 0.0, 1.5], strict=True))
+    assert Workload("x", 0, (a, b, c, d)).arrivals() == [(0.0, (a, c)), (1.5, (b, d))]
+    w = make("stream", "varied", SERVERS, seed=0)
+    arrivals = w.arrivals()
+    assert [at for at, _ in arrivals] == sorted({x.at_s for x in w.batches})
+    assert [x for _, group in arrivals for x in group] == sorted(w.batches, key=lambda x: x.at_s)
+
+
 def test_rejects_unknown_kind() -> None:
     with pytest.raises(ValueError, match="kind"):
         make("nope", "fixed", SERVERS)

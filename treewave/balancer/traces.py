@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 import random
 import time
@@ -39,6 +38,7 @@ from treewave.core.messages import (
 )
 from treewave.core.topology import BALANCER, Topology
 from treewave.core.trace import TraceJson, TraceRecorder, assemble, shiviz_log
+from treewave.wire.http import json_error
 from treewave.wire.links import LinkSet
 
 __all__ = [
@@ -299,12 +299,6 @@ class WaveTraces:
 TRACES_KEY = web.AppKey("wave_traces", WaveTraces)
 
 
-def _json_error(status: int, message: str) -> web.HTTPException:
-    exc = web.HTTPException(text=json.dumps({"error": message}), content_type="application/json")
-    exc.set_status(status)
-    return exc
-
-
 async def api_waves(request: web.Request) -> web.Response:
     traces = request.app[TRACES_KEY]
     return web.json_response(
@@ -322,14 +316,14 @@ async def api_wave(request: web.Request) -> web.Response:
     wave = request.match_info["wave_id"]
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "shiviz"):
-        raise _json_error(400, f"unknown format {fmt!r}: use format=json or format=shiviz")
+        raise json_error(400, f"unknown format {fmt!r}: use format=json or format=shiviz")
     wait_s = traces.settings.step_timeout_s + 2.0
     trace = await traces.get(wave, wait_s)
     if trace is None:
         if wave in traces.history:
-            raise _json_error(503, f"the trace of wave {wave!r} is still being gathered")
+            raise json_error(503, f"the trace of wave {wave!r} is still being gathered")
         kept = len(traces.history)
-        raise _json_error(
+        raise json_error(
             404,
             f"unknown wave {wave!r}: it is not among the {kept} traced waves kept "
             f"(at most {traces.settings.trace_history}; see GET /api/waves)",
