@@ -26,10 +26,7 @@ def _request(
 ) -> urllib.request.Request:
     """`body` goes as JSON; bytes go as they are (e.g. a malformed document), still
     labelled JSON. `headers` come last, so they can replace any of these."""
-    if body is None:
-        data = None
-    else:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")

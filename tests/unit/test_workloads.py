@@ -76,7 +76,9 @@ def test_lower_bound() -> None:
 
 
 def test_arrivals_group_batches_by_time_in_submission_order() -> None:
-    a, b, c, d = (Batch(at, name, 1, 1.0) for name, at in zip("abcd", [0.0, 1.5, 0.0, 1.5], strict=True))
+    a, b, c, d = (
+        Batch(at, name, 1, 1.0) for name, at in zip("abcd", [0.0, 1.5, 0.0, 1.5], strict=True)
+    )
     assert Workload("x", 0, (a, b, c, d)).arrivals() == [(0.0, (a, c)), (1.5, (b, d))]
     w = make("stream", "varied", SERVERS, seed=0)
     arrivals = w.arrivals()
