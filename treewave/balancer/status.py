@@ -29,6 +29,22 @@ from aiohttp import web
 
 from treewave.core.topology import Topology
 
+__all__ = [
+    "HUB_KEY",
+    "NODE_W",
+    "SLOT_W",
+    "Layout",
+    "Placed",
+    "StatusHub",
+    "StatusSource",
+    "edge_path",
+    "layers_of",
+    "layout",
+    "load_level",
+    "setup_status",
+    "sse_frame",
+]
+
 log = logging.getLogger("treewave.status")
 
 HERE = Path(__file__).resolve().parent

@@ -31,6 +31,19 @@ from treewave.cli.errors import CommandError
 from treewave.cli.settings import BALANCER_URL, add_options
 from treewave.core.load import pressure_of
 
+__all__ = [
+    "Client",
+    "api_token",
+    "load_bar",
+    "load_text",
+    "register",
+    "render_finn",
+    "render_migration",
+    "render_rebalance",
+    "render_tree",
+    "summary_line",
+]
+
 BAR_WIDTH = 12
 RUN_CELL, QUEUED_CELL, FREE_CELL = "█", "▓", "░"
 MIDDLE, LAST = "├── ", "└── "
