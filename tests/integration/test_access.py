@@ -646,3 +646,15 @@ async def test_cli_reads_with_the_token(
     assert ok.returncode == 0, ok.stderr
     for name in cluster.names:
         assert name in ok.stdout
+    # `treewave trace` reads /api/waves: it takes the token the same way.
+    async with http.get(
+        url + "/api/tree", headers={"Authorization": f"Bearer {token_file.read_text().strip()}"}
+    ) as resp:
+        assert resp.status == 200
+    refused = treewave("trace", "latest", "--balancer", url)
+    assert refused.returncode == 1
+    assert "requires its API token for reads too" in refused.stderr
+    env = {**clean_env(), "TREEWAVE_API_TOKEN_FILE": str(token_file)}
+    ok = treewave("trace", "latest", "--balancer", url, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "echo wave" in ok.stdout

@@ -364,6 +364,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds to wait for an answer (default: 30)",
     )
+    add_token_file(p)
+
+
+def add_token_file(p: argparse.ArgumentParser) -> None:
+    """`--token-file`, read by `api_token`."""
     p.add_argument(
         "--token-file",
         type=Path,
