@@ -469,7 +469,7 @@ async def test_reads_need_the_token_when_configured(
     wrong_header = {"Authorization": "Bearer " + "x" * len(token)}
     stale_cookie = {"Cookie": "treewave_session=" + "0" * 64}
     for path in READ_ROUTES:
-        for headers, reason in (({}, "token_missing"), (wrong_header, "token_wrong")):
+        for headers in ({}, wrong_header):
             for method in ("GET", "HEAD"):
                 status, text, resp = await read(http, base + path, headers, method)
                 assert status == 401, (path, headers, method, text)
@@ -510,14 +510,16 @@ async def test_reads_need_the_token_when_configured(
         status, text, _ = await read(http, base + path, auth)
         assert status == (404 if path == "/api/waves/nope" else 200), (path, text)
     status, text, _ = await read(http, base + "/", auth)
-    assert 'id="tree"' in text and "aurora" in text
+    assert 'id="tree"' in text
+    assert "aurora" in text
     event, data = await first_event(http, base + "/api/events", auth)
     assert event == "snapshot"
     assert {n["name"] for n in data["snapshot"]["nodes"]} == set(cluster.names)
     # Reads protected means changes need the token too, even on loopback.
     before = await state(http, cluster, token)
     status, answer = await call(http, "POST", base + "/api/tasks", TASK, JSON)
-    assert status == 401 and answer["reason"] == "token_missing", answer
+    assert status == 401, answer
+    assert answer["reason"] == "token_missing", answer
     assert await state(http, cluster, token) == before
     # Refusals are logged once a minute per client, whatever route and reason.
     log = cluster.services["balancer"].log_text()
@@ -554,7 +556,8 @@ async def test_a_session_cookie_opens_reads_never_changes(
         set_cookie = resp.headers["Set-Cookie"]
         value = resp.cookies["treewave_session"].value
     assert token not in set_cookie
-    assert value and value != token
+    assert value
+    assert value != token
     attributes = {a.strip().split("=")[0].lower() for a in set_cookie.split(";")[1:]}
     assert {"httponly", "samesite", "path"} <= attributes, set_cookie
     assert "samesite=strict" in set_cookie.lower()
@@ -566,7 +569,8 @@ async def test_a_session_cookie_opens_reads_never_changes(
         status, text, _ = await read(http, base + path, cookie)
         assert status == (404 if path == "/api/waves/nope" else 200), (path, text)
     status, text, _ = await read(http, base + "/", cookie)
-    assert 'id="tree"' in text and "tw-initial" in text
+    assert 'id="tree"' in text
+    assert "tw-initial" in text
     for name in cluster.names:
         assert f'data-name="{name}"' in text
     event, data = await first_event(http, base + "/api/events", cookie)
@@ -607,7 +611,8 @@ async def test_reads_stay_open_without_the_setting(
         status, text, _ = await read(http, base + path, {})
         assert status == (404 if path == "/api/waves/nope" else 200), (path, text)
     status, text, _ = await read(http, base + "/", {})
-    assert "tw-initial" in text and 'data-name="aurora"' in text
+    assert "tw-initial" in text
+    assert 'data-name="aurora"' in text
     # Without a token configured there is no session to open.
     status, answer = await call(http, "POST", base + "/api/session", "{}", JSON)
     assert status == 404, answer
@@ -627,7 +632,8 @@ async def test_token_without_the_setting_opens_a_session_but_reads_are_open(
     assert answer == {"session": "open", "reads_protected": False}
     # On loopback without --require-token the session route still insists on the token.
     status, answer = await call(http, "POST", base + "/api/session", "{}", JSON)
-    assert status == 401 and answer["reason"] == "token_missing", answer
+    assert status == 401, answer
+    assert answer["reason"] == "token_missing", answer
 
 
 async def test_cli_reads_with_the_token(

@@ -245,7 +245,8 @@ def test_session_cookie_is_derived_from_the_token_not_the_token() -> None:
     value = session_cookie_value(TOKEN)
     assert value == session_cookie_value(TOKEN)
     assert TOKEN not in value
-    assert len(value) == 64 and set(value) <= set("0123456789abcdef")
+    assert len(value) == 64
+    assert set(value) <= set("0123456789abcdef")
     assert session_cookie_value("s" * 43) != value
 
 
