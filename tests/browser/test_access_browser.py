@@ -160,7 +160,9 @@ def test_with_reads_protected_the_page_asks_for_the_token_then_shows_every_serve
     # The locked page: it asks for the token and shows nothing of the cluster.
     form = driver.find_element(By.ID, "token-form")
     wait_for("the token form", form.is_displayed, timeout=10)
-    assert "needs its API token to show the cluster" in driver.find_element(By.ID, "token-hint").text
+    assert (
+        "needs its API token to show the cluster" in driver.find_element(By.ID, "token-hint").text
+    )
     source = driver.page_source
     assert not driver.find_elements(By.ID, "tree")
     for name in names:
@@ -186,8 +188,9 @@ def test_with_reads_protected_the_page_asks_for_the_token_then_shows_every_serve
     seen = int(driver.find_element(By.TAG_NAME, "body").get_attribute("data-snapshots") or 0)
     wait_for(
         "a snapshot from the stream",
-        lambda: int(driver.find_element(By.TAG_NAME, "body").get_attribute("data-snapshots"))
-        > seen,
+        lambda: (
+            int(driver.find_element(By.TAG_NAME, "body").get_attribute("data-snapshots")) > seen
+        ),
         timeout=15,
     )
     # The session cookie is out of the page's reach (HttpOnly); the token is kept for the

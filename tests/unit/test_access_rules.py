@@ -208,15 +208,16 @@ def test_token_for_reads_from_flag_or_environment(
 ) -> None:
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n", encoding="utf-8")
-    assert access_settings(parse("--api-token-file", str(token)), "127.0.0.1").token_for_reads is False
+    off = access_settings(parse("--api-token-file", str(token)), "127.0.0.1")
+    assert off.token_for_reads is False
     got = access_settings(parse("--api-token-file", str(token), "--token-for-reads"), "127.0.0.1")
     assert got.token_for_reads is True
     monkeypatch.setenv("TREEWAVE_TOKEN_FOR_READS", "yes")
     assert access_settings(parse("--api-token-file", str(token)), "127.0.0.1").token_for_reads
     monkeypatch.setenv("TREEWAVE_TOKEN_FOR_READS", "maybe")
-    with pytest.raises(SettingError, match="TREEWAVE_TOKEN_FOR_READS.*'maybe'"):
+    with pytest.raises(SettingError, match=r"TREEWAVE_TOKEN_FOR_READS.*'maybe'"):
         parse()
-    with pytest.raises(ValueError, match="no.*configured|none is configured"):
+    with pytest.raises(ValueError, match="none is configured"):
         AccessSettings(token_for_reads=True)
 
 
