@@ -1,6 +1,7 @@
 """`treewave run` reloads its topology file on SIGHUP: the supervisor's side.
 
-An invalid file changes nothing; a valid one starts the added server, restarts the kept
+An invalid file changes nothing; a valid one (sent by `treewave apply --local`, which finds
+the run supervising that file and signals it) starts the added server, restarts the kept
 server whose children changed (its queue intact) and hands the topology to the balancer,
 whose tree then includes the new server. Removed servers, drains and kills are in
 test_topology_change.py.
@@ -12,6 +13,7 @@ import copy
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.commands import clean_env, treewave_command
 from tests.support.http import get_json
 from tests.support.run import (
     NAMES,
@@ -100,9 +103,14 @@ def test_sighup_starts_added_servers_and_restarts_changed_ones_keeping_their_que
     grown = copy.deepcopy(TOPOLOGY)
     grown["servers"][4]["children"] = ["zeta"]  # echo gets a child: its view changes
     grown["servers"].append({"name": "zeta", "cpus": 2, "tasks": 3})
-    write_topology(tmp_path, grown)
+    path = write_topology(tmp_path, grown)
     mark = len(run.lines)
-    os.kill(run.proc.pid, signal.SIGHUP)
+    apply = subprocess.run(
+        [*treewave_command(), "apply", "--local", "--topology", str(path)],
+        capture_output=True, text=True, timeout=60, env=clean_env(), cwd=tmp_path,
+    )  # fmt: skip
+    assert apply.returncode == 0, apply.stderr
+    assert f"sent SIGHUP to treewave run (pid {run.proc.pid})" in apply.stdout, apply.stdout
     run.wait_for(r"reload: 6 servers: 1 added, 0 removed, 1 restarting", 10, mark)
     started = run.wait_for(r"server zeta started \(port (\d+), pid (\d+)\)", 20, mark)
     zeta_pid = int(started[2])

@@ -36,7 +36,6 @@ from treewave.balancer.status import (
     SLOT_W,
     layers_of,
     layout,
-    load_level,
     sse_frame,
 )
 from treewave.core.randomtree import TreeShape, random_topology
@@ -344,23 +343,6 @@ async def test_events_refused_while_shutting_down(servers: Servers, aiohttp_clie
 def test_sse_frame_is_one_event() -> None:
     frame = sse_frame("snapshot", {"a": [1, 2], "b": "x\ny"})
     assert frame == b'event: snapshot\ndata: {"a":[1,2],"b":"x\\ny"}\n\n'
-
-
-@pytest.mark.parametrize(
-    ("running", "queued", "cpus", "percent", "level"),
-    [
-        (0, 0, 4, 100, 0),
-        (1, 0, 4, 100, 2),  # 25%
-        (0, 1, 8, 100, 1),
-        (2, 1, 4, 100, 4),  # 75%
-        (4, 0, 4, 100, 5),  # exactly the threshold: overloaded
-        (4, 9, 4, 100, 5),
-        (2, 0, 4, 50, 5),  # a lower threshold overloads sooner
-        (1, 0, 4, 200, 1),
-    ],
-)
-def test_load_levels(running: int, queued: int, cpus: int, percent: float, level: int) -> None:
-    assert load_level(running, queued, cpus, percent) == level
 
 
 @pytest.mark.parametrize("seed", range(8))

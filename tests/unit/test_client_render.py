@@ -17,10 +17,12 @@ from treewave.cli.client_cmd import (
     render_tree,
     summary_line,
 )
+from treewave.core.load import load_level
 
 
 def node(name: str, cpus: int, running: int = 0, queued: int = 0) -> dict[str, Any]:
-    """A server as the API reports it, every task 1 s of expected work."""
+    """A server as the API reports it, every task 1 s of expected work, overloaded at 100 %
+    tasks per CPU."""
     work = float(running + queued)
     return {
         "name": name,
@@ -30,6 +32,7 @@ def node(name: str, cpus: int, running: int = 0, queued: int = 0) -> dict[str, A
         "completed": 0,
         "expected_work_s": work,
         "pressure": work / cpus,
+        "level": load_level(running, queued, cpus, 100),
     }
 
 
@@ -150,10 +153,13 @@ def test_partial_wave_names_the_missing_servers_and_draws_them_without_numbers()
     assert text.splitlines()[-1].startswith("4 servers")
 
 
-def test_colour_paints_bars_by_pressure() -> None:
+def test_colour_paints_bars_by_the_reported_level() -> None:
     text = render_tree(DIAMOND, colour=True)
-    assert "\x1b[31m[" in full_line(text, "beta")  # overloaded: red
-    assert "\x1b[32m[" in full_line(text, "gamma")  # idle: green
+    assert "\x1b[31m[" in full_line(text, "beta")  # overloaded (level 5): red
+    assert "\x1b[32m[" in full_line(text, "gamma")  # idle (level 0): green
+    assert "\x1b[32m[" in full_line(text, "alpha")  # 1 task / 2 cpus (level 3): green
+    busy = tree([{**node("alpha", 4, 3, 0), "level": 4}], [])
+    assert "\x1b[33m[" in full_line(render_tree(busy, colour=True), "alpha")  # level 4: yellow
 
 
 @st.composite

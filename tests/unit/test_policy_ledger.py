@@ -12,6 +12,7 @@ from treewave.core.ledger import TaskLedger
 from treewave.core.load import (
     duration_histogram,
     expected_work_s,
+    load_level,
     pressure,
     pressure_of,
     queued_durations,
@@ -152,3 +153,22 @@ def test_every_queue_change_bumps_the_queue_version() -> None:
     changed()
     led.commit("y")
     assert led.queue_version == seen[-1]  # the queue itself did not change
+
+
+@pytest.mark.parametrize(
+    ("running", "queued", "cpus", "percent", "level"),
+    [
+        (0, 0, 4, 100, 0),
+        (1, 0, 4, 100, 2),  # 25%
+        (0, 1, 8, 100, 1),
+        (2, 1, 4, 100, 4),  # 75%
+        (4, 0, 4, 100, 5),  # exactly the threshold: overloaded
+        (4, 9, 4, 100, 5),
+        (2, 0, 4, 50, 5),  # a lower threshold overloads sooner
+        (1, 0, 4, 200, 1),
+    ],
+)
+def test_load_levels_colour_bands_by_tasks_per_cpu(
+    running: int, queued: int, cpus: int, percent: float, level: int
+) -> None:
+    assert load_level(running, queued, cpus, percent) == level

@@ -1,0 +1,3 @@
+"""The balancer role: waves, policy and rebalancing, its HTTP API, status page and metrics."""
+
+__all__ = ["access", "app", "cluster", "metrics", "settings", "status", "traces"]

@@ -38,7 +38,7 @@ from treewave.core.errors import (
 from treewave.core.events import EchoResult, FinnResult, Send
 from treewave.core.finn import FinnInitiator
 from treewave.core.ledger import TRANSFER_REPLIES
-from treewave.core.load import expected_work_s, pressure
+from treewave.core.load import expected_work_s, load_level, pressure
 from treewave.core.messages import (
     DrainReport,
     DrainRequest,
@@ -892,8 +892,10 @@ class Balancer:
 
 def tree_json(record: WaveRecord, topology: Topology) -> dict[str, Any]:
     """A snapshot for the API and the status page; `pressure` (expected work per CPU,
-    seconds) comes from `core.load`, so no client computes it."""
+    seconds) and `level` (the colour band) come from `core.load`, so no client computes
+    them."""
     task_time_s = topology.settings.task_time_s
+    overload_percent = topology.settings.overload_percent
     return {
         **record.summary(),
         "nodes": [
@@ -906,6 +908,7 @@ def tree_json(record: WaveRecord, topology: Topology) -> dict[str, Any]:
                 "reserved": s.reserved,
                 "expected_work_s": round(expected_work_s(s, task_time_s), 6),
                 "pressure": round(pressure(s, task_time_s), 6),
+                "level": load_level(s.running, s.queued, s.cpus, overload_percent),
                 "echo_parent": s.echo_parent,
             }
             # (a snapshot taken before a topology change may name servers that left)

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from treewave.core.topology import Topology
 
+__all__ = ["BalancerMetrics"]
+
 
 class BalancerMetrics:
     def __init__(self, topology: Topology) -> None:

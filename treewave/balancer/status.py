@@ -29,6 +29,21 @@ from aiohttp import web
 
 from treewave.core.topology import Topology
 
+__all__ = [
+    "HUB_KEY",
+    "NODE_W",
+    "SLOT_W",
+    "Layout",
+    "Placed",
+    "StatusHub",
+    "StatusSource",
+    "edge_path",
+    "layers_of",
+    "layout",
+    "setup_status",
+    "sse_frame",
+]
+
 log = logging.getLogger("treewave.status")
 
 HERE = Path(__file__).resolve().parent
@@ -172,21 +187,6 @@ def edge_path(a: Placed, b: Placed, a_height: float = NODE_H) -> str:
     return (
         f"M{a.x:.1f},{y1:.1f} C{a.x:.1f},{y1 + mid:.1f} {b.x:.1f},{y2 - mid:.1f} {b.x:.1f},{y2:.1f}"
     )
-
-
-# --- load levels (the colours themselves live in status.css) --------------------------------
-
-
-def load_level(running: int, queued: int, cpus: int, overload_percent: float) -> int:
-    """0 idle, 1-4 increasingly busy, 5 overloaded (pressure at or above the threshold).
-    Must agree with `loadLevel` in status.js."""
-    load = running + queued
-    if load <= 0:
-        return 0
-    ratio = load / cpus / (overload_percent / 100)
-    if ratio >= 1:
-        return 5
-    return min(4, 1 + int(ratio * 4))
 
 
 # --- the hub ----------------------------------------------------------------------------------
@@ -367,7 +367,6 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.globals["load_level"] = load_level
     env.globals["edge_path"] = edge_path
     return env
 

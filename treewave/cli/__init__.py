@@ -1,0 +1,17 @@
+"""The `treewave` console script: one module per group of subcommands, settings in one place."""
+
+__all__ = [
+    "apply_cmd",
+    "argtypes",
+    "client_cmd",
+    "deploy_cmd",
+    "errors",
+    "main",
+    "run_cmd",
+    "secret_cmd",
+    "services_cmd",
+    "settings",
+    "simulate_cmd",
+    "topology_api",
+    "trace_cmd",
+]

@@ -43,7 +43,7 @@ from treewave.core.topology import Topology, TopologyError
 from treewave.generator.render import render
 from treewave.wire.topology_file import load_topology
 
-__all__ = ["register"]
+__all__ = ["NODE_TASKS", "drain_line", "register", "signal_local_run"]
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"

@@ -31,6 +31,19 @@ from treewave.cli.errors import CommandError
 from treewave.cli.settings import BALANCER_URL, add_options
 from treewave.core.load import pressure_of
 
+__all__ = [
+    "Client",
+    "api_token",
+    "load_bar",
+    "load_text",
+    "register",
+    "render_finn",
+    "render_migration",
+    "render_rebalance",
+    "render_tree",
+    "summary_line",
+]
+
 BAR_WIDTH = 12
 RUN_CELL, QUEUED_CELL, FREE_CELL = "█", "▓", "░"
 MIDDLE, LAST = "├── ", "└── "
@@ -117,12 +130,6 @@ def pressure(node: Mapping[str, Any]) -> float:
     return float(node.get("pressure", 0.0))
 
 
-def occupancy(node: Mapping[str, Any]) -> float:
-    """Tasks per CPU (what the colours show, like the status page's levels)."""
-    cpus = max(int(node.get("cpus", 1)), 1)
-    return (int(node.get("running", 0)) + int(node.get("queued", 0))) / cpus
-
-
 def load_bar(running: int, queued: int, cpus: int, width: int = BAR_WIDTH) -> str:
     """`[███▓▓░░░]`: the bar is the server's capacity (cpus); █ running, ▓ queued, ░ free.
     Work beyond capacity fills the bar and adds `+` after it."""
@@ -151,8 +158,11 @@ _COLOURS = {"low": "\x1b[32m", "mid": "\x1b[33m", "high": "\x1b[31m", "dim": "\x
 _RESET = "\x1b[0m"
 
 
-def _level(p: float) -> str:
-    return "low" if p < 0.75 else "mid" if p <= 1.0 else "high"
+def _colour_band(node: Mapping[str, Any]) -> str:
+    """The server's colour from the `level` the balancer reports (`core.load.load_level`,
+    as on the status page): red when overloaded, yellow in the band below, else green."""
+    level = int(node.get("level", 0))
+    return "high" if level >= 5 else "mid" if level == 4 else "low"
 
 
 @dataclass(frozen=True)
@@ -234,7 +244,7 @@ def render_tree(
         running, queued = int(node.get("running", 0)), int(node.get("queued", 0))
         cpus = int(node.get("cpus", 1))
         bar = load_bar(running, queued, cpus, bar_width)
-        text = f"{label}  {_paint(bar, _level(occupancy(node)), colour)} "
+        text = f"{label}  {_paint(bar, _colour_band(node), colour)} "
         text += load_text(running, queued, cpus) + f" · {pressure(node):.2f} s/cpu"
         if line.note:
             text += f"  {line.note}"

@@ -22,6 +22,8 @@ from treewave.generator.render import (
 )
 from treewave.wire.topology_file import load_topology
 
+__all__ = ["register"]
+
 GENERATE_EXAMPLE = """\
 examples:
   treewave generate --nodes 30 --seed 7 --extra-parents 3 --out topology.json --render

@@ -85,6 +85,15 @@ from treewave.core.topology import Topology, TopologyError
 from treewave.wire.secretfile import ensure_secret, read_secret
 from treewave.wire.topology_file import load_topology
 
+__all__ = [
+    "PID_FILE",
+    "RUN_DIR_PREFIX",
+    "TOPOLOGY_PATH_FILE",
+    "Supervisor",
+    "port_free",
+    "register",
+]
+
 HOST = "127.0.0.1"
 DEFAULT_PORT = 7999
 DEFAULT_BASE_PORT = 8000

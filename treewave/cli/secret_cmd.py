@@ -9,6 +9,8 @@ from pathlib import Path
 from treewave.cli.errors import CommandError
 from treewave.wire.secretfile import ensure_secret
 
+__all__ = ["register"]
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(

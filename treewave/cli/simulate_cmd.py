@@ -17,6 +17,8 @@ from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.simulation import SimNetwork
 from treewave.core.topology import BALANCER
 
+__all__ = ["register", "simulate"]
+
 MAX_TRACED_NODES = 2000
 """`--trace` keeps a vector clock per event, which grows with the servers a wave has
 reached: some N^2 numbers in all, so traces are for networks people can look at."""

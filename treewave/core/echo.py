@@ -23,6 +23,15 @@ from treewave.core.events import EchoResult, Send
 from treewave.core.messages import EchoExplore, EchoReply, ServerState
 from treewave.core.topology import BALANCER
 
+__all__ = [
+    "DEFAULT_HOPS",
+    "EchoInitiator",
+    "EchoNodeWave",
+    "EchoPhase",
+    "InitiatorPhase",
+    "next_budget",
+]
+
 DEFAULT_HOPS = 20
 """Without a hint, the per-hop step is this fraction of the wave's budget."""
 

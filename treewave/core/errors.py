@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError", "StaleMessage"]
+
 
 class ProtocolError(Exception):
     """Base class; `reason` is a short machine-friendly tag used as a metric label."""

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from treewave.core.messages import EchoExplore, EchoReply, FinnSets, FinnWork, ServerState
 
+__all__ = ["EchoResult", "FinnDecided", "FinnResult", "Output", "Send"]
+
 
 @dataclass(frozen=True, slots=True)
 class Send:

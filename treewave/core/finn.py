@@ -28,6 +28,8 @@ from treewave.core.events import FinnDecided, FinnResult, Send
 from treewave.core.messages import FinnSets, FinnWork
 from treewave.core.topology import BALANCER
 
+__all__ = ["FinnInitiator", "FinnInitiatorPhase", "FinnNodeWave", "FinnPhase"]
+
 
 class FinnPhase(Enum):
     """A server's part in one Finn wave."""

@@ -32,6 +32,19 @@ from treewave.core.messages import (
     TransferSettled,
 )
 
+__all__ = [
+    "QUEUE_ORDERS",
+    "REMEMBERED_COMPLETIONS",
+    "REMEMBERED_TRANSFERS",
+    "TRANSFER_REPLIES",
+    "TRANSFER_REQUESTS",
+    "QueueOrder",
+    "Reservation",
+    "TaskLedger",
+    "TransferReply",
+    "TransferRequest",
+]
+
 REMEMBERED_TRANSFERS = 10_000
 REMEMBERED_COMPLETIONS = 200_000
 

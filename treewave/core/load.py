@@ -24,6 +24,7 @@ __all__ = [
     "HISTOGRAM_BUCKETS",
     "duration_histogram",
     "expected_work_s",
+    "load_level",
     "pressure",
     "pressure_of",
     "queued_durations",
@@ -95,3 +96,17 @@ def pressure_of(work_s: float, cpus: int) -> float:
 def pressure(state: ServerState, task_time_s: float) -> float:
     """A reported server's pressure (`pressure_of` its expected work)."""
     return pressure_of(expected_work_s(state, task_time_s), state.cpus)
+
+
+def load_level(running: int, queued: int, cpus: int, overload_percent: float) -> int:
+    """The colour band of a server (what the status page and `treewave status` paint):
+    0 idle, 1-4 increasingly busy, 5 overloaded, by tasks per CPU against the topology's
+    `overload_percent` (the lab's `max_cpu`). The API reports it as `level`; nothing else
+    computes it."""
+    load = running + queued
+    if load <= 0:
+        return 0
+    ratio = load / max(cpus, 1) / (overload_percent / 100)
+    if ratio >= 1:
+        return 5
+    return min(4, 1 + int(ratio * 4))

@@ -21,6 +21,43 @@ from pydantic import (
 
 from treewave.core.errors import RemoteProtocolError
 
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "Challenge",
+    "DrainReport",
+    "DrainRequest",
+    "EchoExplore",
+    "EchoReply",
+    "ErrorReply",
+    "FinnSets",
+    "FinnWork",
+    "Hello",
+    "Message",
+    "Model",
+    "ReservationInfo",
+    "ServerState",
+    "SubmitTasks",
+    "Task",
+    "TasksAccepted",
+    "TraceEvent",
+    "TracePart",
+    "TraceRequest",
+    "TransferAbort",
+    "TransferCancel",
+    "TransferCommit",
+    "TransferDeliver",
+    "TransferOutcome",
+    "TransferPrepare",
+    "TransferPrepared",
+    "TransferQuery",
+    "TransferReservations",
+    "TransferSettled",
+    "WaveMessage",
+    "describe_errors",
+    "encode",
+    "parse_message",
+]
+
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 """Largest frame accepted; an Echo reply carries the whole tree's state (about 200 bytes
 per server), so this allows some 40,000 servers per deployment."""

@@ -17,6 +17,8 @@ from treewave.core.finn import FinnNodeWave, FinnPhase
 from treewave.core.messages import EchoExplore, EchoReply, FinnSets, ServerState
 from treewave.core.topology import Topology
 
+__all__ = ["FINISHED_MEMORY", "NodeProtocol"]
+
 FINISHED_MEMORY = 4096
 """How many finished wave ids a server remembers to recognise late messages."""
 

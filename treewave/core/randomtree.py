@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from treewave.core.topology import ServerSpec, Settings, Topology
 
+__all__ = ["TreeShape", "random_topology"]
+
 
 @dataclass(frozen=True)
 class TreeShape:

@@ -20,6 +20,8 @@ from treewave.core.node import NodeProtocol
 from treewave.core.topology import BALANCER, Topology
 from treewave.core.trace import TraceJson, TraceRecorder, assemble
 
+__all__ = ["SimNetwork", "SimServer", "WaveLog"]
+
 
 @dataclass
 class SimServer:

@@ -19,6 +19,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from treewave.core.ledger import QueueOrder
 
+__all__ = [
+    "BALANCER",
+    "DNS_LABEL",
+    "RESERVED_NAMES",
+    "ServerSpec",
+    "Settings",
+    "Topology",
+    "TopologyError",
+    "TopologyFile",
+    "parse_topology_text",
+]
+
 BALANCER = "balancer"
 """Name the balancer goes by in waves; reserved, like the other compose service names."""
 

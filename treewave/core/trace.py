@@ -32,6 +32,7 @@ from treewave.core.messages import (
 __all__ = [
     "DEFAULT_EVENTS_PER_WAVE",
     "SHIVIZ_DEFAULT_PARSER",
+    "TraceJson",
     "TraceRecorder",
     "assemble",
     "message_kind",

@@ -15,6 +15,15 @@ from typing import Any
 
 from treewave.core.topology import Topology
 
+__all__ = [
+    "DASHBOARD_TITLE",
+    "DASHBOARD_UID",
+    "DATASOURCE_UID",
+    "build_dashboard",
+    "dashboard_json",
+    "iter_exprs",
+]
+
 DATASOURCE_UID = "treewave-prometheus"
 DASHBOARD_UID = "treewave-tree"
 DASHBOARD_TITLE = "treewave — tree load"

@@ -6,6 +6,8 @@ from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.topology import Settings, Topology
 from treewave.generator.words import random_names
 
+__all__ = ["generate"]
+
 
 def generate(
     nodes: int,

@@ -27,6 +27,9 @@ from treewave.wire.secretfile import ensure_secret
 __all__ = [
     "COMPOSE_FILE",
     "DASHBOARD_FILE",
+    "DASHBOARD_PROVISIONING_FILE",
+    "DATASOURCE_PROVISIONING_FILE",
+    "DEFAULT_CPU_PER_SLOT",
     "HOST_LABEL",
     "PLACEMENT_FILE",
     "PROMETHEUS_FILE",
@@ -36,12 +39,15 @@ __all__ = [
     "TemplateNotFoundError",
     "find_compose_template",
     "host_names",
+    "periodic_intervals",
     "place_servers",
     "read_placement",
     "render",
     "render_swarm",
     "render_swarm_texts",
     "render_texts",
+    "topology_hash",
+    "view_hash",
 ]
 
 TARGETS = ("compose", "swarm")

@@ -12,6 +12,8 @@ from importlib import resources
 
 from treewave.core.topology import DNS_LABEL, RESERVED_NAMES
 
+__all__ = ["load_words", "random_names"]
+
 WORDS_FILE = "words.txt"
 
 

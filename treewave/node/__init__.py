@@ -1,0 +1,3 @@
+"""The node role: one server as an aiohttp app (its queue, CPU slots, links and metrics)."""
+
+__all__ = ["app", "metrics", "settings"]

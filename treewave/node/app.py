@@ -60,6 +60,8 @@ from treewave.wire.links import LinkSet, dial_forever, read_frames
 from treewave.wire.timers import DeadlineTimer
 from treewave.wire.topology_file import load_topology
 
+__all__ = ["SERVER_KEY", "Server", "create_app"]
+
 log = logging.getLogger("treewave.node")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+__all__ = ["NodeMetrics"]
+
 
 class NodeMetrics:
     def __init__(self, server: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+__all__ = ["peer_url"]
+
 
 def peer_url(name: str, template: str, overrides: Mapping[str, str] | None = None) -> str:
     """`overrides[name]` if present, else the template with `{name}` filled in."""

@@ -17,6 +17,16 @@ from treewave.core.errors import RemoteProtocolError
 from treewave.core.messages import MAX_MESSAGE_BYTES, Model, encode
 from treewave.wire.auth import dialer_hello
 
+__all__ = [
+    "DEFAULT_PEER_TEMPLATE",
+    "HEARTBEAT_S",
+    "FrameHandler",
+    "LinkSet",
+    "Socket",
+    "dial_forever",
+    "read_frames",
+]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PEER_TEMPLATE = "ws://{name}:8000/ws"

@@ -6,6 +6,8 @@ import os
 import secrets
 from pathlib import Path
 
+__all__ = ["ensure_secret", "read_secret"]
+
 
 def read_secret(path: Path, what: str = "link secret") -> str:
     """The secret in `path` (stripped); a missing or empty file is a clear error naming

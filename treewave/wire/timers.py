@@ -7,6 +7,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+__all__ = ["DeadlineTimer"]
+
 
 class DeadlineTimer:
     """Calls `fire(now)` once the earliest of `next_deadline()` (a `time.monotonic()` time,

@@ -49,15 +49,6 @@
     return node;
   }
 
-  // Must agree with load_level() in balancer/status.py.
-  function loadLevel(running, queued, cpus) {
-    const load = running + queued;
-    if (load <= 0) return 0;
-    const ratio = load / cpus / (overloadPercent / 100);
-    if (ratio >= 1) return 5;
-    return Math.min(4, 1 + Math.floor(ratio * 4));
-  }
-
   // Squeeze a long stats line into the box instead of letting it overflow.
   function fitText(el, width) {
     if (el.textContent.length > 17) {
@@ -98,7 +89,7 @@
       g.classList.remove("missing", "unknown", "lvl-0", "lvl-1", "lvl-2", "lvl-3", "lvl-4", "lvl-5");
       let tip;
       if (n) {
-        const lvl = loadLevel(n.running, n.queued, n.cpus);
+        const lvl = n.level; // the colour band, from the API (core.load.load_level)
         g.classList.add("lvl-" + lvl);
         g.dataset.running = n.running;
         g.dataset.queued = n.queued;
