@@ -40,6 +40,7 @@ __all__ = [
     "edge_path",
     "layers_of",
     "layout",
+    "locked_page",
     "setup_status",
     "sse_frame",
 ]

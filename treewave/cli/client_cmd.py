@@ -33,6 +33,7 @@ from treewave.core.load import pressure_of
 
 __all__ = [
     "Client",
+    "add_token_file",
     "api_token",
     "load_bar",
     "load_text",
