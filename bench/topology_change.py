@@ -24,9 +24,11 @@ With `--compose` (after `eval "$(bash ../shared/offline-docker/setup.sh)"` here)
 old topology is rendered and brought up under Docker Compose (servers and balancer only),
 the tasks queued the same way, then `treewave apply` with the new file: it renders, starts
 the 30 new containers, waits for them to be healthy, posts the topology, follows the drain
-and removes the retired containers and volumes. Its wall time is reported (`apply_s`,
-everything included) with the balancer's own time from adopting to steady not separable;
-the tasks are then read inside every new container.
+and removes the retired containers and volumes. Reported from the start of `apply`: when
+the (recreated) balancer had adopted the new topology and when it was steady (every old
+server retired), polling `GET /api/topology` every 0.2 s meanwhile, and when `apply`
+returned (`apply_s`: also removing the 10 containers and their volumes); the tasks are
+then read inside every new container.
 
 Prints a table and writes bench/results/topology_change.json (`--compose`:
 topology_change_compose.json).
@@ -42,6 +44,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -205,6 +208,28 @@ def measure_compose(args: argparse.Namespace, directory: Path) -> dict[str, Any]
 
         path.write_text(after.dumps(), encoding="utf-8")
         started = time.monotonic()
+        milestones: dict[str, float] = {}
+        applying = threading.Event()
+        applying.set()
+
+        def watch() -> None:
+            """When the balancer adopted the new topology, and when it was steady."""
+            wanted = after.to_json_data()
+            while applying.is_set() and "steady" not in milestones:
+                try:
+                    state = get_json(url + "/api/topology", timeout=5)
+                except OSError:  # the balancer is being recreated
+                    time.sleep(0.2)
+                    continue
+                if state["topology"] == wanted:
+                    milestones.setdefault("adopted", time.monotonic() - started)
+                    migration = state["migration"]
+                    if migration["state"] == "steady" and set(old) <= set(migration["retired"]):
+                        milestones["steady"] = time.monotonic() - started
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         applied = subprocess.run(
             [
                 sys.executable,
@@ -231,6 +256,8 @@ def measure_compose(args: argparse.Namespace, directory: Path) -> dict[str, Any]
             check=False,
         )
         apply_s = time.monotonic() - started
+        applying.clear()
+        watcher.join(timeout=10)
         if applied.returncode != 0:
             raise SystemExit(f"apply failed:\n{applied.stdout[-3000:]}\n{applied.stderr[-3000:]}")
         summary = applied.stdout.strip().splitlines()[-1]
@@ -260,6 +287,8 @@ def measure_compose(args: argparse.Namespace, directory: Path) -> dict[str, Any]
             "old_servers": len(old),
             "new_servers": len(new),
             "tasks": len(ids),
+            "adopted_s": _seconds(milestones.get("adopted")),
+            "steady_s": _seconds(milestones.get("steady")),
             "apply_s": round(apply_s, 2),
             "apply_says": summary,
             "moved": moved,
@@ -271,6 +300,11 @@ def measure_compose(args: argparse.Namespace, directory: Path) -> dict[str, Any]
         }
     finally:
         compose("down", "-v", "--remove-orphans")
+
+
+def _seconds(value: float | None) -> float | None:
+    """Rounded, or None when the watcher never saw that milestone (a failed run)."""
+    return None if value is None else round(value, 2)
 
 
 def main() -> int:
