@@ -141,6 +141,75 @@ def test_page_asks_for_the_token_once_and_its_buttons_work(
     assert queued(cluster.url) == held
 
 
+def test_with_reads_protected_the_page_asks_for_the_token_then_shows_every_server_live(
+    driver: Any, start_cluster: Callable[..., Any], tmp_path: Path, token_file: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    token = token_file.read_text(encoding="utf-8").strip()
+    cluster = start_cluster(
+        SMALL,
+        tmp_path / "cluster",
+        balancer_args=("--token-for-reads", "--api-token-file", str(token_file)),
+    )
+    names = set(SMALL.names)
+    open_page(driver, cluster.url)
+    # The locked page: it asks for the token and shows nothing of the cluster.
+    form = driver.find_element(By.ID, "token-form")
+    wait_for("the token form", form.is_displayed, timeout=10)
+    assert (
+        "needs its API token to show the cluster" in driver.find_element(By.ID, "token-hint").text
+    )
+    source = driver.page_source
+    assert not driver.find_elements(By.ID, "tree")
+    for name in names:
+        assert name not in source, name
+    # A wrong token: asked again, saying so; still locked.
+    driver.find_element(By.ID, "token-input").send_keys("not-the-token-at-all")
+    driver.find_element(By.ID, "token-button").click()
+    wait_for(
+        "the form to say the token was refused",
+        lambda: "did not accept" in driver.find_element(By.ID, "token-hint").text,
+        timeout=10,
+    )
+    assert not driver.find_elements(By.ID, "tree")
+    # The right token: the session opens, the page loads again with the tree, and the event
+    # stream (which cannot send a header) keeps it live through the session cookie.
+    driver.find_element(By.ID, "token-input").send_keys(token)
+    driver.find_element(By.ID, "token-button").click()
+    wait_for("the status page", lambda: driver.find_elements(By.ID, "tree"), timeout=15)
+    shown = wait_for("every server on the page", lambda: all_reported(driver, names))
+    assert set(shown) == names
+    conn = driver.find_element(By.ID, "conn")
+    wait_for("the live stream", lambda: conn.text == "live", timeout=15)
+    seen = int(driver.find_element(By.TAG_NAME, "body").get_attribute("data-snapshots") or 0)
+    wait_for(
+        "a snapshot from the stream",
+        lambda: (
+            int(driver.find_element(By.TAG_NAME, "body").get_attribute("data-snapshots")) > seen
+        ),
+        timeout=15,
+    )
+    # The session cookie is out of the page's reach (HttpOnly); the token is kept for the
+    # tab, so the buttons work without asking again.
+    assert driver.execute_script("return document.cookie") == ""
+    assert driver.execute_script("return sessionStorage.getItem('treewave.apiToken')") == token
+    driver.find_element(By.ID, "rebalance-button").click()
+    notice = driver.find_element(By.ID, "notice")
+    wait_for("the rebalance notice", lambda: "Rebalance:" in notice.text, timeout=20)
+    assert not driver.find_element(By.ID, "token-form").is_displayed()
+    assert not driver.find_element(By.ID, "error").is_displayed()
+    # The trace panel reads /api/waves with the cookie too.
+    waves = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch('/api/waves').then(r => done(r.status), e => done(String(e)));"
+    )
+    assert waves == 200
+    counts = rejected(cluster.url)
+    assert counts["token_missing"] >= 1, counts  # the first page load
+    assert counts["token_wrong"] == 1, counts  # the wrong token, once
+
+
 EVIL_PAGE = """<!doctype html><title>evil</title>
 <form id="f" method="POST" action="{target}/api/finn" enctype="text/plain">
 <input name='{{"tasks_per_node": 5, "x": "' value='"}}'></form>

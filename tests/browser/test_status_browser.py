@@ -17,6 +17,7 @@ from tests.support.browser import (
     servers_on_page,
     wait_for,
 )
+from tests.support.http import get_json
 from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.topology import Settings
 from treewave.generator.words import random_names
@@ -170,3 +171,56 @@ def test_page_with_30_servers_is_readable_and_greys_out_a_lost_server(
     assert "partial" in line
     assert lost in line
     driver.save_screenshot(str(artifacts / "status-page-30.png"))
+
+
+def test_page_shows_a_retiring_server_live_until_it_is_retired(
+    driver: Any, start_cluster: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A topology without `fjord` is posted while the page is open: the page redraws the
+    new tree, its card of retiring servers shows fjord with what it still holds (its running
+    task within the grace, its queued ones moving out), and the card goes once fjord is
+    retired, every task it held now elsewhere."""
+    from selenium.webdriver.common.by import By
+
+    cluster = start_cluster(SMALL, tmp_path / "cluster")
+    names = set(SMALL.names)
+    open_page(driver, cluster.url)
+    wait_for("every server on the page", lambda: all_reported(driver, names))
+    assert not driver.find_element(By.ID, "retiring-card").is_displayed()
+    get_json(cluster.url + "/api/tasks", "POST", {"node": "fjord", "count": 3})
+
+    data = SMALL.to_json_data()
+    data["settings"] = {**data["settings"], "drain_grace_s": 6}
+    data["servers"] = [
+        {**s, "children": [c for c in s.get("children", []) if c != "fjord"]}
+        for s in data["servers"]
+        if s["name"] != "fjord"
+    ]
+    get_json(cluster.url + "/api/topology", "POST", data)
+
+    def fjord_retiring() -> str | None:
+        card = driver.find_element(By.ID, "retiring-card")
+        items = driver.find_elements(By.CSS_SELECTOR, '#retiring li[data-server="fjord"]')
+        shown = card.is_displayed() and items and "grace left" in items[0].text
+        return items[0].text if shown else None
+
+    text = wait_for("fjord in the card of retiring servers", fjord_retiring, timeout=20)
+    assert "1 running" in text, text  # its start-up task, within the grace
+    wait_for(
+        "the new tree on the page",
+        lambda: all_reported(driver, names - {"fjord"}),
+        timeout=20,
+    )
+    wait_for(
+        "the card gone once fjord is retired",
+        lambda: not driver.find_element(By.ID, "retiring-card").is_displayed() or None,
+        timeout=60,
+    )
+    state = get_json(cluster.url + "/api/topology")
+    assert state["migration"]["state"] == "steady", state["migration"]
+    assert state["migration"]["retired"]["fjord"]["moved"] == 4, state["migration"]
+    tree = get_json(cluster.url + "/api/tree")
+    assert (
+        sum(n["queued"] + n["running"] for n in tree["nodes"])
+        == sum(s.tasks for s in SMALL.servers) + 3
+    )

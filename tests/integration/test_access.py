@@ -33,14 +33,16 @@ TASK = json.dumps({"node": "cedar", "count": 2})
 FINN = json.dumps({"tasks_per_node": 1})
 
 
-async def state(http: aiohttp.ClientSession, cluster: Cluster) -> Any:
+async def state(http: aiohttp.ClientSession, cluster: Cluster, token: str = "") -> Any:
     """Everything a request could change: every server's task ids and the balancer's
-    waves and moves."""
+    waves and moves (`token`: for a balancer whose reads need it)."""
     out: dict[str, Any] = {}
     for name in cluster.names:
         async with http.get(cluster.url(name) + "/api/tasks") as resp:
             out[name] = await resp.json()
-    async with http.get(cluster.balancer_url + "/api/status") as resp:
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    async with http.get(cluster.balancer_url + "/api/status", headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
         status = await resp.json()
     out["waves"] = status["waves"]
     out["moves"] = status["moves"]
@@ -389,3 +391,276 @@ def test_balancer_beyond_loopback_will_not_start_without_a_token(tmp_path: Path)
     done = treewave(*common, "--allowed-hosts", "http://evil.example/")
     assert done.returncode == 2
     assert "allowed host" in done.stderr
+    for extra, words in (
+        (["--token-for-reads"], "--token-for-reads is set, so reads and changes need an API"),
+        (["--token-for-reads", "--require-token"], "--token-for-reads is set"),
+    ):
+        done = treewave(*common, *extra)
+        assert done.returncode == 2, (extra, done.stderr)
+        assert words in done.stderr, done.stderr
+        assert "--api-token-file" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    bad = {**clean_env(), "TREEWAVE_TOKEN_FOR_READS": "maybe"}
+    done = treewave(*common, env=bad)
+    assert done.returncode == 2
+    assert "TREEWAVE_TOKEN_FOR_READS" in done.stderr
+    assert "'maybe'" in done.stderr
+
+
+# --- reads behind the token (--token-for-reads) ---------------------------------------------
+
+# Every read route but the open ones; /api/waves/nope reaches its handler (404) when let in.
+READ_ROUTES = (
+    "/",
+    "/api/tree",
+    "/api/status",
+    "/api/topology",
+    "/api/waves",
+    "/api/waves/nope",
+    "/api/events",
+)
+OPEN_ROUTES = ("/healthz", "/metrics", "/static/status.js", "/static/session.js")
+SECRETS = ("aurora", "birch", "cedar", "wave_id")
+"""What a refused read must not reveal: server names, waves."""
+
+
+async def first_event(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str]
+) -> tuple[str, Any]:
+    """The first event of a server-sent event stream: (event name, decoded data)."""
+    async with http.get(url, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.content_type == "text/event-stream"
+        event = ""
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if line.startswith("event:"):
+                event = line.removeprefix("event:").strip()
+            elif line.startswith("data:") and event:
+                return event, json.loads(line.removeprefix("data:"))
+    raise AssertionError("the stream ended before its first event")
+
+
+async def read(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], method: str = "GET"
+) -> tuple[int, str, aiohttp.ClientResponse]:
+    """(status, body, response) of a read; an event stream is closed at once (its body is
+    left empty)."""
+    async with http.request(method, url, headers=headers) as resp:
+        if resp.content_type == "text/event-stream":
+            return resp.status, "", resp
+        return resp.status, await resp.text(), resp
+
+
+@pytest.fixture
+def reads_args(token_file: Path) -> dict[str, list[str]]:
+    return {"balancer": ["--token-for-reads", "--api-token-file", str(token_file)]}
+
+
+async def test_reads_need_the_token_when_configured(
+    start_cluster: StartCluster,
+    http: aiohttp.ClientSession,
+    reads_args: dict[str, list[str]],
+    token: str,
+) -> None:
+    cluster = start_cluster(TOPOLOGY, extra_args=reads_args)
+    base = cluster.balancer_url
+    counts = await rejected(http, cluster)
+    wrong_header = {"Authorization": "Bearer " + "x" * len(token)}
+    stale_cookie = {"Cookie": "treewave_session=" + "0" * 64}
+    for path in READ_ROUTES:
+        for headers in ({}, wrong_header):
+            for method in ("GET", "HEAD"):
+                status, text, resp = await read(http, base + path, headers, method)
+                assert status == 401, (path, headers, method, text)
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        status, text, resp = await read(http, base + path, stale_cookie)
+        assert status == 401, (path, text)
+        for headers, reason in (({}, "token_missing"), (wrong_header, "token_wrong")):
+            status, text, resp = await read(http, base + path, headers)
+            for secret in SECRETS:
+                assert secret not in text, (path, secret, text)
+            if path == "/":
+                # The page shell: it asks for the token and holds no data.
+                assert resp.content_type == "text/html"
+                assert 'id="token-form"' in text
+                assert "/static/session.js" in text
+                assert "tw-initial" not in text
+                continue
+            answer = json.loads(text)
+            assert answer["reason"] == reason, (path, answer)
+            why = "--token-for-reads" if reason == "token_missing" else "not this balancer's"
+            assert why in answer["error"], answer
+            assert "Authorization: Bearer" in answer["error"]
+            assert token not in text
+    status, text, _ = await read(http, base + "/api/status", stale_cookie)
+    assert "session cookie" in json.loads(text)["error"]
+    after = await rejected(http, cluster)
+    n = len(READ_ROUTES)
+    assert after["token_missing"] - counts["token_missing"] == 3 * n
+    assert after["token_wrong"] - counts["token_wrong"] == 3 * n + n + 1
+    # Healthchecks, the Prometheus scrape and the page's code stay open.
+    for path in OPEN_ROUTES:
+        status, text, _ = await read(http, base + path, {})
+        assert status == 200, (path, text)
+    # The right token in the header: every read goes through.
+    auth = {"Authorization": f"Bearer {token}"}
+    for path in READ_ROUTES:
+        status, text, _ = await read(http, base + path, auth)
+        assert status == (404 if path == "/api/waves/nope" else 200), (path, text)
+    status, text, _ = await read(http, base + "/", auth)
+    assert 'id="tree"' in text
+    assert "aurora" in text
+    event, data = await first_event(http, base + "/api/events", auth)
+    assert event == "snapshot"
+    assert {n["name"] for n in data["snapshot"]["nodes"]} == set(cluster.names)
+    # Reads protected means changes need the token too, even on loopback.
+    before = await state(http, cluster, token)
+    status, answer = await call(http, "POST", base + "/api/tasks", TASK, JSON)
+    assert status == 401, answer
+    assert answer["reason"] == "token_missing", answer
+    assert await state(http, cluster, token) == before
+    # Refusals are logged once a minute per client, whatever route and reason.
+    log = cluster.services["balancer"].log_text()
+    assert len([line for line in log.splitlines() if "refused " in line]) == 1, log
+
+
+async def test_a_session_cookie_opens_reads_never_changes(
+    start_cluster: StartCluster,
+    http: aiohttp.ClientSession,
+    reads_args: dict[str, list[str]],
+    token: str,
+) -> None:
+    cluster = start_cluster(TOPOLOGY, extra_args=reads_args)
+    base = cluster.balancer_url
+    url = base + "/api/session"
+    auth = {**JSON, "Authorization": f"Bearer {token}"}
+    # The session is opened only by a same-origin JSON request bearing the token.
+    for headers, status_wanted, reason in (
+        (JSON, 401, "token_missing"),
+        ({**JSON, "Authorization": "Bearer " + "y" * 40}, 401, "token_wrong"),
+        ({**auth, "Content-Type": "text/plain"}, 415, "content_type"),
+        ({**auth, "Origin": "http://evil.example"}, 403, "origin"),
+    ):
+        async with http.post(url, data="{}", headers=headers) as resp:
+            assert resp.status == status_wanted, await resp.text()
+            assert "Set-Cookie" not in resp.headers
+            assert (await resp.json())["reason"] == reason
+    async with http.post(url, data='{"x": 1}', headers=auth) as resp:
+        assert resp.status == 422, await resp.text()
+        assert "Set-Cookie" not in resp.headers
+    async with http.post(url, data="{}", headers={**auth, "Origin": own_origin(cluster)}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert await resp.json() == {"session": "open", "reads_protected": True}
+        set_cookie = resp.headers["Set-Cookie"]
+        value = resp.cookies["treewave_session"].value
+    assert token not in set_cookie
+    assert value
+    assert value != token
+    attributes = {a.strip().split("=")[0].lower() for a in set_cookie.split(";")[1:]}
+    assert {"httponly", "samesite", "path"} <= attributes, set_cookie
+    assert "samesite=strict" in set_cookie.lower()
+    assert "path=/" in set_cookie.lower()
+
+    # The cookie alone (no header) lets this browser read: the page, the API, the stream.
+    cookie = {"Cookie": f"treewave_session={value}"}
+    for path in READ_ROUTES:
+        status, text, _ = await read(http, base + path, cookie)
+        assert status == (404 if path == "/api/waves/nope" else 200), (path, text)
+    status, text, _ = await read(http, base + "/", cookie)
+    assert 'id="tree"' in text
+    assert "tw-initial" in text
+    for name in cluster.names:
+        assert f'data-name="{name}"' in text
+    event, data = await first_event(http, base + "/api/events", cookie)
+    assert event == "snapshot"
+    assert {n["name"] for n in data["snapshot"]["nodes"]} == set(cluster.names)
+    # A wrong header is not excused by a good cookie.
+    status, _, _ = await read(
+        http, base + "/api/status", {**cookie, "Authorization": "Bearer " + "z" * 40}
+    )
+    assert status == 401
+
+    # ...but never changes anything: state-changing requests need the header (CSRF).
+    before = await state(http, cluster, token)
+    counts = await rejected(http, cluster)
+    same_origin = {**JSON, **cookie, "Origin": own_origin(cluster)}
+    for path, body in (
+        ("/api/tasks", TASK),
+        ("/api/finn", FINN),
+        ("/api/rebalance", "{}"),
+        ("/api/session", "{}"),
+    ):
+        status, answer = await call(http, "POST", base + path, body, same_origin)
+        assert status == 401, (path, answer)
+        assert answer["reason"] == "token_missing"
+    assert await state(http, cluster, token) == before
+    after = await rejected(http, cluster)
+    assert after["token_missing"] - counts["token_missing"] == 4
+    status, answer = await call(http, "POST", base + "/api/tasks", TASK, {**auth, **cookie})
+    assert status == 202, answer
+    assert held(await state(http, cluster, token), "cedar") == held(before, "cedar") + 2
+
+
+async def test_reads_stay_open_without_the_setting(
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    base = cluster.balancer_url
+    for path in (*READ_ROUTES, *OPEN_ROUTES):
+        status, text, _ = await read(http, base + path, {})
+        assert status == (404 if path == "/api/waves/nope" else 200), (path, text)
+    status, text, _ = await read(http, base + "/", {})
+    assert "tw-initial" in text
+    assert 'data-name="aurora"' in text
+    # Without a token configured there is no session to open.
+    status, answer = await call(http, "POST", base + "/api/session", "{}", JSON)
+    assert status == 404, answer
+    assert "no API token configured" in answer["error"]
+
+
+async def test_token_without_the_setting_opens_a_session_but_reads_are_open(
+    start_cluster: StartCluster, http: aiohttp.ClientSession, token_file: Path, token: str
+) -> None:
+    cluster = start_cluster(
+        TOPOLOGY, extra_args={"balancer": ["--api-token-file", str(token_file)]}
+    )
+    base = cluster.balancer_url
+    status, _, _ = await read(http, base + "/api/status", {})
+    assert status == 200
+    auth = {**JSON, "Authorization": f"Bearer {token}"}
+    status, answer = await call(http, "POST", base + "/api/session", "{}", auth)
+    assert status == 200
+    assert answer == {"session": "open", "reads_protected": False}
+    # On loopback without --require-token the session route still insists on the token.
+    status, answer = await call(http, "POST", base + "/api/session", "{}", JSON)
+    assert status == 401, answer
+    assert answer["reason"] == "token_missing", answer
+
+
+async def test_cli_reads_with_the_token(
+    start_cluster: StartCluster,
+    http: aiohttp.ClientSession,
+    reads_args: dict[str, list[str]],
+    token_file: Path,
+    token: str,
+) -> None:
+    cluster = start_cluster(TOPOLOGY, extra_args=reads_args)
+    url = cluster.balancer_url
+    refused = treewave("status", "--balancer", url)
+    assert refused.returncode == 1
+    assert "requires its API token for reads too" in refused.stderr
+    assert "--token-file" in refused.stderr
+    ok = treewave("status", "--balancer", url, "--token-file", str(token_file))
+    assert ok.returncode == 0, ok.stderr
+    for name in cluster.names:
+        assert name in ok.stdout
+    # `treewave trace` reads /api/waves: it takes the token the same way.
+    async with http.get(url + "/api/tree", headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 200
+    refused = treewave("trace", "latest", "--balancer", url)
+    assert refused.returncode == 1
+    assert "requires its API token for reads too" in refused.stderr
+    env = {**clean_env(), "TREEWAVE_API_TOKEN_FILE": str(token_file)}
+    ok = treewave("trace", "latest", "--balancer", url, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "echo wave" in ok.stdout

@@ -122,6 +122,8 @@ BALANCER_CASES: list[tuple[str, str, Any, int, str]] = [
     ("POST", "/metrics", {}, 405, "Method Not Allowed"),
     ("GET", "/api/nothing", None, 404, "Not Found"),
     ("GET", "/api/tree/extra", None, 404, "Not Found"),
+    ("POST", "/api/session", {}, 404, "no API token configured"),
+    ("GET", "/api/session", None, 405, "Method Not Allowed"),
 ]
 
 NODE_CASES: list[tuple[str, str, Any, int, str]] = [
@@ -367,6 +369,8 @@ HTTP_TEMPLATES = {
     ],
     "/api/finn": [{"tasks_per_node": 2}, {"tasks_per_node": 1, "duration_s": 1.5}],
     "/api/rebalance": [{}],
+    # The harness's balancer has no API token: every session request is refused (404).
+    "/api/session": [{}],
 }
 
 
@@ -381,7 +385,7 @@ def _duration_ok(body: dict[str, Any]) -> bool:
 
 def request_is_valid(path: str, body: Any) -> bool:
     """The API's contract, written independently of its implementation."""
-    if not isinstance(body, dict):
+    if not isinstance(body, dict) or path == "/api/session":
         return False
     if path == "/api/rebalance":
         return body == {}

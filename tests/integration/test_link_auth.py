@@ -4,7 +4,8 @@
 The genuine `alpha` dials it with the real link code through a relay that records every
 frame it carries, as a sniffer on the network would. A third party then replays the
 recorded hello on a link of its own: the server's fresh nonce makes it worthless, so the
-link is refused, counted, and nothing changes.
+link is refused, counted, and nothing changes. Once in, a link is held to the server's
+flood limit (a token bucket per link): a peer that floods it is throttled, not served.
 """
 
 from __future__ import annotations
@@ -200,5 +201,69 @@ async def test_a_web_page_cannot_open_a_link_even_without_a_secret(
         # Both counted, logged once: a page opening links in a loop cannot flood the log.
         refusals = [r for r in caplog.records if "from a web page" in r.getMessage()]
         assert len(refusals) == 1
+    finally:
+        await node.close()
+
+
+def invalid_count(server: Server, reason: str) -> float:
+    value: float = server.metrics.invalid.labels(server.name, reason)._value.get()
+    return value
+
+
+async def test_a_peer_flooding_its_link_is_throttled_and_nothing_changes() -> None:
+    """`alpha` (authenticated) sends 400 frames at once to a server allowed 50 frames a
+    second per link (a burst of 100): the frames beyond the bucket are dropped unread and
+    counted as `flood`, those within it are handled (here: answered with an error); the
+    server's state is unchanged and, once the bucket refills, the same link is served
+    again."""
+    settings = NodeSettings(
+        name="beta", topology=Path("topology.json"), secret=SECRET, flood_rate=50
+    )
+    node = TestServer(create_node(settings, Topology.parse(TOPOLOGY)))
+    await node.start_server()
+    server = node.app[SERVER_KEY]
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(node.make_url("/ws")) as ws,
+        ):
+            nonce = json.loads((await ws.receive(timeout=10)).data)["nonce"]
+            proof = hello_proof(SECRET, nonce, "alpha", "beta")
+            await ws.send_str(json.dumps({"type": "hello", "sender": "alpha", "token": proof}))
+            await wait_until(lambda: server.links.connected("alpha"), "alpha's link")
+            before = await (await session.get(node.make_url("/api/tasks"))).json()
+
+            for _ in range(400):
+                await ws.send_str("{}")  # not a message: answered with an error if read
+
+            def counted() -> float:
+                return invalid_count(server, "flood") + invalid_count(server, "unknown_type")
+
+            await wait_until(lambda: counted() >= 400, "every frame counted")
+            flooded = invalid_count(server, "flood")
+            handled = invalid_count(server, "unknown_type")
+            assert counted() == 400
+            # The burst of 100, plus 50 a second while the 400 frames are read (a fraction
+            # of a second; bounded loosely for a busy machine).
+            assert 100 <= handled <= 300, (handled, flooded)
+            assert flooded == 400 - handled
+            answers = 0
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    frame = await ws.receive(timeout=1)
+                    assert frame.type == aiohttp.WSMsgType.TEXT, frame
+                    assert "error" in json.loads(frame.data)
+                    answers += 1
+            assert answers == handled  # only what was read was answered
+            after = await (await session.get(node.make_url("/api/tasks"))).json()
+            assert after == before
+
+            # The bucket refills: the same link is served again.
+            await asyncio.sleep(1.0)
+            await ws.send_str("{}")
+            reply = json.loads((await ws.receive(timeout=10)).data)
+            assert "error" in reply
+            assert invalid_count(server, "unknown_type") == handled + 1
+            assert server.links.connected("alpha")
     finally:
         await node.close()

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.support.commands import clean_env, treewave_command
-from tests.support.http import get_json
+from tests.support.http import get_json, http_request
 from tests.support.ports import free_port_block, port_free
 from tests.support.run import (
     NAMES,
@@ -273,3 +273,41 @@ def test_usage_errors_exit_2_and_help_has_an_example() -> None:
     )
     assert helped.returncode == 0
     assert "treewave run --topology" in helped.stdout
+
+
+def test_token_for_reads_makes_a_run_token_the_supervisor_uses(
+    tmp_path: Path, treewave_run: list[RunProcess]
+) -> None:
+    run = start_run(tmp_path, "--token-for-reads")
+    treewave_run.append(run)
+    run.wait_ready()  # the supervisor's own Echo went through with the token
+    token_file = Path(run.wait_for(r"^\s+API token\s+(\S+)", 5)[1])
+    token = token_file.read_text(encoding="utf-8").strip()
+    assert len(token) >= 32
+    assert f"--token-file {token_file}" in run.output
+    status, body = http_request("GET", run.balancer_url + "/api/status")
+    assert status == 401, body
+    assert body["reason"] == "token_missing"
+    status, body = http_request("GET", run.balancer_url + "/api/status", token=token)
+    assert status == 200, body
+    args = cmdline(run.servers["balancer"][1])
+    assert "--token-for-reads" in args
+    assert args[args.index("--api-token-file") + 1] == str(token_file)
+
+    # A reload posts the new topology with the token, and polls it with the token.
+    grown = json.loads(json.dumps(TOPOLOGY))
+    grown["servers"][4]["children"] = ["zeta"]
+    grown["servers"].append({"name": "zeta", "cpus": 1})
+    write_topology(tmp_path, grown)
+    mark = len(run.lines)
+    os.kill(run.proc.pid, signal.SIGHUP)
+    zeta = run.wait_for(r"server zeta started \(port (\d+), pid (\d+)\)", 20, mark)
+    run.seen_pids.add(int(zeta[2]))
+    restarted = run.wait_for(r"server echo restarted with its new view \(pid (\d+)\)", 20, mark)
+    run.seen_pids.add(int(restarted[1]))
+    run.wait_for(r"reload: the balancer adopted the new topology", 30, mark)
+    status, body = http_request("GET", run.balancer_url + "/api/topology", token=token)
+    assert status == 200, body
+    assert [s["name"] for s in body["topology"]["servers"]] == [*NAMES, "zeta"]
+    assert run.stop(signal.SIGINT) == 0
+    assert not token_file.exists(), "the run's token outlived the run"

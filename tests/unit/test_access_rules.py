@@ -1,5 +1,6 @@
 """The balancer's access rules as pure functions: Host names, origins, when the token is
-required, and the once-a-minute log limiter."""
+required (for changes, and for reads with --token-for-reads), the read-session cookie, and
+the once-a-minute log limiter."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from treewave.balancer.access import (
     host_allowed,
     is_loopback,
     origin_allowed,
+    read_needs_token,
+    read_refusal,
+    session_cookie_value,
 )
-from treewave.cli.settings import ACCESS_OPTIONS, add_options, resolve
+from treewave.cli.settings import ACCESS_OPTIONS, SettingError, add_options, resolve
 from treewave.wire.http import RejectionLog
 
 
@@ -117,6 +121,7 @@ def no_token_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "TREEWAVE_API_TOKEN",
         "TREEWAVE_API_TOKEN_FILE",
         "TREEWAVE_REQUIRE_TOKEN",
+        "TREEWAVE_TOKEN_FOR_READS",
         "TREEWAVE_PUBLISHED_ADDRESS",
         "TREEWAVE_ALLOWED_HOSTS",
         "TREEWAVE_ALLOWED_ORIGINS",
@@ -159,6 +164,7 @@ def test_published_name_is_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     ("argv", "env", "words"),
     [
         (["--require-token"], {}, "--require-token is set"),
+        (["--token-for-reads"], {}, "--token-for-reads is set, so reads and changes need"),
         (["--published-address", "0.0.0.0"], {}, "beyond loopback"),
         ([], {"TREEWAVE_API_TOKEN": "short"}, "too short"),
         (["--api-token-file", "/nonexistent/token"], {}, "cannot read the API token"),
@@ -189,3 +195,86 @@ def test_rejections_logged_once_a_minute_per_client() -> None:
     for i in range(100):
         limiter.should_log(f"c{i}", 200.0 + i * 61)
     assert len(limiter.last) <= 3
+
+
+# --- reads behind the token --------------------------------------------------------------------
+
+TOKEN = "r" * 43
+READS = AccessSettings(token=TOKEN, token_for_reads=True)
+
+
+def test_token_for_reads_from_flag_or_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n", encoding="utf-8")
+    off = access_settings(parse("--api-token-file", str(token)), "127.0.0.1")
+    assert off.token_for_reads is False
+    got = access_settings(parse("--api-token-file", str(token), "--token-for-reads"), "127.0.0.1")
+    assert got.token_for_reads is True
+    monkeypatch.setenv("TREEWAVE_TOKEN_FOR_READS", "yes")
+    assert access_settings(parse("--api-token-file", str(token)), "127.0.0.1").token_for_reads
+    monkeypatch.setenv("TREEWAVE_TOKEN_FOR_READS", "maybe")
+    with pytest.raises(SettingError, match=r"TREEWAVE_TOKEN_FOR_READS.*'maybe'"):
+        parse()
+    with pytest.raises(ValueError, match="none is configured"):
+        AccessSettings(token_for_reads=True)
+
+
+@pytest.mark.parametrize(
+    ("path", "needs"),
+    [
+        ("/", True),
+        ("/api/tree", True),
+        ("/api/status", True),
+        ("/api/events", True),
+        ("/api/topology", True),
+        ("/api/waves/w1", True),
+        ("/api/anything-later", True),
+        ("/healthz", False),
+        ("/metrics", False),
+        ("/static/status.js", False),
+        ("/healthz/", True),
+        ("/metricsx", True),
+    ],
+)
+def test_which_reads_need_the_token(path: str, needs: bool) -> None:
+    assert read_needs_token(path) is needs
+
+
+def test_session_cookie_is_derived_from_the_token_not_the_token() -> None:
+    value = session_cookie_value(TOKEN)
+    assert value == session_cookie_value(TOKEN)
+    assert TOKEN not in value
+    assert len(value) == 64
+    assert set(value) <= set("0123456789abcdef")
+    assert session_cookie_value("s" * 43) != value
+
+
+@pytest.mark.parametrize(
+    ("authorization", "cookie", "refusal"),
+    [
+        (None, None, "token_missing"),
+        (f"Bearer {TOKEN}", None, None),
+        (f"bearer  {TOKEN} ", None, None),
+        ("Bearer " + "x" * 43, None, "token_wrong"),
+        (f"Basic {TOKEN}", None, "token_wrong"),
+        (TOKEN, None, "token_wrong"),
+        (None, session_cookie_value(TOKEN), None),
+        (None, TOKEN, "token_wrong"),  # the raw token is not the cookie
+        (None, session_cookie_value("s" * 43), "token_wrong"),  # another token's session
+        (None, "", "token_wrong"),
+        # The header, when sent, decides: a good cookie does not excuse a wrong header.
+        ("Bearer nope", session_cookie_value(TOKEN), "token_wrong"),
+    ],
+)
+def test_read_refusals(authorization: str | None, cookie: str | None, refusal: str | None) -> None:
+    assert read_refusal(READS, "/api/status", authorization, cookie) == refusal
+
+
+def test_reads_open_without_the_setting_and_on_open_paths() -> None:
+    assert read_refusal(AccessSettings(token=TOKEN), "/api/status", None, None) is None
+    assert read_refusal(AccessSettings(), "/", "Bearer junk", "junk") is None
+    for path in ("/healthz", "/metrics", "/static/session.js"):
+        assert read_refusal(READS, path, None, None) is None
+        assert read_refusal(READS, path, "Bearer junk", None) is None

@@ -175,6 +175,8 @@ def test_api_token_made_once_and_seen_only_by_the_balancer(
     # the token (the container itself always listens on 0.0.0.0).
     assert env["TREEWAVE_PUBLISHED_ADDRESS"] == "${TREEWAVE_BIND_ADDRESS:-127.0.0.1}"
     assert env["TREEWAVE_ALLOWED_HOSTS"] == "${TREEWAVE_ALLOWED_HOSTS:-}"
+    # Reads behind the token: off unless the variable is set where compose runs.
+    assert env["TREEWAVE_TOKEN_FOR_READS"] == "${TREEWAVE_TOKEN_FOR_READS:-}"
 
 
 def test_grafana_settings(tmp_path: Path, topology: Topology) -> None:

@@ -106,6 +106,7 @@ def test_secrets_are_swarm_secrets_never_in_the_stack_file(
     assert [s["source"] for s in balancer["secrets"]] == ["link-secret", "api-token"]
     assert balancer["environment"]["TREEWAVE_API_TOKEN_FILE"] == "/run/secrets/api-token"
     assert balancer["environment"]["TREEWAVE_PUBLISHED_ADDRESS"] == "0.0.0.0"
+    assert balancer["environment"]["TREEWAVE_TOKEN_FOR_READS"] == "${TREEWAVE_TOKEN_FOR_READS:-}"
 
 
 def test_balancer_and_prometheus_published_in_host_mode_on_host_1(

@@ -16,21 +16,34 @@ One aiohttp middleware, independent of the routes, so routes added later are cov
 - **API token**: when configured it is checked on state-changing requests that present
   one (`Authorization: Bearer <token>`, compared in constant time); when required (the API
   is published beyond loopback) a request without it gets 401.
+- **Reads** (`token_for_reads`, off by default): every GET/HEAD/OPTIONS needs the token too,
+  except `/healthz` (healthchecks), `/metrics` (Prometheus scrapes it without a token; the
+  same numbers are what Prometheus and Grafana serve) and `/static/` (the page's code). A
+  browser cannot put a header on an `EventSource` or a page load, so reads also accept the
+  session cookie `POST /api/session` sets for a request bearing the token: an HMAC of a fixed
+  label under the token (never the token itself), HttpOnly, SameSite=Strict. The cookie is
+  never accepted on state-changing requests: those keep needing the header (a browser adds
+  cookies to cross-site requests, never headers). Unauthenticated, `/` answers 401 with a
+  page that asks for the token and opens the session (`locked_page`), and no data.
 
-Every rejection is a JSON `{"error", "reason"}` answer, counted in
-`treewave_api_rejected_total{reason}` and logged at most once a minute per client address.
+Every rejection is a JSON `{"error", "reason"}` answer (the locked page at `/` excepted),
+counted in `treewave_api_rejected_total{reason}` and logged at most once a minute per
+client address.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import re
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,19 +51,27 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry, Counter
 
-from treewave.wire.http import LOG_EVERY_S, RejectionLog
+from treewave.wire.http import LOG_EVERY_S, RejectionLog, json_error
 from treewave.wire.secretfile import read_secret
 
 __all__ = [
+    "ACCESS_KEY",
     "ALWAYS_ALLOWED_HOSTS",
+    "OPEN_READ_PATHS",
     "REASONS",
+    "SESSION_COOKIE",
+    "SESSION_PATH",
     "AccessSettings",
     "RejectionLog",
     "access_middleware",
     "access_settings",
     "host_allowed",
     "is_loopback",
+    "open_session",
     "origin_allowed",
+    "read_needs_token",
+    "read_refusal",
+    "session_cookie_value",
 ]
 
 log = logging.getLogger("treewave.balancer.access")
@@ -62,6 +83,12 @@ ALWAYS_ALLOWED_HOSTS = ("localhost", "balancer")
 REASONS = ("host", "origin", "content_type", "token_missing", "token_wrong")
 TOKEN_ENV = "TREEWAVE_API_TOKEN"
 TOKEN_FILE_ENV = "TREEWAVE_API_TOKEN_FILE"
+SESSION_PATH = "/api/session"
+SESSION_COOKIE = "treewave_session"
+_SESSION_LABEL = b"treewave status page: read session v1"
+OPEN_READ_PATHS = ("/healthz", "/metrics")
+"""Reads that stay open with `token_for_reads` (besides `/static/`): healthchecks, and the
+Prometheus scrape (its numbers are published by Prometheus and Grafana anyway)."""
 _HOST_ENTRY = re.compile(r"^(\*|\.?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -81,9 +108,12 @@ class AccessSettings:
     allowed_origins: tuple[str, ...] = ()
     """Origins besides the balancer's own that may send state-changing requests, e.g.
     `https://treewave.example.org` behind a TLS proxy."""
+    token_for_reads: bool = False
+    """Reads need the token (or the session cookie) too, except `OPEN_READ_PATHS` and
+    `/static/`; implies the token on every state-changing request."""
 
     def __post_init__(self) -> None:
-        if self.require_token and not self.token:
+        if (self.require_token or self.token_for_reads) and not self.token:
             raise ValueError("an API token is required but none is configured")
         for entry in self.allowed_hosts:
             if not _HOST_ENTRY.match(entry):
@@ -188,11 +218,50 @@ def _bearer(header: str | None) -> str | None:
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
+def _same(a: str, b: str) -> bool:
+    """Constant-time comparison (no early exit on the first differing character)."""
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def session_cookie_value(token: str) -> str:
+    """The session cookie for `token`: an HMAC of a fixed label under it, so the cookie
+    proves the token was presented without being it (a leaked cookie opens reads only,
+    and rotating the token ends every session)."""
+    return hmac.new(token.encode(), _SESSION_LABEL, hashlib.sha256).hexdigest()
+
+
+def read_needs_token(path: str) -> bool:
+    """Whether a read of `path` needs the token when reads are protected."""
+    return path not in OPEN_READ_PATHS and not path.startswith("/static/")
+
+
+def read_refusal(
+    settings: AccessSettings, path: str, authorization: str | None, cookie: str | None
+) -> str | None:
+    """Why a read (GET/HEAD/OPTIONS) is refused: "token_missing", "token_wrong", or None
+    when it may go on. The `Authorization` header, when sent, decides; else the session
+    cookie."""
+    if not settings.token_for_reads or not read_needs_token(path):
+        return None
+    presented = _bearer(authorization)
+    if presented is not None:
+        return None if _same(presented, settings.token) else "token_wrong"
+    if cookie is None:
+        return "token_missing"
+    return None if _same(cookie, session_cookie_value(settings.token)) else "token_wrong"
+
+
 # --- the middleware ---------------------------------------------------------------------------
 
 
-def access_middleware(settings: AccessSettings, registry: CollectorRegistry) -> Middleware:
-    """The middleware enforcing `settings`; its rejections are counted in `registry`."""
+def access_middleware(
+    settings: AccessSettings,
+    registry: CollectorRegistry,
+    locked_page: Callable[[web.Request], web.Response] | None = None,
+) -> Middleware:
+    """The middleware enforcing `settings`; its rejections are counted in `registry`.
+    With reads protected, an unauthenticated `GET /` gets `locked_page`'s answer (status
+    401): a page that asks for the token, holding no data."""
     rejected = Counter(
         "treewave_api_rejected",
         "API requests refused by the access rules (Host, Origin, Content-Type, token)",
@@ -204,8 +273,15 @@ def access_middleware(settings: AccessSettings, registry: CollectorRegistry) -> 
     limiter = RejectionLog()
     token = settings.token.encode()
     hint = "send it as 'Authorization: Bearer <token>' (CLI: --token-file or TREEWAVE_API_TOKEN)"
+    writes_need_token = settings.require_token or settings.token_for_reads
 
-    def reject(request: web.Request, status: int, reason: str, message: str) -> web.Response:
+    def reject(
+        request: web.Request,
+        status: int,
+        reason: str,
+        message: str,
+        page: Callable[[web.Request], web.Response] | None = None,
+    ) -> web.Response:
         rejected.labels(reason).inc()
         client = request.remote or "unknown"
         if limiter.should_log(client, time.monotonic()):
@@ -220,6 +296,11 @@ def access_middleware(settings: AccessSettings, registry: CollectorRegistry) -> 
                 LOG_EVERY_S,
             )
         headers = {"WWW-Authenticate": 'Bearer realm="treewave"'} if status == 401 else None
+        if page is not None:
+            answer = page(request)
+            answer.set_status(status)
+            answer.headers.update(headers or {})
+            return answer
         return web.json_response(
             {"error": message, "reason": reason}, status=status, headers=headers
         )
@@ -237,7 +318,29 @@ def access_middleware(settings: AccessSettings, registry: CollectorRegistry) -> 
                 "TREEWAVE_ALLOWED_HOSTS",
             )
         if request.method in SAFE_METHODS:
-            return await handler(request)
+            refusal = read_refusal(
+                settings,
+                request.path,
+                request.headers.get("Authorization"),
+                request.cookies.get(SESSION_COOKIE),
+            )
+            if refusal is None:
+                return await handler(request)
+            if refusal == "token_missing":
+                message = (
+                    "this balancer requires its API token for reads too (--token-for-reads): "
+                    + hint
+                    + "; in a browser, open the status page (/) and enter it there"
+                )
+            elif request.headers.get("Authorization") is not None:
+                message = "the API token sent is not this balancer's; " + hint
+            else:
+                message = (
+                    "the session cookie is not valid for this balancer's API token (was it "
+                    "changed?); open the status page (/) and enter the token again, or " + hint
+                )
+            page = locked_page if request.path == "/" else None
+            return reject(request, 401, refusal, message, page)
         origin = request.headers.get("Origin")
         if origin is not None and not origin_allowed(
             origin, request.scheme, host, settings.allowed_origins
@@ -258,14 +361,17 @@ def access_middleware(settings: AccessSettings, registry: CollectorRegistry) -> 
                 f"{request.method} requests must have Content-Type: application/json "
                 f"(got {got!r}); nothing was changed",
             )
+        # The session cookie is never looked at here: a browser sends cookies with
+        # cross-site requests too, headers only when the page itself adds them.
         presented = _bearer(request.headers.get("Authorization"))
         if presented is None:
-            if settings.require_token:
+            if writes_need_token or (request.path == SESSION_PATH and token):
                 return reject(
                     request,
                     401,
                     "token_missing",
-                    f"this balancer requires its API token for {request.method} requests: " + hint,
+                    f"this balancer requires its API token for {request.method} {request.path}: "
+                    + hint,
                 )
         elif not token or not hmac.compare_digest(presented.encode(), token):
             return reject(
@@ -280,6 +386,44 @@ def access_middleware(settings: AccessSettings, registry: CollectorRegistry) -> 
         return await handler(request)
 
     return check_access
+
+
+ACCESS_KEY = web.AppKey("access_settings", AccessSettings)
+"""The app's access settings, for `open_session`."""
+
+
+async def open_session(request: web.Request) -> web.Response:
+    """`POST /api/session` with the token in `Authorization` (the middleware has checked
+    it: required on this route whenever a token is configured): answers with the session
+    cookie, which lets this browser read with `token_for_reads` (page loads, the event
+    stream). It lasts until the browser session ends or the token changes."""
+    settings: AccessSettings = request.app[ACCESS_KEY]
+    if not settings.token:
+        raise json_error(
+            404,
+            "this balancer has no API token configured: its API is open and there is no "
+            "session to open",
+        )
+    raw = (await request.read()).strip()
+    try:
+        body = json.loads(raw) if raw else {}
+    except (UnicodeDecodeError, ValueError):
+        body = None
+    if body != {}:
+        raise json_error(422, f"POST {SESSION_PATH} takes no fields: send {{}} or no body")
+    response = web.json_response(
+        {"session": "open", "reads_protected": settings.token_for_reads},
+        headers={"Cache-Control": "no-store"},
+    )
+    response.set_cookie(
+        SESSION_COOKIE,
+        session_cookie_value(settings.token),
+        path="/",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure or None,
+    )
+    return response
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -305,20 +449,24 @@ def access_settings(args: argparse.Namespace, host: str) -> AccessSettings:
     name = published.strip().strip("[]").lower()
     if beyond_loopback and name and not _is_ip(name) and _HOST_ENTRY.match(name):
         hosts += (name,)  # the published name is one the balancer serves under
-    if (args.require_token or beyond_loopback) and not token:
-        why = (
-            "--require-token is set"
-            if args.require_token
-            else f"the API is reachable beyond loopback (published on {published!r})"
-        )
+    if (args.require_token or beyond_loopback or args.token_for_reads) and not token:
+        if args.token_for_reads:
+            why = "--token-for-reads is set, so reads and changes"
+        elif args.require_token:
+            why = "--require-token is set, so state-changing requests"
+        else:
+            why = (
+                f"the API is reachable beyond loopback (published on {published!r}), so "
+                "state-changing requests"
+            )
         raise ValueError(
-            f"{why}, so state-changing requests need an API token: give --api-token-file "
-            f"FILE (${TOKEN_FILE_ENV}; make one with `treewave secret --out FILE`) or "
-            f"${TOKEN_ENV}"
+            f"{why} need an API token: give --api-token-file FILE (${TOKEN_FILE_ENV}; make "
+            f"one with `treewave secret --out FILE`) or ${TOKEN_ENV}"
         )
     return AccessSettings(
         token=token,
         require_token=args.require_token or beyond_loopback,
         allowed_hosts=hosts,
         allowed_origins=_split(args.allowed_origins),
+        token_for_reads=args.token_for_reads,
     )

@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from treewave.balancer.access import access_middleware
+from treewave.balancer.access import ACCESS_KEY, SESSION_PATH, access_middleware, open_session
 from treewave.balancer.cluster import (
     Balancer,
     BalancerError,
@@ -25,7 +25,7 @@ from treewave.balancer.cluster import (
     tree_json,
 )
 from treewave.balancer.settings import BalancerSettings
-from treewave.balancer.status import setup_status
+from treewave.balancer.status import locked_page, setup_status
 from treewave.balancer.traces import setup_traces
 from treewave.core.messages import FinnWork, describe_errors
 from treewave.core.topology import Topology, TopologyError
@@ -201,11 +201,12 @@ def create_app(settings: BalancerSettings, topology: Topology | None = None) -> 
     topo = topology or load_topology(settings.topology)
     balancer = Balancer(settings, topo)
     # Access rules first: a refused request never reaches a handler (balancer/access.py).
-    check_access = access_middleware(settings.access, balancer.metrics.registry)
+    check_access = access_middleware(settings.access, balancer.metrics.registry, locked_page())
     app = web.Application(
         middlewares=[check_access, json_errors(count_error)], client_max_size=MAX_BODY_BYTES
     )
     app[BALANCER_KEY] = balancer
+    app[ACCESS_KEY] = settings.access
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/tree", api_tree)
@@ -215,6 +216,7 @@ def create_app(settings: BalancerSettings, topology: Topology | None = None) -> 
     app.router.add_post("/api/tasks", api_tasks)
     app.router.add_get("/api/topology", api_topology)
     app.router.add_post("/api/topology", api_post_topology)
+    app.router.add_post(SESSION_PATH, open_session)
     setup_status(app, balancer, settings.status_interval_s)
     setup_traces(app, balancer.traces)
     app.cleanup_ctx.append(_background)

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ __all__ = [
     "edge_path",
     "layers_of",
     "layout",
+    "locked_page",
     "setup_status",
     "sse_frame",
 ]
@@ -427,6 +428,20 @@ class StatusPage:
         return web.Response(
             text=html, content_type="text/html", headers={"Cache-Control": "no-store"}
         )
+
+
+def locked_page() -> Callable[[web.Request], web.Response]:
+    """The page `/` shows while reads need the token and this browser has no session: it
+    asks for the token and opens one (`POST /api/session`, static/session.js), then loads
+    the page again. It holds no data (no server names, no numbers)."""
+    html = _environment().get_template("locked.html").render(version=_static_version())
+
+    def answer(request: web.Request) -> web.Response:
+        return web.Response(
+            text=html, content_type="text/html", headers={"Cache-Control": "no-store"}
+        )
+
+    return answer
 
 
 async def events(request: web.Request) -> web.StreamResponse:

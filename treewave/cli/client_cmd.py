@@ -33,6 +33,7 @@ from treewave.core.load import pressure_of
 
 __all__ = [
     "Client",
+    "add_token_file",
     "api_token",
     "load_bar",
     "load_text",
@@ -374,6 +375,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds to wait for an answer (default: 30)",
     )
+    add_token_file(p)
+
+
+def add_token_file(p: argparse.ArgumentParser) -> None:
+    """`--token-file`, read by `api_token`."""
     p.add_argument(
         "--token-file",
         type=Path,

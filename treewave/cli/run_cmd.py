@@ -69,6 +69,7 @@ from treewave.cli.settings import (
     LOG_LEVEL,
     REBALANCE_INTERVAL,
     STATUS_INTERVAL,
+    TOKEN_FOR_READS,
     TOPOLOGY,
     WAVE_TIMEOUT,
     add_options,
@@ -81,7 +82,7 @@ from treewave.cli.topology_api import (
 )
 from treewave.core.deadlines import wave_deadline_s
 from treewave.core.topology import Topology, TopologyError
-from treewave.wire.secretfile import ensure_secret
+from treewave.wire.secretfile import ensure_secret, read_secret
 from treewave.wire.topology_file import load_topology
 
 __all__ = [
@@ -166,6 +167,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "directory removed on exit)",
     )
     add_options(p, REBALANCE_INTERVAL, WAVE_TIMEOUT, STATUS_INTERVAL)
+    add_options(
+        p,
+        TOKEN_FOR_READS.with_default(
+            False,
+            "the balancer requires an API token for reads too (the status page asks for it): "
+            "a fresh one per run, in the run directory (its path is printed when ready)",
+        ),
+    )
     p.add_argument(
         "--ready-timeout",
         type=positive_float,
@@ -324,10 +333,14 @@ def tail(path: Path, lines: int = 5) -> list[str]:
     return [line for line in text.splitlines() if line.strip()][-lines:]
 
 
-def get_json(url: str, timeout: float) -> Any:
-    """The JSON body of a 200 answer, or None on any failure."""
+def get_json(url: str, timeout: float, token: str = "") -> Any:
+    """The JSON body of a 200 answer, or None on any failure; `token`, when given, is sent
+    as the balancer's API token."""
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
-        with _OPENER.open(url, timeout=timeout) as resp:
+        with _OPENER.open(req, timeout=timeout) as resp:
             if resp.status != 200:
                 return None
             return json.loads(resp.read())
@@ -381,6 +394,10 @@ class Supervisor:
     ready_timeout: float = 60.0
     grace: float = 5.0
     log_level: str = "INFO"
+    token_for_reads: bool = False
+    """The balancer requires its API token for reads too: a fresh token per run
+    (`api_token_file`), sent with the supervisor's own requests."""
+    api_token: str = ""
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
     children: list[Child] = field(default_factory=list)
@@ -440,6 +457,9 @@ class Supervisor:
         # A fresh link secret per run: servers accept links only from neighbours and the
         # balancer that prove it.
         ensure_secret(self.run_dir / "secret")
+        if self.token_for_reads:
+            ensure_secret(self.api_token_file)
+            self.api_token = read_secret(self.api_token_file, what="API token")
         snapshot = self.snapshot(self.topology)
         for name, port in zip(names, ports, strict=True):
             self.children.append(self.node_child(name, port, snapshot))
@@ -463,8 +483,14 @@ class Supervisor:
             argv += ["--wave-timeout", str(self.wave_timeout)]
         if self.status_interval is not None:
             argv += ["--status-interval", str(self.status_interval)]
+        if self.token_for_reads:
+            argv += ["--token-for-reads", "--api-token-file", str(self.api_token_file)]
         log = self.run_dir / "logs" / "balancer.log"
         self.children.append(Child("balancer", "balancer", self.port, argv, log))
+
+    @property
+    def api_token_file(self) -> Path:
+        return self.run_dir / "api-token"
 
     def write_peers(self) -> None:
         """Every server's URL, removed ones included while they drain (the balancer still
@@ -545,7 +571,7 @@ class Supervisor:
     def tree_complete(self) -> bool:
         setting = self.wave_timeout or self.topology.settings.wave_timeout_s
         timeout = wave_deadline_s(setting, self.topology.depth, len(self.topology.servers)) + 2.0
-        body = get_json(self.balancer.url + "/api/tree", timeout=timeout)
+        body = get_json(self.balancer.url + "/api/tree", timeout=timeout, token=self.api_token)
         return isinstance(body, dict) and body.get("complete") is True
 
     # the loop
@@ -653,8 +679,14 @@ class Supervisor:
             f"  reload       edit {self.topology_path}, then: kill -HUP {os.getpid()}",
             f"  logs         {self.run_dir / 'logs'}",
             f"  state        {self.state_dir}",
+            *(
+                [f"  API token    {self.api_token_file}  (reads need it too: the page asks)"]
+                if self.token_for_reads
+                else []
+            ),
             "try: treewave status"
             + ("" if self.port == DEFAULT_PORT else f" --balancer {url}")
+            + (f" --token-file {self.api_token_file}" if self.token_for_reads else "")
             + "   (Ctrl-C stops everything)",
         ]
         print("\n".join(lines), file=self.out, flush=True)
@@ -769,7 +801,7 @@ class Supervisor:
         deadline = time.monotonic() + POST_ATTEMPTS_S
         while True:
             try:
-                post_topology(self.balancer.url, topology.to_json_data())
+                post_topology(self.balancer.url, topology.to_json_data(), token=self.api_token)
                 return
             except TopologyRejected:
                 raise
@@ -800,7 +832,7 @@ class Supervisor:
     def poll_retiring(self) -> None:
         """Stop each retiring server the balancer reports retired, and delete its state."""
         try:
-            state = get_topology(self.balancer.url)
+            state = get_topology(self.balancer.url, token=self.api_token)
         except TopologyApiError:
             return  # the balancer may be restarting: ask again later
         for name in sorted(self.retiring):
@@ -898,6 +930,7 @@ def run(args: argparse.Namespace) -> int:
             ready_timeout=args.ready_timeout,
             grace=args.grace,
             log_level=args.log_level,
+            token_for_reads=args.token_for_reads,
         )
         return supervisor.run()
     finally:

@@ -39,6 +39,7 @@ __all__ = [
     "SECRET_FILE",
     "STATE_DIR",
     "STATUS_INTERVAL",
+    "TOKEN_FOR_READS",
     "TOPOLOGY",
     "TRACE_HISTORY",
     "TRACE_SAMPLE",
@@ -224,8 +225,24 @@ ALLOWED_ORIGINS = Option(
     "",
     "ORIGINS",
 )
-ACCESS_OPTIONS = (API_TOKEN_FILE, REQUIRE_TOKEN, PUBLISHED_ADDRESS, ALLOWED_HOSTS, ALLOWED_ORIGINS)
-"""Who may change the cluster through the balancer's API (treewave/balancer/access.py)."""
+TOKEN_FOR_READS = Option(
+    "--token-for-reads",
+    argtypes.switch,
+    "require the token for reads too: the status page, GET /api/* and the event stream "
+    "(not /healthz, /metrics, /static/); needs a token",
+    "TREEWAVE_TOKEN_FOR_READS",
+    False,
+)
+ACCESS_OPTIONS = (
+    API_TOKEN_FILE,
+    REQUIRE_TOKEN,
+    TOKEN_FOR_READS,
+    PUBLISHED_ADDRESS,
+    ALLOWED_HOSTS,
+    ALLOWED_ORIGINS,
+)
+"""Who may read and change the cluster through the balancer's API
+(treewave/balancer/access.py)."""
 
 _OPTIONS_KEY = "_treewave_options"
 

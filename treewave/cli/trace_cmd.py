@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from treewave.cli.argtypes import positive_float
-from treewave.cli.client_cmd import Client
+from treewave.cli.client_cmd import Client, add_token_file, api_token
 from treewave.cli.errors import CommandError
 from treewave.cli.settings import BALANCER_URL, add_options
 from treewave.core.trace import shiviz_log
@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--shiviz", action="store_true", help="print the ShiViz log instead")
     p.add_argument("--json", action="store_true", help="print the trace's JSON")
     p.add_argument("--timeout", type=positive_float, default=30.0, metavar="S", help="default: 30")
+    add_token_file(p)  # reads need it when the balancer runs with --token-for-reads
     p.set_defaults(handler=run)
 
 
@@ -142,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     if args.file is not None:
         trace = load_trace(args.wave_id, args.file)
     else:
-        trace = _fetch(args.wave_id, Client(args.balancer, args.timeout))
+        client = Client(args.balancer, args.timeout, api_token(args.token_file))
+        trace = _fetch(args.wave_id, client)
     if args.shiviz:
         print(shiviz_log(trace), end="")
     elif args.json:

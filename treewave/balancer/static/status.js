@@ -254,6 +254,7 @@
     es.addEventListener("error", () => {
       conn.textContent = es.readyState === EventSource.CLOSED ? "disconnected" : "reconnecting…";
       conn.className = "conn conn-off";
+      if (es.readyState === EventSource.CLOSED) sessionEnded();
     });
     es.addEventListener("snapshot", (ev) => applyStatus(JSON.parse(ev.data)));
     es.addEventListener("wave", (ev) => {
@@ -268,6 +269,15 @@
       state.movesAt = Date.now() / 1000 + state.clockOffset;
       renderMoves();
     });
+  }
+
+  // The stream was refused: when reads need the token and this browser's session no longer
+  // opens them (the token changed), load the page again, which asks for the token.
+  async function sessionEnded() {
+    try {
+      const resp = await fetch("/api/status", { headers: { Accept: "application/json" } });
+      if (resp.status === 401) window.location.reload();
+    } catch (_) { /* the balancer is away: "disconnected" says so */ }
   }
 
   setInterval(() => {
