@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,3 +148,49 @@ def test_only_the_balancer_can_read_the_token(stack: Any) -> None:
     for server in TOPOLOGY.names:
         done = stack.compose("exec", "-T", server, "ls", "/run/treewave-api/token")
         assert done.returncode != 0, f"{server} can see the API token"
+
+
+def test_reads_behind_the_token_when_configured(stack: Any, token: str) -> None:
+    """`TREEWAVE_TOKEN_FOR_READS=1` in the environment of `docker compose up` recreates the
+    balancer with reads behind the token: the API and the page need it (or the page's
+    session cookie), while the healthcheck and Prometheus's scrape keep working without.
+    Put back afterwards (the balancer recreated without it)."""
+    stack.env["TREEWAVE_TOKEN_FOR_READS"] = "1"
+    try:
+        up = stack.compose("up", "-d", "--wait", "balancer", timeout=300)
+        assert up.returncode == 0, up.stderr
+        name = stack.container("balancer")
+        assert stack.health(name) == "healthy"
+        for path in ("/api/status", "/api/tree", "/api/topology", "/api/waves"):
+            status, answer = request("GET", stack.balancer_url + path)
+            assert status == 401, (path, answer)
+            assert answer["reason"] == "token_missing", (path, answer)
+        bearer = {"Authorization": f"Bearer {token}"}
+        status, answer = request("GET", stack.balancer_url + "/api/tree", None, bearer)
+        assert status == 200, answer
+        assert answer["complete"] is True, answer
+        status, answer = request("GET", stack.balancer_url + "/healthz")
+        assert status == 200, answer
+        recreated_at = time.time()
+
+        def scraped_since() -> bool | None:
+            """Prometheus's latest scrape of the balancer is after the recreation, and up."""
+            samples = {}
+            for expr in ('up{job="treewave-balancer"}', 'timestamp(up{job="treewave-balancer"})'):
+                query = urllib.parse.urlencode({"query": expr})
+                status, answer = request("GET", f"{stack.prometheus_url}/api/v1/query?{query}")
+                assert status == 200, answer
+                result = answer["data"]["result"]
+                if not result:
+                    return None
+                samples[expr] = float(result[0]["value"][1])
+            up, at = samples.values()
+            return True if at > recreated_at and up == 1 else None
+
+        stack.wait_for("Prometheus to scrape the recreated balancer", scraped_since, timeout=90)
+    finally:
+        stack.env.pop("TREEWAVE_TOKEN_FOR_READS", None)
+        back = stack.compose("up", "-d", "--wait", "balancer", timeout=300)
+        assert back.returncode == 0, back.stderr
+    status, answer = request("GET", stack.balancer_url + "/api/status")
+    assert status == 200, answer
