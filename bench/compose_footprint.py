@@ -27,7 +27,8 @@ timed separately. Then:
   with the load average at that moment;
 - Echo (GET /api/tree) and Finn (POST /api/finn with no work): the duration the balancer
   reports and the client-side round trip through the published port, median and p95;
-- down_s: `docker compose down -v`.
+- down_s: `docker compose down -v` (tried twice; `down_error` if it failed: two 200- and
+  300-server runs once left their network behind).
 
 Prints a table and writes bench/results/compose_footprint.json (merging with the sizes
 already there, so sizes can be measured in separate runs). A size that fails is reported
@@ -287,8 +288,14 @@ def measure(
             row["ps"] = logs[-4000:]
         finally:
             start = time.monotonic()
-            dep.compose("down", "-v", "--remove-orphans")
+            down = dep.compose("down", "-v", "--remove-orphans")
+            if down.returncode != 0:  # e.g. a network still busy while 300 containers go
+                row["down_error"] = down.stderr[-2000:]
+                down = dep.compose("down", "-v", "--remove-orphans")
             row["down_s"] = round(time.monotonic() - start, 2)
+            if down.returncode != 0:
+                row["down_error"] = down.stderr[-2000:]
+                print(f"{dep.project}: docker compose down failed: {down.stderr}", file=sys.stderr)
         return row
 
 
