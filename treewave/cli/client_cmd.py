@@ -366,6 +366,17 @@ def render_rebalance(result: Mapping[str, Any]) -> str:
 # --- commands ---------------------------------------------------------------------------------
 
 
+def _add_duration(p: argparse.ArgumentParser) -> None:
+    """`--duration`, as `submit` and `finn` both take it."""
+    p.add_argument(
+        "--duration",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help="seconds each task takes (default: the topology's task_time_s)",
+    )
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     add_options(p, BALANCER_URL)
     p.add_argument(
@@ -429,13 +440,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(p)
     p.add_argument("--node", required=True, metavar="NAME", help="the server's name")
     p.add_argument("--count", required=True, type=positive_int, help="how many tasks")
-    p.add_argument(
-        "--duration",
-        type=positive_float,
-        default=None,
-        metavar="S",
-        help="seconds each task takes (default: the topology's task_time_s)",
-    )
+    _add_duration(p)
     p.set_defaults(handler=submit)
 
     p = sub.add_parser(
@@ -457,13 +462,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="K",
         help="tasks each server enqueues (default: 1)",
     )
-    p.add_argument(
-        "--duration",
-        type=positive_float,
-        default=None,
-        metavar="S",
-        help="seconds each task takes (default: the topology's task_time_s)",
-    )
+    _add_duration(p)
     p.set_defaults(handler=finn)
 
     p = sub.add_parser(
