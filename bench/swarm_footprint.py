@@ -181,7 +181,7 @@ def measure_swarm(lab: Lab, nodes: int, echo_samples: int, finn_samples: int) ->
             )
             row["finn"] = {"samples": finn_samples, "complete": complete,
                            "balancer": cf._ms(reported), "client": cf._ms(client)}  # fmt: skip
-            row.update(_memory(lab, stack, topology.names))
+            row.update(_memory(lab, stack, list(topology.names)))
             row["load_after"] = [round(x, 1) for x in os.getloadavg()]
         except Exception as exc:  # reported in the row; the run goes on
             row["error"] = str(exc)[-3000:]
@@ -218,6 +218,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("sizes", nargs="*", type=int, default=[12, 30])
     p.add_argument("--echo-samples", type=int, default=20)
     p.add_argument("--finn-samples", type=int, default=10)
+    p.add_argument(
+        "--idle-window", type=float, default=30.0, help="Compose: idle CPU sample, seconds"
+    )
     p.add_argument("--no-compose", action="store_true", help="skip the Compose comparison")
     p.add_argument("--no-swarm", action="store_true", help="only the Compose comparison")
     p.add_argument("--no-write", action="store_true", help="print only")
@@ -241,7 +244,7 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory(prefix="treewave-bench-build-") as tmp:
             cf.build(Path(tmp))
         for n in args.sizes:
-            row = cf.measure(n, args.echo_samples, args.finn_samples)
+            row = cf.measure(n, args.echo_samples, args.finn_samples, args.idle_window)
             rows.append({"target": "compose", **row})
             print(_line("compose", row), flush=True)
 

@@ -147,10 +147,10 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
 
 
 def measure_compose(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    import importlib
     import secrets
     import subprocess
 
-    import docker
     from tests.support.compose import run_compose
     from tests.support.ports import free_port
     from treewave.cli.apply_cmd import NODE_TASKS
@@ -263,6 +263,7 @@ def measure_compose(args: argparse.Namespace, directory: Path) -> dict[str, Any]
         retired = state["migration"]["retired"]
         moved = sum(int(retired[n]["moved"]) for n in old)
 
+        docker: Any = importlib.import_module("docker")  # the SDK (not the docker/ folder)
         engine = docker.from_env()
         label = f"com.docker.compose.project={project}"
         where: Counter[str] = Counter()

@@ -153,7 +153,7 @@ def run_pair(topo_file: Path, servers: int, runs: int) -> dict[str, Any]:
             for kind in ("echo", "finn"):
                 for j in order:
                     sides[j].wave(apis[j], kind)
-        result = {"off": sides[0].report(), "on": sides[1].report()}
+        result: dict[str, Any] = {"off": sides[0].report(), "on": sides[1].report()}
         result["on"]["history_kept"] = len(apis[1].call("GET", "/api/waves")[1]["waves"])
         result["off"]["history_kept"] = len(apis[0].call("GET", "/api/waves")[1]["waves"])
     finally:
@@ -261,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_only:
         data = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
         for size in args.sizes:
-            entry = data.setdefault("sizes", {}).setdefault(size, {})
-            entry["memory"] = memory(topology_for(size))
-            entry["memory"]["commit"] = git_commit()
-            print(size, json.dumps(entry["memory"]))
+            kept = data.setdefault("sizes", {}).setdefault(size, {})
+            kept["memory"] = memory(topology_for(size))
+            kept["memory"]["commit"] = git_commit()
+            print(size, json.dumps(kept["memory"]))
         args.out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return 0
 

@@ -233,7 +233,7 @@ class Cluster:
 
     def healthy(self, name: str) -> bool:
         try:
-            return get_json(self.url(name) + "/healthz", timeout=5).get("status") == "ok"
+            return bool(get_json(self.url(name) + "/healthz", timeout=5).get("status") == "ok")
         except (OSError, ValueError):
             return False
 
