@@ -152,7 +152,9 @@ def driver(browser_available: None, tmp_path: Path) -> Iterator[Any]:
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    binary = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    assert binary is not None, "browser_available found chromium"
+    options.binary_location = binary
     for arg in (
         "--headless=new",
         "--no-sandbox",

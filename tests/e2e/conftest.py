@@ -18,6 +18,7 @@ the module fails, the services' logs are printed and saved under artifacts/.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import secrets
@@ -29,13 +30,16 @@ from typing import Any
 
 import pytest
 
-import docker
 from tests.support.compose import run_compose
 from tests.support.http import http_request
 from tests.support.ports import free_port
 from tests.support.waiting import wait_for_value
 from treewave.core.topology import Topology
 from treewave.generator.render import render
+
+# The Docker SDK, imported by name: mypy would resolve `import docker` to the project's
+# docker/ folder (treewave apply and bench/topology_change import it the same way).
+docker: Any = importlib.import_module("docker")
 
 REPO = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 600

@@ -290,15 +290,15 @@ async def test_token_required_missing_or_wrong_is_401_right_is_accepted(
     # Reads stay open; the right token is accepted.
     status, _ = await call(http, "GET", base + "/api/status")
     assert status == 200
-    auth = {**JSON, "Authorization": f"Bearer {token}"}
-    status, answer = await call(http, "POST", base + "/api/tasks", TASK, auth)
+    with_token = {**JSON, "Authorization": f"Bearer {token}"}
+    status, answer = await call(http, "POST", base + "/api/tasks", TASK, with_token)
     assert status == 202, answer
-    status, answer = await call(http, "POST", base + "/api/finn", FINN, auth)
+    status, answer = await call(http, "POST", base + "/api/finn", FINN, with_token)
     assert status == 200, answer
     assert answer["complete"] is True, answer
     # The token does not excuse a cross-site request.
     status, answer = await call(
-        http, "POST", base + "/api/tasks", TASK, {**auth, "Origin": "http://evil.example"}
+        http, "POST", base + "/api/tasks", TASK, {**with_token, "Origin": "http://evil.example"}
     )
     assert status == 403, answer
     after = await state(http, cluster)

@@ -67,7 +67,8 @@ def recording_relay(target: str, recorded: list[str]) -> web.Application:
 
 
 async def bad_hello_count(server: Server) -> float:
-    return server.metrics.invalid.labels(server.name, "bad_hello")._value.get()
+    count: float = server.metrics.invalid.labels(server.name, "bad_hello")._value.get()
+    return count
 
 
 async def wait_until(condition: Any, what: str, limit_s: float = 20.0) -> None:

@@ -134,7 +134,8 @@ async def _wait_links(app: web.Application, within_s: float = 30.0) -> None:
 
 async def _events(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:
     """Parse a text/event-stream body into (event, decoded data) pairs."""
-    event, data = "message", []
+    event = "message"
+    data: list[str] = []
     while True:
         raw = await resp.content.readline()
         if not raw:
@@ -166,7 +167,9 @@ async def _until(
 
 def _full(snapshot: dict[str, Any]) -> bool:
     snap = snapshot.get("snapshot")
-    return bool(snap) and snap["complete"] and {n["name"] for n in snap["nodes"]} == NAMES
+    if not snap:
+        return False
+    return bool(snap["complete"]) and {n["name"] for n in snap["nodes"]} == NAMES
 
 
 # --- the page -------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def assert_every_task_once(swarm: Any, created: set[str]) -> None:
 
 def wave_missing_exactly(swarm: Any, expected: list[str]) -> dict[str, Any]:
     started = time.monotonic()
-    tree = swarm.tree()
+    tree: dict[str, Any] = swarm.tree()
     took = time.monotonic() - started
     assert not tree["complete"], tree
     assert sorted(tree["missing"]) == expected, tree["missing"]

@@ -13,8 +13,8 @@ T = TypeVar("T")
 __all__ = ["SMALL", "VIEWPORT", "all_reported", "open_page", "servers_on_page", "wait_for"]
 
 
-def wait_for(what: str, probe: Callable[[], T], timeout: float = 30.0) -> T:
-    """Poll a page probe; any exception (a DOM mid-update) means "not yet"."""
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) -> T:
+    """Poll a page probe; any exception (a DOM mid-update) or None means "not yet"."""
     return poll(what, probe, timeout, retry_on=(Exception,))
 
 

@@ -14,7 +14,7 @@ T = TypeVar("T")
 
 def wait_for(
     what: str,
-    probe: Callable[[], T],
+    probe: Callable[[], T | None],
     timeout: float = 60.0,
     interval: float = 0.2,
     on_poll: Callable[[], None] | None = None,
@@ -22,7 +22,8 @@ def wait_for(
 ) -> T:
     """Poll `probe` until it returns a true value and return that; an exception in
     `retry_on` counts as "not yet". Fails naming `what` (and the last exception or value)
-    after `timeout` seconds."""
+    after `timeout` seconds. The probe may answer None for "not yet": the value returned
+    is never None (it is true), which the type says."""
     deadline = time.monotonic() + timeout
     last: object = None
     while True:

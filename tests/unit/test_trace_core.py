@@ -15,6 +15,7 @@ import pytest
 
 from treewave.balancer.traces import WaveTraces, sampled_waves
 from treewave.cli.main import main
+from treewave.core.events import EchoResult
 from treewave.core.messages import EchoExplore, FinnSets, FinnWork, TraceEvent, encode
 from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.simulation import SimNetwork
@@ -53,7 +54,7 @@ def test_simulated_traces_are_whole_and_causal(seed: int) -> None:
     check_causal(finn)
     # The marked tree edges are the spanning tree the wave reported.
     result = net.logs["e"].result
-    assert result is not None
+    assert isinstance(result, EchoResult)
     parents = {s.name: s.echo_parent for s in result.states}
     marked = {(m["from"], m["to"]) for m in echo["events"] if m.get("tree")}
     assert marked == {(p, n) for n, p in parents.items()} | {(n, p) for n, p in parents.items()}

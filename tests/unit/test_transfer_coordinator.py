@@ -448,7 +448,7 @@ def test_bad_calls_and_replies_change_nothing() -> None:
     c = TransferCoordinator(NAMES, "x")
     for args in (("a", "a", 1), ("a", "zz", 1), ("a", "b", 0)):
         with pytest.raises(LocalProtocolError):
-            c.start(*args, now=0.0)  # type: ignore[misc]
+            c.start(*args, now=0.0)
     with pytest.raises(LocalProtocolError):
         c.phase("nope")
     tid, _ = c.start("a", "b", 1, 0.0)

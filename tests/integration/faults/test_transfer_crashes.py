@@ -20,6 +20,7 @@ donor (abort).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pytest
@@ -139,7 +140,7 @@ def test_transfer_survives_a_crash_at_each_step(
             # Another server is set to crash next, possibly while this one restarts (the
             # resolver retries on its own): wait only for this one to serve again.
             cluster.restart(server, wait=False)
-            wait_for(f"{server} to serve again", lambda name=server: serving(cluster, name))
+            wait_for(f"{server} to serve again", partial(serving, cluster, server))
         else:
             cluster.restart(server)
             sample()
