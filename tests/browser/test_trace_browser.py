@@ -183,3 +183,55 @@ def test_trace_diagram_draws_every_lane_and_message_and_steps_one_event(
     assert any(s.startswith("inc ") for s in stats)
     driver.execute_script("document.getElementById('trace-panel').scrollIntoView()")
     driver.save_screenshot(str(artifacts / "trace-finn.png"))
+
+
+def test_beyond_30_servers_the_diagram_scrolls_and_stays_readable(
+    driver: Any, start_cluster: Callable[..., Any], tmp_path: Path
+) -> None:
+    """60 servers do not fit 1280x800 at a readable size: the lanes keep their least height
+    (labels at least 11 px, none overlapping) and the diagram scrolls inside its box; a
+    lane scrolled to shows its label inside the box."""
+    from selenium.webdriver.common.by import By
+
+    topo = random_topology(
+        60,
+        seed=13,
+        shape=TreeShape(max_children=3, extra_parents=2, cpus=(1, 2), tasks=(0, 1)),
+        names=random_names(60, 13),
+        settings=Settings(task_time_s=900, rebalance_interval_s=0, wave_timeout_s=6),
+    )
+    cluster = start_cluster(topo, tmp_path / "cluster60", timeout_s=240)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", VIEWPORT)
+    driver.get(cluster.url)
+    wait_for("the trace panel", lambda: driver.find_element(By.ID, "trace-panel"))
+    _, trace = whole_traced_wave(driver, cluster.url, None, "trace-echo")
+    driver.find_element(By.ID, "trace-pause").click()
+    d = diagram(driver)
+    assert d["lanes"] == ["balancer", *topo.names]
+    assert d["arrows"] == 2 * topo.echo_edge_count
+
+    driver.execute_script("document.getElementById('trace-panel').scrollIntoView()")
+    box = driver.execute_script(
+        "const b = document.getElementById('trace-box');"
+        "return {sh: b.scrollHeight, ch: b.clientHeight};"
+    )
+    assert box["sh"] > box["ch"] + 50, box  # it scrolls rather than squeezing 61 lanes
+    labels = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#trace-svg g.lane .lane-name'))"
+        ".map(t => { const r = t.getBoundingClientRect(); return {y: r.y, h: r.height}; })"
+    )
+    assert len(labels) == 61
+    for a, b in itertools.pairwise(labels):
+        assert a["y"] + a["h"] <= b["y"] + 0.5, (a, b)
+    assert min(lab["h"] for lab in labels) >= 11
+
+    # The last lane, scrolled to, is inside the box.
+    inside = driver.execute_script(
+        "const b = document.getElementById('trace-box'); b.scrollTop = b.scrollHeight;"
+        "const names = document.querySelectorAll('#trace-svg g.lane .lane-name');"
+        "const last = names[names.length - 1].getBoundingClientRect();"
+        "const r = b.getBoundingClientRect();"
+        "return last.top >= r.top && last.bottom <= r.bottom;"
+    )
+    assert inside is True
+    assert trace["complete"] is True
