@@ -347,6 +347,7 @@ def mutated(draw: st.DrawFn, templates: list[dict[str, Any]]) -> Any:
             for v in target.values()
             if isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict))
         ]
+        # `len(...) > 0`, not the bare list: mypy would infer `draw`'s type from the list.
         if len(nested) > 0 and draw(st.booleans()):
             target = draw(st.sampled_from(nested))
         op = draw(st.sampled_from(["drop", "add", "retype", "retype"]))
