@@ -146,8 +146,8 @@ def run_dask(servers: dict[str, int], w: Workload) -> dict[str, Any]:
     }
     sched = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
     with (
-        SpecCluster(workers=spec, scheduler=sched, silence_logs=logging.ERROR) as cl,  # type: ignore[no-untyped-call]
-        Client(cl) as client,  # type: ignore[no-untyped-call]
+        SpecCluster(workers=spec, scheduler=sched, silence_logs=logging.ERROR) as cl,
+        Client(cl) as client,
     ):
         client.wait_for_workers(len(servers))
         info = client.scheduler_info(n_workers=-1)["workers"]
@@ -163,7 +163,7 @@ def run_dask(servers: dict[str, int], w: Workload) -> dict[str, Any]:
                     allow_other_workers=True,
                     pure=False,
                 )
-        wait(futures)  # type: ignore[no-untyped-call]
+        wait(futures)
         end = time.monotonic()
         wanted = {f.key: addr[b.node] for f, b in zip(futures, _expand(w), strict=True)}
         ran_on = client.run_on_scheduler(_ran_on, keys=list(wanted))
