@@ -450,6 +450,25 @@ def test_a_newer_topology_releases_a_retiring_server_that_comes_back() -> None:
     assert m.adopt(A, 2.0) == []  # the same topology again changes nothing
 
 
+def test_no_move_to_a_server_still_being_released() -> None:
+    """A server that comes back is held until its release gets through, and a held server
+    refuses deliveries: planning drained tasks onto it would fail and be planned again at
+    once, over and over (found by the stateful test over the real coordinator: its
+    release lost with a crash, the move to it looped). Moves wait for the release."""
+    m = Migration(A)
+    m.adopt(B, 0.0)  # "old" retiring
+    back = topo(("old", 2, ()))  # "old" comes back alone: "root" and "keep" retire
+    out = m.adopt(back, 1.0)
+    assert ReleaseServer("old") in out
+    assert m.releasing == {"old"}
+    # "keep" reports queued tasks; the only server of the topology is still held.
+    assert m.receive(ServerReport("keep", True, 3, 0, 0), 1.1) == []
+    assert m.receive(ServerReport("old", True, 0, 0, 0), 1.2) == []  # release not through
+    # Its release is through: the waiting tasks go to it at once.
+    assert m.receive(ServerReport("old", False, 0, 0, 0), 1.3) == [MoveQueued("keep", "old", 3)]
+    assert m.releasing == frozenset()
+
+
 def test_it_resumes_from_json_after_a_restart() -> None:
     m = Migration(A)
     m.adopt(B, 100.0)

@@ -8,7 +8,9 @@ hands its shell intents to carry out and consumes their outcomes:
   to report what it holds (`DrainRequest(hold=True)`, answered by a `DrainReport`, fed
   back as a `ServerReport`). Re-sent every `probe_interval_s`: it is also the poll.
 - `MoveQueued(source, target, count)`: a two-phase transfer of up to `count` queued tasks
-  to a server of the new topology, chosen by least pressure (`policy.plan_drain`); the
+  to a server of the new topology, chosen by least pressure (`policy.plan_drain`) among
+  those not still being released (a held server refuses deliveries: planning onto one
+  would fail and be planned again, over and over, until its release got through); the
   shell answers each with exactly one `TransferDone(source, target, moved)` (0 on failure).
 - `RequeueRunning(s)`: once `drain_grace_s` has passed, stop its running tasks and queue
   them again from scratch (`DrainRequest(hold=True, requeue_running=True)`); they then
@@ -332,9 +334,10 @@ class Migration:
                 f"report of {rep.server!r}: counts must be whole numbers >= 0", "invalid_fields"
             )
         if rep.server in self._releasing:
-            if not rep.held:
-                del self._releasing[rep.server]
-            return []
+            if rep.held:
+                return []
+            del self._releasing[rep.server]
+            return self._plan(now)  # it can take drained tasks now
         r = self._retiring.get(rep.server)
         if r is None and rep.held and rep.server in self.topology:
             # A hold that overtook its release (or outlived a restart): release it again.
@@ -392,9 +395,13 @@ class Migration:
         task_s = self.topology.settings.task_time_s
         targets = []
         for spec in self.topology.servers:
+            if spec.name in self._releasing:
+                continue  # still held: it would refuse the delivery
             base = self._loads.get(spec.name, Load(spec.name, spec.cpus))
             extra = (task_s,) * self._planned_in.get(spec.name, 0)
             targets.append(Load(spec.name, spec.cpus, base.running_left, base.queued + extra))
+        if not targets:
+            return []  # every server of the topology is still being released: later
         moves = plan_drain(sources, targets, task_s, MAX_TASKS_PER_MOVE)
         out: list[Intent] = []
         for m in moves:
