@@ -271,7 +271,7 @@ def access_middleware(
     for reason in REASONS:
         rejected.labels(reason)
     limiter = RejectionLog()
-    token = settings.token.encode()
+    token = settings.token
     hint = "send it as 'Authorization: Bearer <token>' (CLI: --token-file or TREEWAVE_API_TOKEN)"
     writes_need_token = settings.require_token or settings.token_for_reads
 
@@ -373,7 +373,7 @@ def access_middleware(
                     f"this balancer requires its API token for {request.method} {request.path}: "
                     + hint,
                 )
-        elif not token or not hmac.compare_digest(presented.encode(), token):
+        elif not token or not _same(presented, token):
             return reject(
                 request,
                 401,
