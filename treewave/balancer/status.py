@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -360,7 +361,9 @@ def _hub(app: web.Application) -> StatusHub:
 # --- handlers -------------------------------------------------------------------------------
 
 
+@functools.cache
 def _environment() -> jinja2.Environment:
+    """One per process: the status page and the locked page render from it."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=jinja2.select_autoescape(["html", "svg"]),
@@ -372,7 +375,10 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+@functools.cache
 def _static_version() -> str:
+    """A digest of the static files (they do not change while the process runs): read
+    once, not once per page that links them."""
     h = hashlib.sha256()
     for p in sorted(STATIC.glob("*")):
         h.update(p.name.encode())
