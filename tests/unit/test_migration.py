@@ -64,17 +64,12 @@ class SimServer:
     retired: bool = False
 
     def report(self, in_doubt: int, requeued: int = 0) -> ServerReport:
-        led = self.ledger
         return ServerReport(
             server=self.name,
             held=self.held,
-            queued=len(led.queued),
-            running=len(led.running),
-            reserved=led.reserved_count,
-            completed=led.completed,
-            transferred_out=led.transferred_out,
             requeued=requeued,
             in_doubt=in_doubt,
+            **self.ledger.drain_counts(),
         )
 
     def start_tasks(self) -> None:

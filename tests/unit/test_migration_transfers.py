@@ -340,17 +340,9 @@ class MigrationOverTransfers(RuleBasedStateMachine):
             return
         requeued = p.ledger.requeue_running() if isinstance(intent, RequeueRunning) else 0
         self.net.hold(intent.server, not isinstance(intent, ReleaseServer))
-        led = p.ledger
         self.reports.append(
             ServerReport(
-                server=intent.server,
-                held=p.held,
-                queued=len(led.queued),
-                running=len(led.running),
-                reserved=led.reserved_count,
-                completed=led.completed,
-                transferred_out=led.transferred_out,
-                requeued=requeued,
+                server=intent.server, held=p.held, requeued=requeued, **p.ledger.drain_counts()
             )
         )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from treewave.core.messages import (
     ReservationInfo,
@@ -38,6 +38,7 @@ __all__ = [
     "REMEMBERED_TRANSFERS",
     "TRANSFER_REPLIES",
     "TRANSFER_REQUESTS",
+    "DrainCounts",
     "QueueOrder",
     "Reservation",
     "TaskLedger",
@@ -81,6 +82,17 @@ class Reservation:
     target: str
     tasks: tuple[Task, ...]
     since: float
+
+
+class DrainCounts(TypedDict):
+    """What a server answers a drain request with, besides whether it is held: what it
+    still holds and its cumulative counters (`TaskLedger.drain_counts`)."""
+
+    queued: int
+    running: int
+    reserved: int
+    completed: int
+    transferred_out: int
 
 
 class TaskLedger:
@@ -307,6 +319,16 @@ class TaskLedger:
     @property
     def reserved_count(self) -> int:
         return sum(len(r.tasks) for r in self.reserved.values())
+
+    def drain_counts(self) -> DrainCounts:
+        """The counts of a drain report (the node's `DrainReport`, a simulated server's)."""
+        return DrainCounts(
+            queued=len(self.queued),
+            running=len(self.running),
+            reserved=self.reserved_count,
+            completed=self.completed,
+            transferred_out=self.transferred_out,
+        )
 
     def task_ids(self) -> dict[str, list[str]]:
         """Where every task is, by id (for conservation checks)."""

@@ -347,16 +347,7 @@ class Server:
         self.held = msg.hold
         self.save()
         self.wakeup.set()
-        led = self.ledger
-        return DrainReport(
-            held=self.held,
-            queued=len(led.queued),
-            running=len(led.running),
-            reserved=led.reserved_count,
-            completed=led.completed,
-            transferred_out=led.transferred_out,
-            requeued=requeued,
-        )
+        return DrainReport(held=self.held, requeued=requeued, **self.ledger.drain_counts())
 
     def _outputs(self, out: list[Output]) -> list[tuple[str, MessageModel]]:
         sends: list[tuple[str, MessageModel]] = []
