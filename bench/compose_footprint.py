@@ -288,14 +288,14 @@ def measure(
             row["ps"] = logs[-4000:]
         finally:
             start = time.monotonic()
-            down = dep.compose("down", "-v", "--remove-orphans")
-            if down.returncode != 0:  # e.g. a network still busy while 300 containers go
-                row["down_error"] = down.stderr[-2000:]
+            for _attempt in range(2):  # e.g. a network still busy while 300 containers go
                 down = dep.compose("down", "-v", "--remove-orphans")
-            row["down_s"] = round(time.monotonic() - start, 2)
-            if down.returncode != 0:
+                if down.returncode == 0:
+                    break
                 row["down_error"] = down.stderr[-2000:]
+            else:
                 print(f"{dep.project}: docker compose down failed: {down.stderr}", file=sys.stderr)
+            row["down_s"] = round(time.monotonic() - start, 2)
         return row
 
 
