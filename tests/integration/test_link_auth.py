@@ -66,9 +66,22 @@ def recording_relay(target: str, recorded: list[str]) -> web.Application:
     return app
 
 
+def invalid_count(server: Server, reason: str) -> float:
+    """Frames (and handshakes) `server` refused for `reason`."""
+    value: float = server.metrics.invalid.labels(server.name, reason)._value.get()
+    return value
+
+
 async def bad_hello_count(server: Server) -> float:
-    count: float = server.metrics.invalid.labels(server.name, "bad_hello")._value.get()
-    return count
+    return invalid_count(server, "bad_hello")
+
+
+async def answer_challenge(ws: aiohttp.ClientWebSocketResponse, secret: str = SECRET) -> str:
+    """Read beta's challenge and answer it as alpha would, under `secret`; the nonce."""
+    nonce: str = json.loads((await ws.receive(timeout=10)).data)["nonce"]
+    proof = hello_proof(secret, nonce, "alpha", "beta")
+    await ws.send_str(json.dumps({"type": "hello", "sender": "alpha", "token": proof}))
+    return nonce
 
 
 async def wait_until(condition: Any, what: str, limit_s: float = 20.0) -> None:
@@ -130,10 +143,7 @@ async def test_recorded_hello_replayed_by_a_third_party_is_refused() -> None:
         # Whoever holds the secret answers the new nonce and is let in: the refusal above
         # was about the replay, not about the link.
         async with session.ws_connect(node_url) as ws:
-            nonce = json.loads((await ws.receive(timeout=10)).data)["nonce"]
-            assert nonce != challenge["nonce"]
-            proof = hello_proof(SECRET, nonce, "alpha", "beta")
-            await ws.send_str(json.dumps({"type": "hello", "sender": "alpha", "token": proof}))
+            assert await answer_challenge(ws) != challenge["nonce"]
             await wait_until(lambda: server.links.connected("alpha"), "the answered link")
     finally:
         await session.close()
@@ -151,9 +161,7 @@ async def test_a_dialer_without_the_secret_is_refused() -> None:
             aiohttp.ClientSession() as session,
             session.ws_connect(node.make_url("/ws")) as ws,
         ):
-            nonce = json.loads((await ws.receive(timeout=10)).data)["nonce"]
-            wrong = hello_proof("another-deployment-secret", nonce, "alpha", "beta")
-            await ws.send_str(json.dumps({"type": "hello", "sender": "alpha", "token": wrong}))
+            await answer_challenge(ws, "another-deployment-secret")
             answer = json.loads((await ws.receive(timeout=10)).data)
             assert "did not answer the challenge" in answer["error"]
         assert not server.links.connected("alpha")
@@ -198,17 +206,12 @@ async def test_a_web_page_cannot_open_a_link_even_without_a_secret(
                         break
                     await asyncio.sleep(0.02)
                 assert server.links.connected("alpha")
-        assert server.metrics.invalid.labels("beta", "cross_origin")._value.get() == 2
+        assert invalid_count(server, "cross_origin") == 2
         # Both counted, logged once: a page opening links in a loop cannot flood the log.
         refusals = [r for r in caplog.records if "from a web page" in r.getMessage()]
         assert len(refusals) == 1
     finally:
         await node.close()
-
-
-def invalid_count(server: Server, reason: str) -> float:
-    value: float = server.metrics.invalid.labels(server.name, reason)._value.get()
-    return value
 
 
 async def test_a_peer_flooding_its_link_is_throttled_and_nothing_changes() -> None:
@@ -228,9 +231,7 @@ async def test_a_peer_flooding_its_link_is_throttled_and_nothing_changes() -> No
             aiohttp.ClientSession() as session,
             session.ws_connect(node.make_url("/ws")) as ws,
         ):
-            nonce = json.loads((await ws.receive(timeout=10)).data)["nonce"]
-            proof = hello_proof(SECRET, nonce, "alpha", "beta")
-            await ws.send_str(json.dumps({"type": "hello", "sender": "alpha", "token": proof}))
+            await answer_challenge(ws)
             await wait_until(lambda: server.links.connected("alpha"), "alpha's link")
             before = await (await session.get(node.make_url("/api/tasks"))).json()
 
