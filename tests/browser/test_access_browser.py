@@ -50,6 +50,19 @@ def token_file(tmp_path: Path) -> Path:
     return path
 
 
+def enter_a_wrong_token(driver: Any) -> None:
+    """Type a wrong token into the page's form: the page says it was not accepted."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "token-input").send_keys("not-the-token-at-all")
+    driver.find_element(By.ID, "token-button").click()
+    wait_for(
+        "the form to say the token was refused",
+        lambda: "did not accept" in driver.find_element(By.ID, "token-hint").text,
+        timeout=10,
+    )
+
+
 def test_page_asks_for_the_token_once_and_its_buttons_work(
     driver: Any, start_cluster: Callable[..., Any], tmp_path: Path, token_file: Path
 ) -> None:
@@ -73,13 +86,7 @@ def test_page_asks_for_the_token_once_and_its_buttons_work(
     wait_for("the token form", form.is_displayed, timeout=10)
     assert "needs its API token" in driver.find_element(By.ID, "token-hint").text
     # A wrong token: asked again, saying so.
-    driver.find_element(By.ID, "token-input").send_keys("not-the-token-at-all")
-    driver.find_element(By.ID, "token-button").click()
-    wait_for(
-        "the form to say the token was refused",
-        lambda: "did not accept" in driver.find_element(By.ID, "token-hint").text,
-        timeout=10,
-    )
+    enter_a_wrong_token(driver)
     assert form.is_displayed()
     driver.find_element(By.ID, "token-input").send_keys(token)
     driver.find_element(By.ID, "token-button").click()
@@ -165,13 +172,7 @@ def test_with_reads_protected_the_page_asks_for_the_token_then_shows_every_serve
     for name in names:
         assert name not in source, name
     # A wrong token: asked again, saying so; still locked.
-    driver.find_element(By.ID, "token-input").send_keys("not-the-token-at-all")
-    driver.find_element(By.ID, "token-button").click()
-    wait_for(
-        "the form to say the token was refused",
-        lambda: "did not accept" in driver.find_element(By.ID, "token-hint").text,
-        timeout=10,
-    )
+    enter_a_wrong_token(driver)
     assert not driver.find_elements(By.ID, "tree")
     # The right token: the session opens, the page loads again with the tree, and the event
     # stream (which cannot send a header) keeps it live through the session cookie.

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.browser import VIEWPORT, wait_for
+from tests.support.browser import open_page, wait_for
 from tests.support.http import get_json
 from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.topology import Settings
@@ -58,6 +58,14 @@ def new_wave(driver: Any, old: str | None, *click: str) -> Callable[[], str | No
     return probe
 
 
+def open_trace_panel(driver: Any, url: str) -> None:
+    """The status page at 1280x800, once its trace panel is there."""
+    from selenium.webdriver.common.by import By
+
+    open_page(driver, url)
+    wait_for("the trace panel", lambda: driver.find_element(By.ID, "trace-panel"))
+
+
 def whole_traced_wave(
     driver: Any, url: str, old: str | None, button: str
 ) -> tuple[str, dict[str, Any]]:
@@ -92,9 +100,7 @@ def test_trace_diagram_draws_every_lane_and_message_and_steps_one_event(
         settings=Settings(task_time_s=900, rebalance_interval_s=0, wave_timeout_s=4),
     )
     cluster = start_cluster(topo, tmp_path / "cluster30", timeout_s=150)
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", VIEWPORT)
-    driver.get(cluster.url)
-    wait_for("the trace panel", lambda: driver.find_element(By.ID, "trace-panel"))
+    open_trace_panel(driver, cluster.url)
 
     # A wave started from the page is traced and shown live (it starts replaying).
     shown, trace = whole_traced_wave(driver, cluster.url, None, "trace-echo")
@@ -201,9 +207,7 @@ def test_beyond_30_servers_the_diagram_scrolls_and_stays_readable(
         settings=Settings(task_time_s=900, rebalance_interval_s=0, wave_timeout_s=6),
     )
     cluster = start_cluster(topo, tmp_path / "cluster60", timeout_s=240)
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", VIEWPORT)
-    driver.get(cluster.url)
-    wait_for("the trace panel", lambda: driver.find_element(By.ID, "trace-panel"))
+    open_trace_panel(driver, cluster.url)
     _, trace = whole_traced_wave(driver, cluster.url, None, "trace-echo")
     driver.find_element(By.ID, "trace-pause").click()
     d = diagram(driver)
