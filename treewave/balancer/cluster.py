@@ -14,7 +14,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import secrets
 import time
 from collections import Counter, deque
@@ -85,6 +84,7 @@ from treewave.core.transfer import (
     TransferSend,
 )
 from treewave.wire.addressing import peer_url
+from treewave.wire.atomicfile import write_atomic
 from treewave.wire.links import LinkSet, dial_forever
 from treewave.wire.timers import DeadlineTimer
 
@@ -830,14 +830,8 @@ class Balancer:
         if self.state_path is None:
             return
         data = json.dumps(self.migration.to_json_data(), separators=(",", ":"))
-        tmp = self.state_path.with_suffix(".tmp")
         try:
-            self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            with tmp.open("w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
+            write_atomic(self.state_path, data)
         except OSError as exc:
             log.error("cannot save the topology state to %s: %s", self.state_path, exc)
 

@@ -82,6 +82,7 @@ from treewave.cli.topology_api import (
 )
 from treewave.core.deadlines import wave_deadline_s
 from treewave.core.topology import Topology, TopologyError
+from treewave.wire.atomicfile import write_atomic
 from treewave.wire.secretfile import ensure_secret, read_secret
 from treewave.wire.topology_file import load_topology
 
@@ -495,9 +496,7 @@ class Supervisor:
     def write_peers(self) -> None:
         """Every server's URL, removed ones included while they drain (the balancer still
         talks to them); rewritten atomically when servers are added."""
-        tmp = self.run_dir / "peers.json.tmp"
-        tmp.write_text(json.dumps(self.peers, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.run_dir / "peers.json")
+        write_atomic(self.run_dir / "peers.json", json.dumps(self.peers, indent=2) + "\n")
 
     def snapshot(self, topology: Topology) -> Path:
         """The topology of this generation, as a file its servers start (and restart) from."""

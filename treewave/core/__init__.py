@@ -11,6 +11,7 @@ __all__ = [
     "messages",
     "migration",
     "node",
+    "policies",
     "policy",
     "randomtree",
     "simulation",

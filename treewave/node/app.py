@@ -54,6 +54,7 @@ from treewave.core.trace import TraceRecorder
 from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
 from treewave.wire.addressing import peer_url
+from treewave.wire.atomicfile import write_atomic
 from treewave.wire.auth import HELLO_TIMEOUT_S, new_nonce, proof_ok
 from treewave.wire.http import LOG_EVERY_S, RejectionLog, json_error, json_errors
 from treewave.wire.links import LinkSet, dial_forever, read_frames
@@ -120,14 +121,11 @@ class Server:
         return ledger
 
     def save(self) -> None:
-        """Write the ledger atomically (temp file + rename) before acknowledging."""
+        """Write the ledger durably (`write_atomic`) before acknowledging."""
         if self.state_file is None:
             return
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
         data = {**self.ledger.to_json_data(), "held": self.held, "cpus": self.cpus}
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, self.state_file)
+        write_atomic(self.state_file, json.dumps(data))
 
     def save_soon(self) -> None:
         """Coalesce frequent changes (task completions) into one write per tick."""

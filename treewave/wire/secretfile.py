@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
+
+from treewave.wire.atomicfile import write_atomic
 
 __all__ = ["ensure_secret", "read_secret"]
 
@@ -26,10 +27,5 @@ def ensure_secret(path: Path) -> bool:
     if path.exists():
         read_secret(path)
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(secrets.token_urlsafe(32) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, secrets.token_urlsafe(32) + "\n", mode=0o640)
     return True
