@@ -2,7 +2,7 @@
 cluster of 30 servers: every lane drawn, one arrow per message of the trace the API
 serves, stepping reveals exactly one event, a new wave replaces the diagram live, and
 the whole diagram is readable at 1280x800. Screenshots: artifacts/trace-echo.png and
-trace-finn.png (the copies in docs/ are the README's)."""
+trace-finn.png (the copies in docs/ illustrate docs/traces.md)."""
 
 from __future__ import annotations
 
