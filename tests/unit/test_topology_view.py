@@ -16,9 +16,18 @@ def topo(*servers: tuple[str, int, tuple[str, ...]], **settings: float) -> Topol
     )
 
 
-TREE = topo(
-    ("root", 2, ("left", "right")), ("left", 1, ("leaf",)), ("right", 3, ("leaf",)), ("leaf", 1, ())
-)
+def diamond(left_cpus: int = 1, **settings: float) -> Topology:
+    """root -> left, right -> leaf (leaf has two parents)."""
+    return topo(
+        ("root", 2, ("left", "right")),
+        ("left", left_cpus, ("leaf",)),
+        ("right", 3, ("leaf",)),
+        ("leaf", 1, ()),
+        **settings,
+    )
+
+
+TREE = diamond()
 
 
 def test_a_view_is_cpus_neighbours_rootness_and_settings() -> None:
@@ -55,27 +64,14 @@ def test_the_diff_names_added_removed_and_changed_servers() -> None:
 
 
 def test_a_settings_change_changes_every_view() -> None:
-    slower = topo(
-        ("root", 2, ("left", "right")),
-        ("left", 1, ("leaf",)),
-        ("right", 3, ("leaf",)),
-        ("leaf", 1, ()),
-        wave_timeout_s=9,
-    )
-    change = TREE.diff(slower)
+    change = TREE.diff(diamond(wave_timeout_s=9))
     assert change.settings_changed
     assert change.changed == TREE.names
     assert change.added == change.removed == ()
 
 
 def test_more_cpus_changes_only_that_server() -> None:
-    bigger = topo(
-        ("root", 2, ("left", "right")),
-        ("left", 4, ("leaf",)),
-        ("right", 3, ("leaf",)),
-        ("leaf", 1, ()),
-    )
-    assert TREE.diff(bigger).changed == ("left",)
+    assert TREE.diff(diamond(left_cpus=4)).changed == ("left",)
 
 
 def test_the_same_servers_in_another_order_is_no_change() -> None:
