@@ -1,18 +1,22 @@
 """The deployment-change driver (`treewave.wire.topology_change`) against real services:
 the topology is posted again and again while the balancer is still starting, a refusal is
 final at once, and the drain of a removed server is followed until the balancer reports it
-retired, each retirement reported once."""
+retired, each retirement reported once; `treewave apply` drives it the same way."""
 
 from __future__ import annotations
 
 import io
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.cluster import BALANCER, StartCluster
 from tests.support.http import get_json
+from treewave.cli.apply_cmd import ComposeDeployment
+from treewave.cli.errors import CommandError
+from treewave.core.topology import Topology
 from treewave.wire.topology_api import TopologyRejected
 from treewave.wire.topology_change import DrainFollower, ProgressBars, post_retrying
 
@@ -78,3 +82,19 @@ def test_the_drain_is_followed_until_the_server_is_retired(start_cluster: StartC
     tree = get_json(cluster.balancer_url + "/api/tree")
     assert {n["name"] for n in tree["nodes"]} == {"oak", "yew"}
     assert sum(n["queued"] + n["running"] for n in tree["nodes"]) == 4, tree["nodes"]
+
+
+def test_apply_under_compose_posts_and_follows_through_the_driver(
+    start_cluster: StartCluster, tmp_path: Path
+) -> None:
+    # The HTTP half of `treewave apply` (no Docker needed for it): post, then the bars.
+    cluster = start_cluster(TOPOLOGY)
+    out = io.StringIO()
+    deployment = ComposeDeployment("unused", tmp_path, cluster.balancer_url, "", out)
+    deployment.post(Topology.parse(without_pine()), timeout=30)
+    state = deployment.follow_drain(["pine"], timeout=120)
+    assert state.is_retired("pine")
+    assert out.getvalue().splitlines()[-1] == f"{'pine':<16} [{'#' * 30}] retired"
+    # A server that never retires (oak stays in the topology): a clear error at the limit.
+    with pytest.raises(CommandError, match=r"still draining after 1 s: oak \(nothing was"):
+        deployment.follow_drain(["oak"], timeout=1)
