@@ -55,14 +55,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.cluster import Service
+from tests.support.cluster import BALANCER, ClusterOptions, Service, build_cluster, server_names
 from tests.support.http import get_json, get_text
-from tests.support.ports import free_ports
 from treewave.core.randomtree import random_topology
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "chaos.json"
-BALANCER = "balancer"
 READY_TIMEOUT_S = 120.0
 
 
@@ -88,34 +86,17 @@ def load_topology_data(args: argparse.Namespace) -> dict[str, Any]:
 class LocalCluster:
     def __init__(self, topology: dict[str, Any], args: argparse.Namespace, run_dir: Path):
         self.topology = topology
-        self.names = [s["name"] for s in topology["servers"]]
+        self.names = server_names(topology)
         self.run_dir = run_dir
-        ports = dict(zip([*self.names, BALANCER], free_ports(len(self.names) + 1), strict=True))
-        topo_file = run_dir / "topology.json"
-        topo_file.write_text(json.dumps(topology, indent=2), encoding="utf-8")
-        peers_file = run_dir / "peers.json"
-        peers = {n: f"ws://127.0.0.1:{ports[n]}/ws" for n in self.names}
-        peers_file.write_text(json.dumps(peers), encoding="utf-8")
         env = {"TREEWAVE_SECRET": secrets.token_hex(24)}
-        common = ["--topology", str(topo_file), "--peers", str(peers_file)]
-        self.procs: dict[str, Service] = {}
-        for n in self.names:
-            node_args = ["node", "--name", n, "--port", str(ports[n])]
-            node_args += ["--state-dir", str(run_dir / "state"), *common]
-            self.procs[n] = Service(n, ports[n], node_args, run_dir / f"{n}.log", env, tied=True)
-        balancer_args = [
-            "balancer",
-            "--port",
-            str(ports[BALANCER]),
-            "--rebalance-interval",
-            str(args.rebalance_interval),
-            "--wave-timeout",
-            str(args.wave_timeout),
-            *common,
-        ]
-        self.procs[BALANCER] = Service(
-            BALANCER, ports[BALANCER], balancer_args, run_dir / "balancer.log", env, tied=True
+        options = ClusterOptions(
+            env={name: env for name in [*self.names, BALANCER]},
+            state_dir=True,
+            wave_timeout_s=args.wave_timeout,
+            rebalance_interval_s=args.rebalance_interval,
+            tied=True,
         )
+        self.procs: dict[str, Service] = build_cluster(topology, run_dir, options).services
 
     @property
     def balancer_url(self) -> str:

@@ -76,7 +76,7 @@ def test_page_asks_for_the_token_once_and_its_buttons_work(
         balancer_args=("--require-token", "--api-token-file", str(token_file)),
     )
     names = set(SMALL.names)
-    open_page(driver, cluster.url)
+    open_page(driver, cluster.balancer_url)
     before = wait_for("every server on the page", lambda: all_reported(driver, names))
     form = driver.find_element(By.ID, "token-form")
     assert not form.is_displayed()
@@ -124,20 +124,20 @@ def test_page_asks_for_the_token_once_and_its_buttons_work(
     assert not driver.find_element(By.ID, "error").is_displayed()
 
     # The token lasts for the tab, across a reload.
-    open_page(driver, cluster.url)
+    open_page(driver, cluster.balancer_url)
     wait_for("every server on the page", lambda: all_reported(driver, names))
     driver.find_element(By.ID, "rebalance-button").click()
     notice = driver.find_element(By.ID, "notice")
     wait_for("the rebalance notice", lambda: "Rebalance:" in notice.text, timeout=20)
     assert not driver.find_element(By.ID, "token-form").is_displayed()
 
-    counts = rejected(cluster.url)
+    counts = rejected(cluster.balancer_url)
     assert counts["token_missing"] == 1, counts
     assert counts["token_wrong"] == 1, counts
 
     # Cancelled: nothing is done and the page says why.
     driver.execute_script("sessionStorage.clear()")
-    held = queued(cluster.url)
+    held = queued(cluster.balancer_url)
     driver.find_element(By.ID, "submit-button").click()
     form = driver.find_element(By.ID, "token-form")
     wait_for("the token form", form.is_displayed, timeout=10)
@@ -145,7 +145,7 @@ def test_page_asks_for_the_token_once_and_its_buttons_work(
     error = driver.find_element(By.ID, "error")
     wait_for("the error area", error.is_displayed, timeout=10)
     assert "needs its API token" in driver.find_element(By.ID, "error-text").text
-    assert queued(cluster.url) == held
+    assert queued(cluster.balancer_url) == held
 
 
 def test_with_reads_protected_the_page_asks_for_the_token_then_shows_every_server_live(
@@ -160,7 +160,7 @@ def test_with_reads_protected_the_page_asks_for_the_token_then_shows_every_serve
         balancer_args=("--token-for-reads", "--api-token-file", str(token_file)),
     )
     names = set(SMALL.names)
-    open_page(driver, cluster.url)
+    open_page(driver, cluster.balancer_url)
     # The locked page: it asks for the token and shows nothing of the cluster.
     form = driver.find_element(By.ID, "token-form")
     wait_for("the token form", form.is_displayed, timeout=10)
@@ -206,7 +206,7 @@ def test_with_reads_protected_the_page_asks_for_the_token_then_shows_every_serve
         "fetch('/api/waves').then(r => done(r.status), e => done(String(e)));"
     )
     assert waves == 200
-    counts = rejected(cluster.url)
+    counts = rejected(cluster.balancer_url)
     assert counts["token_missing"] >= 1, counts  # the first page load
     assert counts["token_wrong"] == 1, counts  # the wrong token, once
 
@@ -277,9 +277,9 @@ def test_a_page_on_another_origin_cannot_change_the_cluster(
     evil_site: Callable[[str], str],
 ) -> None:
     cluster = start_cluster(SMALL, tmp_path / "cluster")
-    before = queued(cluster.url)
-    counts = rejected(cluster.url)
-    driver.get(evil_site(cluster.url))
+    before = queued(cluster.balancer_url)
+    counts = rejected(cluster.balancer_url)
+    driver.get(evil_site(cluster.balancer_url))
     attempts = driver.execute_async_script(
         "const done = arguments[arguments.length - 1]; window.attempts.then(done);"
     )
@@ -291,7 +291,7 @@ def test_a_page_on_another_origin_cannot_change_the_cluster(
     # And a plain HTML form post, the oldest cross-site request there is.
     driver.execute_script("document.getElementById('f').submit();")
     wait_for("the form's answer", lambda: "/api/finn" in driver.current_url, timeout=10)
-    assert queued(cluster.url) == before
-    after = rejected(cluster.url)
+    assert queued(cluster.balancer_url) == before
+    after = rejected(cluster.balancer_url)
     # Each sent request was refused for its Origin (checked before the Content-Type).
     assert after["origin"] - counts["origin"] == 3, after

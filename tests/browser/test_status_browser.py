@@ -33,7 +33,7 @@ def test_page_shows_the_cluster_and_finn_raises_every_queue(
 
     small_cluster = start_cluster(SMALL, tmp_path / "cluster")
     names = set(SMALL.names)
-    open_page(driver, small_cluster.url)
+    open_page(driver, small_cluster.balancer_url)
     before = wait_for("every server on the page", lambda: all_reported(driver, names))
     for name, s in before.items():
         assert name in s["text"]
@@ -110,7 +110,7 @@ def test_page_with_30_servers_is_readable_and_greys_out_a_lost_server(
     )
     names = set(topo.names)
     cluster = start_cluster(topo, tmp_path / "cluster30", timeout_s=150)
-    open_page(driver, cluster.url)
+    open_page(driver, cluster.balancer_url)
     wait_for("all 30 servers reported", lambda: all_reported(driver, names), timeout=60)
 
     # Readable at 1280x800: the whole tree on screen, no overlaps, names not tiny.
@@ -184,10 +184,10 @@ def test_page_shows_a_retiring_server_live_until_it_is_retired(
 
     cluster = start_cluster(SMALL, tmp_path / "cluster")
     names = set(SMALL.names)
-    open_page(driver, cluster.url)
+    open_page(driver, cluster.balancer_url)
     wait_for("every server on the page", lambda: all_reported(driver, names))
     assert not driver.find_element(By.ID, "retiring-card").is_displayed()
-    get_json(cluster.url + "/api/tasks", "POST", {"node": "fjord", "count": 3})
+    get_json(cluster.balancer_url + "/api/tasks", "POST", {"node": "fjord", "count": 3})
 
     data = SMALL.to_json_data()
     data["settings"] = {**data["settings"], "drain_grace_s": 6}
@@ -196,7 +196,7 @@ def test_page_shows_a_retiring_server_live_until_it_is_retired(
         for s in data["servers"]
         if s["name"] != "fjord"
     ]
-    get_json(cluster.url + "/api/topology", "POST", data)
+    get_json(cluster.balancer_url + "/api/topology", "POST", data)
 
     def fjord_retiring() -> str | None:
         card = driver.find_element(By.ID, "retiring-card")
@@ -216,10 +216,10 @@ def test_page_shows_a_retiring_server_live_until_it_is_retired(
         lambda: not driver.find_element(By.ID, "retiring-card").is_displayed() or None,
         timeout=60,
     )
-    state = get_json(cluster.url + "/api/topology")
+    state = get_json(cluster.balancer_url + "/api/topology")
     assert state["migration"]["state"] == "steady", state["migration"]
     assert state["migration"]["retired"]["fjord"]["moved"] == 4, state["migration"]
-    tree = get_json(cluster.url + "/api/tree")
+    tree = get_json(cluster.balancer_url + "/api/tree")
     assert (
         sum(n["queued"] + n["running"] for n in tree["nodes"])
         == sum(s.tasks for s in SMALL.servers) + 3

@@ -100,10 +100,10 @@ def test_trace_diagram_draws_every_lane_and_message_and_steps_one_event(
         settings=Settings(task_time_s=900, rebalance_interval_s=0, wave_timeout_s=4),
     )
     cluster = start_cluster(topo, tmp_path / "cluster30", timeout_s=150)
-    open_trace_panel(driver, cluster.url)
+    open_trace_panel(driver, cluster.balancer_url)
 
     # A wave started from the page is traced and shown live (it starts replaying).
-    shown, trace = whole_traced_wave(driver, cluster.url, None, "trace-echo")
+    shown, trace = whole_traced_wave(driver, cluster.balancer_url, None, "trace-echo")
     assert trace["algorithm"] == "echo"
     summary = {k: v for k, v in trace.items() if k != "events"}
     assert trace["complete"] is True, summary
@@ -169,7 +169,7 @@ def test_trace_diagram_draws_every_lane_and_message_and_steps_one_event(
 
     # Live: a Finn wave from the page replaces the diagram; each lane shows inc/ninc.
     driver.execute_script("window.scrollTo(0, 0)")
-    _, finn = whole_traced_wave(driver, cluster.url, shown, "finn-button")
+    _, finn = whole_traced_wave(driver, cluster.balancer_url, shown, "finn-button")
     assert finn["algorithm"] == "finn"
     d = diagram(driver)
     assert d["arrows"] == finn["messages"]
@@ -207,8 +207,8 @@ def test_beyond_30_servers_the_diagram_scrolls_and_stays_readable(
         settings=Settings(task_time_s=900, rebalance_interval_s=0, wave_timeout_s=6),
     )
     cluster = start_cluster(topo, tmp_path / "cluster60", timeout_s=240)
-    open_trace_panel(driver, cluster.url)
-    _, trace = whole_traced_wave(driver, cluster.url, None, "trace-echo")
+    open_trace_panel(driver, cluster.balancer_url)
+    _, trace = whole_traced_wave(driver, cluster.balancer_url, None, "trace-echo")
     driver.find_element(By.ID, "trace-pause").click()
     d = diagram(driver)
     assert d["lanes"] == ["balancer", *topo.names]

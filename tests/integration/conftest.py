@@ -13,21 +13,7 @@ from typing import Any
 import pytest
 
 from tests.support.cluster import ClusterPool, StartCluster
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """Keep each phase's report on the item so fixtures can tell whether the test failed."""
-    report = yield
-    setattr(item, f"rep_{report.when}", report)
-    return report
-
-
-def failed(item: pytest.Item) -> bool:
-    """Whether the test's setup or body failed (teardown then prints the logs)."""
-    return any(
-        getattr(getattr(item, f"rep_{when}", None), "failed", False) for when in ("setup", "call")
-    )
+from tests.support.outcome import failed
 
 
 @pytest.fixture

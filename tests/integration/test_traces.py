@@ -256,8 +256,7 @@ async def test_partial_wave_trace_names_who_is_missing(
     start_cluster: StartCluster, http: aiohttp.ClientSession
 ) -> None:
     cluster = start_cluster(TREE)
-    cluster.stopped_on_purpose.add("pine")
-    cluster.services["pine"].stop()
+    cluster.stop_server("pine")
     tree = await get(http, cluster.balancer_url + "/api/tree")
     assert tree["complete"] is False
     assert {"pine", "ash", "elm"} <= set(tree["missing"])

@@ -16,7 +16,6 @@ or died on its own. The pytest fixtures over it are in tests/integration/conftes
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import signal
 import subprocess
@@ -30,6 +29,9 @@ from typing import Any
 from tests.support.commands import REPO, clean_env
 from tests.support.http import get_json
 from tests.support.ports import free_ports
+from treewave.core.topology import BALANCER
+from treewave.local.children import death_signal_preexec
+from treewave.local.plan import ClusterFiles, LaunchOptions, plan_cluster
 
 __all__ = [
     "BALANCER",
@@ -44,7 +46,6 @@ __all__ = [
     "server_names",
 ]
 
-BALANCER = "balancer"
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
 START_ATTEMPTS = 3
@@ -56,13 +57,6 @@ def parent_child_edges(topology: dict[str, Any]) -> set[tuple[str, str]]:
 
 def server_names(topology: dict[str, Any]) -> list[str]:
     return [s["name"] for s in topology["servers"]]
-
-
-def die_with_parent() -> None:
-    """`preexec_fn`: the child gets SIGKILL when the launching process dies (Linux), so a
-    killed benchmark leaves no server behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class ClusterError(RuntimeError):
@@ -97,7 +91,7 @@ class Service:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent if self.tied and sys.platform == "linux" else None,
+                preexec_fn=death_signal_preexec() if self.tied else None,
             )
 
     def alive(self) -> bool:
@@ -237,6 +231,12 @@ class Cluster:
         except (OSError, ValueError):
             return False
 
+    def stop_server(self, name: str) -> None:
+        """Stop one service for good (a lost server): SIGTERM, reaped; teardown expects it
+        to be down."""
+        self.stopped_on_purpose.add(name)
+        self.services[name].stop()
+
     def pause(self, name: str) -> None:
         proc = self.services[name].proc
         assert proc is not None
@@ -285,7 +285,9 @@ class ClusterOptions:
     """Every server keeps its queue in `DIRECTORY/state` (a restart gets it back)."""
     wave_timeout_s: float | None = None
     rebalance_interval_s: float = 0.0
+    status_interval_s: float | None = None
     tied: bool = False
+    ready_timeout_s: float = READY_TIMEOUT_S
 
 
 def build_cluster(
@@ -295,38 +297,35 @@ def build_cluster(
     cluster_class: type[Cluster] = Cluster,
     service_class: type[Service] = Service,
 ) -> Cluster:
-    """Write the files and make the (not yet started) services of a cluster."""
+    """Write the files and make the (not yet started) services of a cluster, as
+    `treewave run` plans them (`treewave.local.plan`), on free ephemeral ports."""
     options = options or ClusterOptions()
     directory.mkdir(parents=True, exist_ok=True)
     names = server_names(topology)
-    ports = dict(zip([*names, BALANCER], free_ports(len(names) + 1), strict=True))
-    topo_file = directory / "topology.json"
-    topo_file.write_text(json.dumps(topology, indent=2), encoding="utf-8")
-    peers_file = directory / "peers.json"
-    peers = {n: f"ws://127.0.0.1:{ports[n]}/ws" for n in names}
-    peers_file.write_text(json.dumps(peers, indent=2), encoding="utf-8")
+    *node_ports, balancer_port = free_ports(len(names) + 1)
+    files = ClusterFiles(topology=directory / "topology.json", peers=directory / "peers.json")
+    launch = LaunchOptions(
+        state_dir=directory / "state" if options.state_dir else None,
+        rebalance_interval=options.rebalance_interval_s,
+        wave_timeout=options.wave_timeout_s,
+        status_interval=options.status_interval_s,
+        extra_args=options.extra_args,
+    )
+    plan = plan_cluster(
+        names, dict(zip(names, node_ports, strict=True)), balancer_port, files, launch
+    )
+    files.topology.write_text(json.dumps(topology, indent=2), encoding="utf-8")
+    files.peers.write_text(plan.peers_json(), encoding="utf-8")
     cluster = cluster_class(topology=topology, directory=directory, held=set(options.hold))
-    common = ["--topology", str(topo_file), "--peers", str(peers_file)]
-    state = ["--state-dir", str(directory / "state")] if options.state_dir else []
-
-    def service(name: str, args: list[str]) -> Service:
-        return service_class(
-            name,
-            ports[name],
-            [*args, *options.extra_args.get(name, [])],
-            directory / f"{name}.log",
-            env=dict(options.env.get(name, {})),
+    for planned in plan.services:
+        cluster.services[planned.name] = service_class(
+            planned.name,
+            planned.port,
+            list(planned.args),
+            directory / f"{planned.name}.log",
+            env=dict(options.env.get(planned.name, {})),
             tied=options.tied,
         )
-
-    for n in names:
-        args = ["node", "--name", n, "--port", str(ports[n]), *state, *common]
-        cluster.services[n] = service(n, args)
-    args = ["balancer", "--port", str(ports[BALANCER])]
-    args += ["--rebalance-interval", str(options.rebalance_interval_s)]
-    if options.wave_timeout_s is not None:
-        args += ["--wave-timeout", str(options.wave_timeout_s)]
-    cluster.services[BALANCER] = service(BALANCER, [*args, *common])
     return cluster
 
 
@@ -357,7 +356,7 @@ class ClusterPool:
             self.clusters.append(cluster)
             cluster.start(set(cluster.services) - cluster.held)
             try:
-                cluster.wait_ready()
+                cluster.wait_ready(opts.ready_timeout_s)
             except ClusterError as exc:
                 # Most likely a port taken between choosing and binding it: try new ports.
                 last = exc

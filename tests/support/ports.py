@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import socket
 
-from treewave.cli.run_cmd import port_free
+from treewave.local.ports import port_free
 
 __all__ = ["HOST", "free_port", "free_port_block", "free_ports", "port_free"]
 

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from treewave.cli.apply_cmd import drain_line, signal_local_run
+from treewave.cli.apply_cmd import signal_local_run
 from treewave.cli.errors import CommandError
 from treewave.cli.main import main
-from treewave.cli.topology_api import TopologyApiError, TopologyState
 from treewave.core.topology import ServerSpec, Settings, Topology
 from treewave.generator.render import render, topology_hash, view_hash
+from treewave.wire.topology_api import TopologyApiError, TopologyState
+from treewave.wire.topology_change import drain_line
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,6 +12,5 @@ __all__ = [
     "services_cmd",
     "settings",
     "simulate_cmd",
-    "topology_api",
     "trace_cmd",
 ]

@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -31,25 +30,24 @@ from typing import Any, TextIO
 from treewave.cli.argtypes import positive_float
 from treewave.cli.client_cmd import api_token
 from treewave.cli.errors import CommandError
-from treewave.cli.run_cmd import PID_FILE, RUN_DIR_PREFIX, TOPOLOGY_PATH_FILE
-from treewave.cli.topology_api import (
-    TopologyApiError,
-    TopologyRejected,
-    TopologyState,
-    get_topology,
-    post_topology,
-)
 from treewave.core.topology import Topology, TopologyError
 from treewave.generator.render import render
+from treewave.local.rundir import find_run
+from treewave.wire.topology_api import TopologyApiError, TopologyState, get_topology
+from treewave.wire.topology_change import (
+    DrainFollower,
+    DrainTimeout,
+    ProgressBars,
+    post_retrying,
+)
 from treewave.wire.topology_file import load_topology
 
-__all__ = ["NODE_TASKS", "drain_line", "register", "signal_local_run"]
+__all__ = ["NODE_TASKS", "register", "signal_local_run"]
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 VOLUME_LABEL = "com.docker.compose.volume"
 INFRASTRUCTURE = frozenset({"balancer", "prometheus", "grafana", "secret"})
-BAR_WIDTH = 30
 POLL_S = 1.0
 NODE_TASKS = (
     "import urllib.request; print(urllib.request.urlopen("
@@ -153,22 +151,16 @@ def apply(args: argparse.Namespace) -> int:
 
 def signal_local_run(topology_path: Path) -> int:
     """SIGHUP the live `treewave run` whose topology file is `topology_path`."""
-    wanted = topology_path.resolve()
-    for run_dir in Path(tempfile.gettempdir()).glob(RUN_DIR_PREFIX + "*"):
-        try:
-            path = Path((run_dir / TOPOLOGY_PATH_FILE).read_text(encoding="utf-8").strip())
-            pid = int((run_dir / PID_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if path != wanted:
-            continue
+    pid = find_run(topology_path)
+    if pid is not None:
         try:
             os.kill(pid, signal.SIGHUP)
         except ProcessLookupError:
-            continue  # a run that died without cleaning up
-        print(f"sent SIGHUP to treewave run (pid {pid}); it prints the progress")
-        return 0
-    raise CommandError(f"no running `treewave run` supervises {wanted}")
+            pid = None  # it ended meanwhile
+    if pid is None:
+        raise CommandError(f"no running `treewave run` supervises {topology_path.resolve()}")
+    print(f"sent SIGHUP to treewave run (pid {pid}); it prints the progress")
+    return 0
 
 
 # --- Compose ----------------------------------------------------------------------------------
@@ -306,63 +298,29 @@ class ComposeDeployment:
 
     def post(self, topology: Topology, timeout: float) -> None:
         """POST the topology; the recreated balancer may still be starting: retry."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                post_topology(self.balancer, topology.to_json_data(), token=self.token)
-                return
-            except TopologyApiError as exc:
-                final = isinstance(exc, TopologyRejected) or exc.missing
-                if final or time.monotonic() > deadline:
-                    raise CommandError(str(exc)) from None
-            time.sleep(POLL_S)
+        try:
+            post_retrying(
+                self.balancer,
+                topology.to_json_data(),
+                token=self.token,
+                within_s=timeout,
+                every_s=POLL_S,
+            )
+        except TopologyApiError as exc:
+            raise CommandError(str(exc)) from None
 
     def follow_drain(self, removed: list[str], timeout: float) -> TopologyState:
         """Progress bars until every removed server is retired."""
-        deadline = time.monotonic() + timeout
-        start: dict[str, int] = {}
-        tty = self.out.isatty()
-        shown = 0
-        while True:
-            try:
-                state = get_topology(self.balancer, token=self.token)
-            except TopologyApiError as exc:
-                if exc.missing or time.monotonic() > deadline:
-                    raise CommandError(str(exc)) from None
-                time.sleep(POLL_S)
-                continue
-            lines = []
-            for name in removed:
-                lines.append(drain_line(name, state, start))
-            if tty and shown:
-                self.out.write(f"\x1b[{shown}F")
-            for line in lines:
-                self.out.write(("\x1b[K" if tty else "") + line + "\n")
-            shown = len(lines)
-            self.out.flush()
-            if all(state.is_retired(n) for n in removed):
-                return state
-            if time.monotonic() > deadline:
-                raise CommandError(
-                    f"still draining after {timeout:g} s: "
-                    + ", ".join(n for n in removed if not state.is_retired(n))
-                    + " (nothing was removed; run `treewave apply` again to go on waiting)"
-                )
-            time.sleep(POLL_S)
-
-
-def drain_line(name: str, state: TopologyState, start: dict[str, int]) -> str:
-    """`name [#####-----] left/at-start` for one retiring server."""
-    if state.is_retired(name):
-        return f"{name:<16} [{'#' * BAR_WIDTH}] retired"
-    info = state.retiring.get(name, {})
-    left = int(info.get("queued") or 0) + int(info.get("running") or 0)
-    if not info.get("reported"):
-        return f"{name:<16} [{'.' * BAR_WIDTH}] waiting for its report"
-    first = start.setdefault(name, max(left, 1))
-    done = max(0, first - left)
-    filled = round(BAR_WIDTH * done / first)
-    return f"{name:<16} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {left} left of {first}"
+        follower = DrainFollower(self.balancer, self.token, list(removed))
+        bars = ProgressBars(removed, self.out)
+        try:
+            return follower.wait(timeout, POLL_S, bars.show)
+        except DrainTimeout as exc:
+            raise CommandError(
+                f"{exc} (nothing was removed; run `treewave apply` again to go on waiting)"
+            ) from None
+        except TopologyApiError as exc:
+            raise CommandError(str(exc)) from None
 
 
 def _health(container: Any) -> str:

@@ -66,6 +66,9 @@ class Option:
     env: str | None = None
     default: Any = None
     metavar: str | None = None
+    fallback: str | None = None
+    """Where the value comes from when neither the flag nor the environment gives one and
+    there is no built-in default (e.g. the topology file's settings), for the help."""
 
     @property
     def dest(self) -> str:
@@ -73,7 +76,9 @@ class Option:
 
     def with_default(self, default: Any, help: str | None = None) -> Option:
         """The same setting with another default (e.g. another service's port)."""
-        return Option(self.flag, self.parse, help or self.help, self.env, default, self.metavar)
+        return Option(
+            self.flag, self.parse, help or self.help, self.env, default, self.metavar, self.fallback
+        )
 
 
 TOPOLOGY = Option(
@@ -116,31 +121,34 @@ NAME = Option("--name", argtypes.non_empty, "this server's name", "TREEWAVE_NAME
 STATE_DIR = Option(
     "--state-dir",
     Path,
-    "where the server keeps its queue across restarts (default: in memory only)",
+    "where the server keeps its queue across restarts",
     "TREEWAVE_STATE_DIR",
     metavar="DIR",
+    fallback="in memory only",
 )
 BALANCER_STATE_DIR = Option(
     "--state-dir",
     Path,
-    "where the balancer keeps the desired topology and a migration in progress across "
-    "restarts (default: in memory only)",
+    "where the balancer keeps the desired topology and a migration in progress across restarts",
     "TREEWAVE_STATE_DIR",
     metavar="DIR",
+    fallback="in memory only",
 )
 REBALANCE_INTERVAL = Option(
     "--rebalance-interval",
     argtypes.topology_setting("rebalance_interval_s"),
-    "seconds between rebalancing rounds, 0 = off (default: the topology's rebalance_interval_s)",
+    "seconds between rebalancing rounds, 0 = off",
     "TREEWAVE_REBALANCE_S",
     metavar="S",
+    fallback="the topology's rebalance_interval_s",
 )
 WAVE_TIMEOUT = Option(
     "--wave-timeout",
     argtypes.topology_setting("wave_timeout_s"),
-    "wave deadline in seconds (default: the topology's wave_timeout_s)",
+    "wave deadline in seconds",
     "TREEWAVE_WAVE_TIMEOUT_S",
     metavar="S",
+    fallback="the topology's wave_timeout_s",
 )
 STATUS_INTERVAL = Option(
     "--status-interval",
@@ -258,6 +266,8 @@ def add_options(
         where = [f"${option.env}"] if option.env else []
         if option.default not in (None, "", False):
             where.append(str(option.default))
+        elif option.fallback:
+            where.append(option.fallback)
         help_text = option.help + (f" (default: {' or '.join(where)})" if where else "")
         if option.parse is argtypes.switch:  # a flag without a value turns it on
             target.add_argument(

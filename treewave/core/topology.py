@@ -24,8 +24,10 @@ __all__ = [
     "DNS_LABEL",
     "RESERVED_NAMES",
     "ServerSpec",
+    "ServerView",
     "Settings",
     "Topology",
+    "TopologyDiff",
     "TopologyError",
     "TopologyFile",
     "parse_topology_text",
@@ -86,6 +88,46 @@ class TopologyFile(BaseModel):
 
     settings: Settings = Settings()
     servers: tuple[ServerSpec, ...] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """What one server takes from the topology when it starts: a change to any of it needs
+    the server restarted (or its container recreated) to take effect."""
+
+    cpus: int
+    parents: tuple[str, ...]
+    children: tuple[str, ...]
+    root: bool
+    """Linked to the balancer (the root of the tree)."""
+    settings: Settings
+
+    def to_json_data(self) -> dict[str, Any]:
+        return {
+            "cpus": self.cpus,
+            "parents": list(self.parents),
+            "children": list(self.children),
+            "root": self.root,
+            "settings": self.settings.model_dump(mode="json"),
+        }
+
+
+@dataclass(frozen=True)
+class TopologyDiff:
+    """What changes from one topology to the next, as a deployment must realise it."""
+
+    added: tuple[str, ...]
+    """Servers only in the new topology, in its order."""
+    removed: tuple[str, ...]
+    """Servers only in the old topology, in its order: they drain, then retire."""
+    changed: tuple[str, ...]
+    """Servers in both whose view (`Topology.view`) differs, in the new order."""
+    settings_changed: bool
+
+    @property
+    def empty(self) -> bool:
+        """Nothing any server would notice (the file may still differ, e.g. in order)."""
+        return not (self.added or self.removed or self.changed or self.settings_changed)
 
 
 @dataclass(frozen=True)
@@ -204,6 +246,27 @@ class Topology:
     @property
     def total_cpus(self) -> int:
         return sum(s.cpus for s in self.servers)
+
+    def view(self, name: str) -> ServerView:
+        """What server `name` takes from this topology at start."""
+        spec = self._by_name[name]
+        return ServerView(
+            cpus=spec.cpus,
+            parents=self.parents(name),
+            children=spec.children,
+            root=self.root == name,
+            settings=self.settings,
+        )
+
+    def diff(self, new: Topology) -> TopologyDiff:
+        """From this topology to `new`: servers added, removed, and kept with a changed
+        view; whether the settings changed."""
+        return TopologyDiff(
+            added=tuple(n for n in new.names if n not in self),
+            removed=tuple(n for n in self.names if n not in new),
+            changed=tuple(n for n in new.names if n in self and self.view(n) != new.view(n)),
+            settings_changed=self.settings != new.settings,
+        )
 
     def to_json_data(self) -> dict[str, Any]:
         return TopologyFile(settings=self.settings, servers=self.servers).model_dump(mode="json")

@@ -207,14 +207,7 @@ def view_hash(topology: Topology, name: str) -> str:
     """A short hash of what one server takes from the topology at start (cpus, parents,
     children, whether it is the root, the settings): in its definition, so Compose
     recreates exactly the servers whose view changed (their queue volume stays)."""
-    spec = topology.server(name)
-    view = {
-        "cpus": spec.cpus,
-        "parents": list(topology.parents(name)),
-        "children": list(spec.children),
-        "root": topology.root == name,
-        "settings": topology.settings.model_dump(mode="json"),
-    }
+    view = topology.view(name).to_json_data()
     return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:16]
 
 

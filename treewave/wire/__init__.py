@@ -1,5 +1,7 @@
-"""The WebSocket link layer shared by the node and balancer shells: dial with backoff,
-introduce yourself, one reader per socket, send by peer name. No protocol logic here."""
+"""I/O pieces shared by the shells: the WebSocket link layer of the node and the balancer
+(dial with backoff, introduce yourself, one reader per socket, send by peer name), their
+files, and the client of the balancer's topology API that deployments drive changes
+through. No protocol logic here."""
 
 __all__ = [
     "addressing",
@@ -9,5 +11,7 @@ __all__ = [
     "links",
     "secretfile",
     "timers",
+    "topology_api",
+    "topology_change",
     "topology_file",
 ]

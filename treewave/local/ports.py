@@ -1,0 +1,36 @@
+"""Loopback ports for a local cluster: the probe and the allocation of a block of them."""
+
+from __future__ import annotations
+
+import socket
+
+from treewave.local.errors import LocalRunError
+
+__all__ = ["HOST", "allocate_ports", "port_free"]
+
+HOST = "127.0.0.1"
+
+
+def port_free(port: int, host: str = HOST) -> bool:
+    """True when nothing listens on `host:port`. SO_REUSEADDR, as the services use, so a
+    port whose old connections linger in TIME_WAIT counts as free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def allocate_ports(base: int, count: int, exclude: set[int]) -> list[int]:
+    """`count` free ports from `base` upwards (consecutive unless some are taken)."""
+    ports: list[int] = []
+    port = base
+    while len(ports) < count:
+        if port > 65535:
+            raise LocalRunError(f"not enough free ports from {base} for {count} servers")
+        if port not in exclude and port_free(port):
+            ports.append(port)
+        port += 1
+    return ports
