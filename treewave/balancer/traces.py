@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from treewave.core.api import WAVE_TRACE, TraceList, TraceListing
 from treewave.core.echo import EchoInitiator
 from treewave.core.events import Send
 from treewave.core.finn import FinnInitiator
@@ -301,13 +302,15 @@ TRACES_KEY = web.AppKey("wave_traces", WaveTraces)
 
 async def api_waves(request: web.Request) -> web.Response:
     traces = request.app[TRACES_KEY]
-    return web.json_response(
-        {
-            "enabled": traces.enabled,
-            "history": traces.settings.trace_history,
-            "sample": traces.settings.trace_sample,
-            "waves": traces.listing(),
-        }
+    listing = TraceList(
+        enabled=traces.enabled,
+        history=traces.settings.trace_history,
+        sample=traces.settings.trace_sample,
+        waves=[TraceListing.model_validate(w) for w in traces.listing()],
+    )
+    # Unset fields stay out: a trace not gathered yet has no `complete` (not a null one).
+    return web.Response(
+        text=listing.model_dump_json(exclude_unset=True), content_type="application/json"
     )
 
 
@@ -330,7 +333,10 @@ async def api_wave(request: web.Request) -> web.Response:
         )
     if fmt == "shiviz":
         return web.Response(text=shiviz_log(trace), content_type="text/plain")
-    return web.json_response(trace)
+    return web.Response(
+        text=WAVE_TRACE.validate_python(trace).model_dump_json(exclude_unset=True),
+        content_type="application/json",
+    )
 
 
 def setup_traces(app: web.Application, traces: WaveTraces) -> None:
