@@ -24,6 +24,7 @@ from treewave.balancer.cluster import (
     UnknownServer,
     tree_json,
 )
+from treewave.balancer.openapi import setup_openapi
 from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.status import locked_page, setup_status
 from treewave.balancer.traces import setup_traces
@@ -225,6 +226,7 @@ def create_app(settings: BalancerSettings, topology: Topology | None = None) -> 
     app.router.add_post(SESSION_PATH, open_session)
     setup_status(app, balancer, settings.status_interval_s)
     setup_traces(app, balancer.traces)
+    setup_openapi(app)
     app.cleanup_ctx.append(_background)
     return app
 

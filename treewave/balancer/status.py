@@ -385,6 +385,8 @@ def _static_version() -> str:
     once, not once per page that links them."""
     h = hashlib.sha256()
     for p in sorted(STATIC.glob("*")):
+        if p.is_dir():  # swagger-ui/: the API reference page's, not this page's
+            continue
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:10]

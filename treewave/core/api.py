@@ -105,11 +105,31 @@ class EmptyRequest(ApiModel):
 class ApiError(ApiModel):
     """Every error answer: one line naming the problem; nothing was changed unless said."""
 
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={"examples": [{"error": "unknown server 'oak'"}]},
+    )
+
     error: str
 
 
 class AccessError(ApiError):
     """A request refused by the access rules (Host, Origin, Content-Type, token)."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "this balancer requires its API token for POST /api/tasks: send "
+                    "it as 'Authorization: Bearer <token>'",
+                    "reason": "token_missing",
+                }
+            ]
+        },
+    )
 
     reason: AccessReason
 
@@ -117,11 +137,40 @@ class AccessError(ApiError):
 class TopologyRefused(ApiError):
     """A posted topology that cannot be used; every problem is named, nothing changed."""
 
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "not a valid topology; nothing changed: servers: at least 1",
+                    "problems": ["servers: at least 1"],
+                }
+            ]
+        },
+    )
+
     problems: list[str]
 
 
 class SubmitUnconfirmedError(ApiError):
     """The server did not confirm a submission in time: the tasks may or may not be queued."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "server 'ash' did not confirm the tasks; they may or may not be "
+                    "queued there",
+                    "node": "ash",
+                    "first_task": "t-1a2b3c-7.0",
+                    "last_task": "t-1a2b3c-7.9",
+                }
+            ]
+        },
+    )
 
     node: str
     first_task: str
@@ -215,6 +264,21 @@ class RebalanceResult(ApiModel):
 
 class SubmitResult(ApiModel):
     """`POST /api/tasks`: the tasks are queued and on disk at the server."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "node": "ash",
+                    "accepted": 10,
+                    "first_task": "t-1a2b3c-7.0",
+                    "last_task": "t-1a2b3c-7.9",
+                }
+            ]
+        },
+    )
 
     node: str
     accepted: int
@@ -320,6 +384,12 @@ class PageSnapshot(_StatusFields):
 
 class Health(ApiModel):
     """`GET /healthz`."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={"examples": [{"status": "ok", "links_up": 10, "servers": 10}]},
+    )
 
     status: Literal["ok"]
     links_up: int
