@@ -418,7 +418,8 @@ def _operation(op: Operation, components: _Components) -> dict[str, Any]:
     if op.body is not None:
         schema = components.add(op.body, "validation")
         out["requestBody"] = {
-            "required": op.body is not EmptyRequest,
+            # Even an empty body goes as JSON: anything else is refused (415).
+            "required": True,
             "content": {JSON: {"schema": schema}},
         }
     by_status: dict[int, list[Reply]] = {}
