@@ -322,10 +322,6 @@ def access_middleware(
                 "use its address, localhost, or a name given with --allowed-hosts / "
                 "TREEWAVE_ALLOWED_HOSTS",
             )
-        if isinstance(request.match_info.http_exception, web.HTTPMethodNotAllowed):
-            # No route takes this method (TRACE /, GET /api/finn): 405 says so, rather than
-            # a Content-Type or token refusal for a request that could never be served.
-            return await handler(request)
         if request.method in SAFE_METHODS:
             refusal = read_refusal(
                 settings,
