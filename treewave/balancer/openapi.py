@@ -43,6 +43,7 @@ from treewave.core.api import (
     WaveTrace,
 )
 from treewave.core.topology import TopologyFile
+from treewave.core.trace import SHIVIZ_DEFAULT_PARSER, SHIVIZ_DELIMITER
 
 __all__ = [
     "DOCS_PATH",
@@ -112,6 +113,22 @@ WRITE_ERRORS = (
     Reply(422, "The body is JSON but not a valid request; nothing changed.", ApiError),
 )
 READ_ERRORS = (READ_TOKEN, HOST)
+
+
+FORMAT = {
+    "name": "format",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string", "enum": ["json", "shiviz"], "default": "json"},
+    "description": "`shiviz`: a text file for ShiViz's 'Choose file' upload.",
+}
+SHIVIZ_EXAMPLE = (
+    SHIVIZ_DEFAULT_PARSER
+    + "\n"
+    + SHIVIZ_DELIMITER
+    + "\n=== wave echo-1a2b3c-4 ===\nbalancer sends explore to ash [echo-1a2b3c-4]\n"
+    + 'balancer {"balancer":1}\n'
+)
 
 
 def _write(*replies: Reply) -> tuple[Reply, ...]:
@@ -208,7 +225,20 @@ OPERATIONS: tuple[Operation, ...] = (
         "/api/waves",
         "The traced waves kept, newest first",
         "traces",
-        (Reply(200, "Whether tracing is on, and the traced waves.", TraceList), *READ_ERRORS),
+        (
+            Reply(200, "Whether tracing is on, and the traced waves.", TraceList),
+            Reply(
+                200,
+                "With `format=shiviz`: every gathered trace kept in one file ShiViz opens as "
+                "it is, one execution per wave, oldest first.",
+                None,
+                "text/plain",
+                SHIVIZ_EXAMPLE,
+            ),
+            Reply(400, "Unknown `format`.", ApiError),
+            *READ_ERRORS,
+        ),
+        parameters=(FORMAT,),
         links={
             "GetTrace": {
                 "operationId": "get_api_waves_wave_id",
@@ -225,10 +255,11 @@ OPERATIONS: tuple[Operation, ...] = (
         (
             Reply(
                 200,
-                "The trace (JSON), or with `format=shiviz` a file ShiViz opens as it is.",
+                "The trace (JSON), or with `format=shiviz` a file ShiViz's upload opens as it "
+                "is (its parser regex and execution delimiter on the first two lines).",
                 WaveTrace,
             ),
-            Reply(200, "", None, "text/plain", "(?<event>.*)\\n(?<host>\\S*) (?<clock>{.*})\n"),
+            Reply(200, "", None, "text/plain", SHIVIZ_EXAMPLE),
             Reply(400, "Unknown `format`.", ApiError),
             Reply(404, "The wave is not among the traced waves kept.", ApiError),
             Reply(503, "The trace is still being gathered.", ApiError),
@@ -242,12 +273,7 @@ OPERATIONS: tuple[Operation, ...] = (
                 "schema": {"type": "string"},
                 "example": "echo-1a2b3c-4",
             },
-            {
-                "name": "format",
-                "in": "query",
-                "required": False,
-                "schema": {"type": "string", "enum": ["json", "shiviz"], "default": "json"},
-            },
+            FORMAT,
         ),
     ),
     Operation(

@@ -24,12 +24,15 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from treewave.cli.argtypes import non_negative_int, positive_float, positive_int
 from treewave.cli.errors import CommandError
 from treewave.cli.settings import BALANCER_URL, add_options
 from treewave.core.load import pressure_of
+from treewave.core.messages import describe_errors
 
 __all__ = [
     "Client",
@@ -63,6 +66,9 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
 @dataclass(frozen=True)
 class Client:
     base: str
@@ -72,6 +78,23 @@ class Client:
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
+
+    def get_as(self, path: str, model: type[M]) -> M:
+        """`GET path`, read through the API's model of that answer (`treewave.core.api`)."""
+        return self.read(self.get(path), model, f"GET {path}")
+
+    def post_as(self, path: str, body: Mapping[str, Any], model: type[M]) -> M:
+        return self.read(self.post(path, body), model, f"POST {path}")
+
+    @staticmethod
+    def read(answer: Any, model: type[M], what: str) -> M:
+        try:
+            return model.model_validate(answer)
+        except ValidationError as exc:
+            raise CommandError(
+                f"unexpected answer to {what} (is this a treewave balancer of this version?): "
+                + describe_errors(exc)
+            ) from None
 
     def post(self, path: str, body: Mapping[str, Any]) -> Any:
         return self.request("POST", path, body)
