@@ -5,7 +5,9 @@ Only the standard library (urllib) is used. Every command takes `--balancer URL`
 `$TREEWAVE_BALANCER` or http://127.0.0.1:7999). A balancer that does not answer, or an API
 error (`{"error": ...}`), becomes one line on stderr and exit code 1.
 
-The tree view (`render_tree`) is a pure function of the `/api/tree` JSON.
+Answers are read through the API's own models (`treewave.core.api`), so an answer of
+the wrong shape is one clear error; the renderers (`render_tree`, ...) are pure functions
+of those models' JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ from pydantic import BaseModel, ValidationError
 from treewave.cli.argtypes import non_negative_int, positive_float, positive_int
 from treewave.cli.errors import CommandError
 from treewave.cli.settings import BALANCER_URL, add_options
+from treewave.core.api import (
+    FinnResult,
+    RebalanceResult,
+    SubmitResult,
+    TopologyStatus,
+    TreeSnapshot,
+)
 from treewave.core.load import pressure_of
 from treewave.core.messages import describe_errors
 
@@ -530,26 +539,27 @@ def api_token(token_file: Path | None) -> str:
 
 
 def migration_of(client: Client) -> dict[str, Any] | None:
-    """The balancer's migration state, or None from a balancer without the topology API."""
+    """The balancer's migration state (`MigrationStatus`, as JSON), or None from a balancer
+    without the topology API."""
     try:
         body = client.get("/api/topology")
     except CommandError:
         return None
-    migration = body.get("migration") if isinstance(body, dict) else None
-    return migration if isinstance(migration, dict) else None
+    return client.read(body, TopologyStatus, "GET /api/topology").migration.model_dump(mode="json")
 
 
 def status_text(client: Client, *, colour: bool) -> str:
     """The tree, then the servers still draining (if any)."""
-    text = render_tree(client.get("/api/tree"), colour=colour)
+    text = render_tree(status_json(client, with_migration=False), colour=colour)
     migration = migration_of(client)
     draining = render_migration(migration) if migration else ""
     return f"{text}\n{draining}" if draining else text
 
 
-def status_json(client: Client) -> dict[str, Any]:
-    tree: dict[str, Any] = client.get("/api/tree")
-    migration = migration_of(client)
+def status_json(client: Client, *, with_migration: bool = True) -> dict[str, Any]:
+    """`GET /api/tree` read as a `TreeSnapshot` (and the migration, when there is one)."""
+    tree = client.get_as("/api/tree", TreeSnapshot).model_dump(mode="json")
+    migration = migration_of(client) if with_migration else None
     if migration is not None:
         tree["migration"] = migration
     return tree
@@ -603,11 +613,11 @@ def submit(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"node": args.node, "count": args.count}
     if args.duration is not None:
         body["duration_s"] = args.duration
-    result = _client(args).post("/api/tasks", body)
-    n = int(result.get("accepted", 0))
+    result = _client(args).post_as("/api/tasks", body, SubmitResult)
+    n = result.accepted
     print(
-        f"queued {n} task{'s' if n != 1 else ''} on {result.get('node')} "
-        f"({result.get('first_task')} .. {result.get('last_task')})"
+        f"queued {n} task{'s' if n != 1 else ''} on {result.node} "
+        f"({result.first_task} .. {result.last_task})"
     )
     return 0
 
@@ -616,12 +626,12 @@ def finn(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"tasks_per_node": args.tasks_per_node}
     if args.duration is not None:
         body["duration_s"] = args.duration
-    result = _client(args).post("/api/finn", body)
-    print(render_finn(result))
-    return 0 if result.get("complete") else 1
+    result = _client(args).post_as("/api/finn", body, FinnResult)
+    print(render_finn(result.model_dump(mode="json")))
+    return 0 if result.complete else 1
 
 
 def rebalance(args: argparse.Namespace) -> int:
-    result = _client(args).post("/api/rebalance", {})
-    print(render_rebalance(result))
+    result = _client(args).post_as("/api/rebalance", {}, RebalanceResult)
+    print(render_rebalance(result.model_dump(mode="json")))
     return 0
