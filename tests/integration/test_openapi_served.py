@@ -3,13 +3,17 @@ at start, under the same access rules as every other read."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+import jsonschema
 
 from treewave.balancer.access import AccessSettings
 from treewave.balancer.app import create_app
 from treewave.balancer.openapi import openapi_document
 from treewave.balancer.settings import BalancerSettings
+from treewave.core.api import PageSnapshot
 from treewave.core.topology import ServerSpec, Topology
 
 TOPOLOGY = Topology.from_servers([ServerSpec(name="ash", cpus=1)])
@@ -41,6 +45,31 @@ async def test_the_document_and_the_page_are_served(aiohttp_client: Any, tmp_pat
         assert got.status == 200, asset
     status_page = await client.get("/")
     assert 'href="/api/docs"' in await status_page.text()
+
+
+async def test_the_event_streams_snapshot_is_the_documented_page_snapshot(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """`/api/events` is documented by prose and the `PageSnapshot` schema (schemathesis
+    cannot read an endless stream): its first event is checked against that model here."""
+    client = await aiohttp_client(app(tmp_path, AccessSettings()))
+    async with client.get("/api/events") as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/event-stream"
+        event = data = None
+        while data is None:
+            line = (await resp.content.readline()).decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: "):
+                data = json.loads(line[len("data: ") :])
+    assert event == "snapshot"
+    snapshot = PageSnapshot.model_validate(data)
+    assert snapshot.policy == "lpt"
+    assert [s.name for s in snapshot.topology.servers] == ["ash"]
+    schemas = openapi_document()["components"]["schemas"]
+    assert "PageSnapshot" in schemas
+    jsonschema.validate(data, {**schemas["PageSnapshot"], "components": {"schemas": schemas}})
 
 
 async def test_reads_protected_need_the_token_for_the_document_too(
