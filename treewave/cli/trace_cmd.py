@@ -14,8 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from treewave.cli.api_client import Client
 from treewave.cli.argtypes import positive_float
-from treewave.cli.client_cmd import Client, add_token_file, api_token
+from treewave.cli.client_cmd import add_token_file, api_token
 from treewave.cli.errors import CommandError
 from treewave.cli.settings import BALANCER_URL, add_options
 from treewave.core.api import WAVE_TRACE, TraceDecide, TraceList, WaveTrace
