@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from tests.support.cluster import Cluster, StartCluster
+from tests.support.shiviz import assert_shiviz_ready
 
 SERVERS: list[dict[str, Any]] = [
     {"name": "aurora", "cpus": 4, "tasks": 2, "children": ["birch", "cedar", "delta"]},
@@ -242,11 +243,44 @@ async def test_shiviz_export_parses_with_shivizs_default_parser(
             == trace["steps"]
             == 2 * len(messages(trace)) + sum(1 for e in trace["events"] if e["kind"] == "decide")
         )
-        assert len(text.splitlines()) == 2 * len(events)
+        # The parser and delimiter lines, the wave's delimiter line, two lines per event.
+        assert len(text.splitlines()) == 3 + 2 * len(events)
         shiviz_graph_checks(events)
         hosts = {h for _, h, _ in events}
         assert hosts == {"balancer", *dag.names}
         assert all(wave in line for line, _, _ in events)
+        # As ShiViz's file upload reads it (node): one execution, every event.
+        (execution,) = assert_shiviz_ready(text, [trace])
+        assert [(h, c) for _, h, c in execution.events] == [(h, c) for _, h, c in events]
+
+
+async def test_every_kept_trace_in_one_shiviz_file(
+    dag: Cluster, http: aiohttp.ClientSession
+) -> None:
+    for path, method, body in (("/api/tree", "GET", None), ("/api/finn", "POST", {})):
+        async with http.request(method, dag.balancer_url + path, json=body) as resp:
+            assert resp.status == 200
+    waves = [await trace_of(http, dag, w["wave_id"]) for w in await ready_waves(http, dag)]
+    assert len(waves) >= 2
+    async with http.get(f"{dag.balancer_url}/api/waves?format=shiviz") as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/plain"
+        text = await resp.text()
+    executions = assert_shiviz_ready(text, waves[::-1])  # oldest first
+    assert {x.label.split("-")[0] for x in executions} == {"echo", "finn"}
+    async with http.get(f"{dag.balancer_url}/api/waves?format=svg") as resp:
+        assert resp.status == 400
+        assert "unknown format" in (await resp.json())["error"]
+
+
+async def ready_waves(http: aiohttp.ClientSession, cluster: Cluster) -> list[Any]:
+    """The listing's waves once every one is gathered (newest first)."""
+    for _ in range(100):
+        listing = await get(http, cluster.balancer_url + "/api/waves")
+        if all(w["ready"] for w in listing["waves"]):
+            return list(listing["waves"])
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"traces never gathered: {listing}")
 
 
 # --- a dead server ------------------------------------------------------------------------

@@ -413,7 +413,9 @@ def test_a_removed_server_is_held_drained_to_the_least_pressed_and_retired() -> 
         Retired("old")
     ]
     assert m.phase is MigrationPhase.STEADY
-    assert m.status(11.0)["retired"] == {"old": {"moved": 7, "completed": 0, "requeued": 1}}
+    assert m.status(11.0).model_dump()["retired"] == {
+        "old": {"moved": 7, "completed": 0, "requeued": 1}
+    }
 
 
 def test_not_retired_before_the_hold_nor_with_a_transfer_in_doubt() -> None:

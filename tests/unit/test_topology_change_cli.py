@@ -61,16 +61,31 @@ def test_the_rendered_compose_file_carries_the_hashes(tmp_path: Path) -> None:
         assert services[name]["labels"] == {"treewave.view": view_hash(A, name)}
 
 
+def retiring(queued: int | None, running: int | None) -> dict[str, object]:
+    """A retiring server as `GET /api/topology` reports it (None: not reported yet)."""
+    reported = queued is not None
+    return {
+        "queued": queued,
+        "running": running,
+        "reserved": 0 if reported else None,
+        "held": reported,
+        "reported": reported,
+        "moved": 0,
+        "requeued": 0,
+        "grace_left_s": 30.0,
+    }
+
+
 def test_topology_state_and_progress_bars() -> None:
+    done = {"completed": 0, "requeued": 0}
     body = {
         "topology": A.to_json_data(),
         "migration": {
             "state": "draining",
-            "retiring": {
-                "old": {"queued": 6, "running": 2, "reported": True},
-                "quiet": {"queued": None, "running": None, "reported": False},
-            },
-            "retired": {"gone": {"moved": 4}, "root": {"moved": 0}},
+            "drain_grace_s": 30.0,
+            "retiring": {"old": retiring(6, 2), "quiet": retiring(None, None)},
+            "retired": {"gone": {"moved": 4, **done}, "root": {"moved": 0, **done}},
+            "releasing": [],
         },
     }
     state = TopologyState.parse(body)
@@ -85,7 +100,7 @@ def test_topology_state_and_progress_bars() -> None:
             **body,
             "migration": {
                 **body["migration"],
-                "retiring": {"old": {"queued": 2, "running": 0, "reported": True}},
+                "retiring": {"old": retiring(2, 0)},
             },
         }
     )

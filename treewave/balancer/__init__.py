@@ -1,3 +1,4 @@
-"""The balancer role: waves, policy and rebalancing, its HTTP API, status page and metrics."""
+"""The balancer role: waves, policy and rebalancing, its HTTP API (and its OpenAPI document),
+status page and metrics."""
 
-__all__ = ["access", "app", "cluster", "metrics", "settings", "status", "traces"]
+__all__ = ["access", "app", "cluster", "metrics", "openapi", "settings", "status", "traces"]

@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import time
+import typing
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry, Counter
 
+from treewave.core.api import AccessError, AccessReason, SessionOpened
 from treewave.wire.http import LOG_EVERY_S, RejectionLog, json_error
 from treewave.wire.secretfile import read_secret
 
@@ -80,7 +82,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 ALWAYS_ALLOWED_HOSTS = ("localhost", "balancer")
 """Besides IP literals and `*.localhost`: loopback, and the compose service name
 (Prometheus scrapes `balancer:7999`)."""
-REASONS = ("host", "origin", "content_type", "token_missing", "token_wrong")
+REASONS: tuple[AccessReason, ...] = typing.get_args(AccessReason)
 TOKEN_ENV = "TREEWAVE_API_TOKEN"
 TOKEN_FILE_ENV = "TREEWAVE_API_TOKEN_FILE"
 SESSION_PATH = "/api/session"
@@ -237,7 +239,7 @@ def read_needs_token(path: str) -> bool:
 
 def read_refusal(
     settings: AccessSettings, path: str, authorization: str | None, cookie: str | None
-) -> str | None:
+) -> AccessReason | None:
     """Why a read (GET/HEAD/OPTIONS) is refused: "token_missing", "token_wrong", or None
     when it may go on. The `Authorization` header, when sent, decides; else the session
     cookie."""
@@ -278,7 +280,7 @@ def access_middleware(
     def reject(
         request: web.Request,
         status: int,
-        reason: str,
+        reason: AccessReason,
         message: str,
         page: Callable[[web.Request], web.Response] | None = None,
     ) -> web.Response:
@@ -301,8 +303,11 @@ def access_middleware(
             answer.set_status(status)
             answer.headers.update(headers or {})
             return answer
-        return web.json_response(
-            {"error": message, "reason": reason}, status=status, headers=headers
+        return web.Response(
+            text=AccessError(error=message, reason=reason).model_dump_json(),
+            status=status,
+            headers=headers,
+            content_type="application/json",
         )
 
     @web.middleware
@@ -411,9 +416,12 @@ async def open_session(request: web.Request) -> web.Response:
         body = None
     if body != {}:
         raise json_error(422, f"POST {SESSION_PATH} takes no fields: send {{}} or no body")
-    response = web.json_response(
-        {"session": "open", "reads_protected": settings.token_for_reads},
+    response = web.Response(
+        text=SessionOpened(
+            session="open", reads_protected=settings.token_for_reads
+        ).model_dump_json(),
         headers={"Cache-Control": "no-store"},
+        content_type="application/json",
     )
     response.set_cookie(
         SESSION_COOKIE,

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from treewave.balancer.access import ACCESS_KEY, SESSION_PATH, access_middleware, open_session
 from treewave.balancer.cluster import (
@@ -24,9 +24,22 @@ from treewave.balancer.cluster import (
     UnknownServer,
     tree_json,
 )
+from treewave.balancer.openapi import setup_openapi
 from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.status import locked_page, setup_status
 from treewave.balancer.traces import setup_traces
+from treewave.core.api import (
+    AdoptResult,
+    ApiError,
+    EmptyRequest,
+    FinnRequest,
+    FinnResult,
+    Health,
+    SubmitRequest,
+    SubmitResult,
+    SubmitUnconfirmedError,
+    TopologyRefused,
+)
 from treewave.core.messages import FinnWork, describe_errors
 from treewave.core.topology import Topology, TopologyError
 from treewave.wire.http import json_error, json_errors
@@ -35,28 +48,22 @@ from treewave.wire.topology_file import load_topology
 __all__ = ["BALANCER_KEY", "MAX_BODY_BYTES", "create_app", "http_error"]
 
 
-class FinnRequest(BaseModel):
-    # Strict: `"2"`, `true` or `2.0` for a count is a wrong type, not 2 or 1.
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-    tasks_per_node: int = Field(default=1, ge=0, le=10_000)
-    duration_s: float | None = Field(default=None, gt=0, le=3600)
-
-
-class SubmitRequest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-    node: str = Field(min_length=1, max_length=63)
-    count: int = Field(ge=1, le=100_000)
-    duration_s: float | None = Field(default=None, gt=0, le=3600)
-    actual_s: float | None = Field(default=None, gt=0, le=3600)
-    """Emulation only: how long the tasks really run when the declaration is wrong."""
-
-
-class EmptyRequest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
 BALANCER_KEY = web.AppKey("balancer", Balancer)
 MAX_BODY_BYTES = 64 * 1024
+
+
+def answer(model: BaseModel, status: int = 200) -> web.Response:
+    """A JSON answer from one of the API's models (`treewave.core.api`)."""
+    return web.Response(
+        text=model.model_dump_json(), status=status, content_type="application/json"
+    )
+
+
+def model_error(status: int, model: ApiError) -> web.HTTPException:
+    """An HTTP error whose JSON body is `model` (an `ApiError` with more to say)."""
+    exc = web.HTTPException(text=model.model_dump_json(), content_type="application/json")
+    exc.set_status(status)
+    return exc
 
 
 def http_error(exc: BalancerError) -> web.HTTPException:
@@ -68,16 +75,14 @@ def http_error(exc: BalancerError) -> web.HTTPException:
     if isinstance(exc, ServerNotConnected):
         return json_error(503, str(exc))
     if isinstance(exc, SubmitUnconfirmed):
-        return web.HTTPGatewayTimeout(
-            text=json.dumps(
-                {
-                    "error": str(exc),
-                    "node": exc.name,
-                    "first_task": exc.first_task,
-                    "last_task": exc.last_task,
-                }
+        return model_error(
+            504,
+            SubmitUnconfirmedError(
+                error=str(exc),
+                node=exc.name,
+                first_task=exc.first_task,
+                last_task=exc.last_task,
             ),
-            content_type="application/json",
         )
     return json_error(500, str(exc))
 
@@ -103,7 +108,7 @@ async def read_body(request: web.Request, model: type[M]) -> M:
 async def api_tree(request: web.Request) -> web.Response:
     b = request.app[BALANCER_KEY]
     record = await b.run_echo()
-    return web.json_response(tree_json(record, b.topology))
+    return answer(tree_json(record, b.topology))
 
 
 async def api_finn(request: web.Request) -> web.Response:
@@ -112,15 +117,19 @@ async def api_finn(request: web.Request) -> web.Response:
     record = await b.run_finn(
         FinnWork(tasks_per_node=body.tasks_per_node, duration_s=body.duration_s)
     )
-    return web.json_response(
-        {**record.summary(), "decided": list(record.decided), "tasks_per_node": body.tasks_per_node}
+    return answer(
+        FinnResult(
+            **dict(record.summary()),
+            decided=list(record.decided),
+            tasks_per_node=body.tasks_per_node,
+        )
     )
 
 
 async def api_rebalance(request: web.Request) -> web.Response:
     b = request.app[BALANCER_KEY]
     await read_body(request, EmptyRequest)
-    return web.json_response(await b.rebalance())
+    return answer(await b.rebalance())
 
 
 async def api_tasks(request: web.Request) -> web.Response:
@@ -130,27 +139,25 @@ async def api_tasks(request: web.Request) -> web.Response:
         ids = await b.submit(body.node, body.count, body.duration_s, body.actual_s)
     except BalancerError as exc:
         raise http_error(exc) from None
-    return web.json_response(
-        {"node": body.node, "accepted": len(ids), "first_task": ids[0], "last_task": ids[-1]},
+    return answer(
+        SubmitResult(node=body.node, accepted=len(ids), first_task=ids[0], last_task=ids[-1]),
         status=202,
     )
 
 
 def topology_refused(problems: list[str]) -> web.HTTPException:
     """422 naming every problem of a posted topology (nothing changed)."""
-    return web.HTTPUnprocessableEntity(
-        text=json.dumps(
-            {
-                "error": "not a valid topology; nothing changed: " + "; ".join(problems),
-                "problems": problems,
-            }
+    return model_error(
+        422,
+        TopologyRefused(
+            error="not a valid topology; nothing changed: " + "; ".join(problems),
+            problems=problems,
         ),
-        content_type="application/json",
     )
 
 
 async def api_topology(request: web.Request) -> web.Response:
-    return web.json_response(request.app[BALANCER_KEY].topology_status())
+    return answer(request.app[BALANCER_KEY].topology_status())
 
 
 async def api_post_topology(request: web.Request) -> web.Response:
@@ -168,19 +175,19 @@ async def api_post_topology(request: web.Request) -> web.Response:
     except TopologyError as exc:
         raise topology_refused(exc.problems) from None
     adopted = await b.adopt(desired)
-    return web.json_response(
-        {"adopted": adopted, **b.topology_status()}, status=202 if adopted else 200
+    return answer(
+        AdoptResult(adopted=adopted, **dict(b.topology_status())), status=202 if adopted else 200
     )
 
 
 async def api_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[BALANCER_KEY].status())
+    return answer(request.app[BALANCER_KEY].status())
 
 
 async def healthz(request: web.Request) -> web.Response:
     b = request.app[BALANCER_KEY]
     up = sum(1 for n in b.topology.names if b.links.connected(n))
-    return web.json_response({"status": "ok", "links_up": up, "servers": len(b.names)})
+    return answer(Health(status="ok", links_up=up, servers=len(b.names)))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -219,6 +226,7 @@ def create_app(settings: BalancerSettings, topology: Topology | None = None) -> 
     app.router.add_post(SESSION_PATH, open_session)
     setup_status(app, balancer, settings.status_interval_s)
     setup_traces(app, balancer.traces)
+    setup_openapi(app)
     app.cleanup_ctx.append(_background)
     return app
 

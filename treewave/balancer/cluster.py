@@ -26,6 +26,18 @@ import aiohttp
 from treewave.balancer.metrics import BalancerMetrics
 from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.traces import WaveTraces, sampled_waves
+from treewave.core.api import (
+    ClusterStatus,
+    Edge,
+    MovedTasks,
+    RebalanceResult,
+    ServerLine,
+    TopologyStatus,
+    TopologySummary,
+    TreeNode,
+    TreeSnapshot,
+    WaveSummary,
+)
 from treewave.core.deadlines import wave_deadline_s
 from treewave.core.echo import EchoInitiator
 from treewave.core.errors import (
@@ -75,7 +87,7 @@ from treewave.core.policy import (
     max_pressure,
     plan_moves,
 )
-from treewave.core.topology import BALANCER, Topology
+from treewave.core.topology import BALANCER, Topology, TopologyFile
 from treewave.core.transfer import (
     TransferCoordinator,
     TransferDone,
@@ -178,17 +190,17 @@ class WaveRecord:
     states: tuple[ServerState, ...] = ()
     decided: tuple[str, ...] = ()
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "wave_id": self.wave_id,
-            "algorithm": self.algorithm,
-            "complete": self.complete,
-            "missing": self.missing,
-            "messages": self.messages,
-            "duration_s": round(self.duration_s, 6),
-            "finished_at": self.finished_at,
-            "trigger": self.trigger,
-        }
+    def summary(self) -> WaveSummary:
+        return WaveSummary(
+            wave_id=self.wave_id,
+            algorithm=self.algorithm,
+            complete=self.complete,
+            missing=self.missing,
+            messages=self.messages,
+            duration_s=round(self.duration_s, 6),
+            finished_at=self.finished_at,
+            trigger=self.trigger,
+        )
 
 
 @dataclass
@@ -244,7 +256,7 @@ class Balancer:
         self.history: deque[WaveRecord] = deque(maxlen=HISTORY)
         self.live_history: deque[WaveRecord] = deque(maxlen=LIVE_HISTORY)
         self.last_echo: WaveRecord | None = None
-        self.last_moves: list[dict[str, Any]] = []
+        self.last_moves: list[MovedTasks] = []
         self.last_rebalance_at: float | None = None
         self.rebalance_lock = asyncio.Lock()
         self.timers = DeadlineTimer(self._next_deadline, self._deadline_passed)
@@ -424,7 +436,7 @@ class Balancer:
             log.warning(
                 "%s wave %s partial, missing %s", record.algorithm, record.wave_id, record.missing
             )
-        self.publish({"event": "wave", "wave": record.summary()})
+        self.publish({"event": "wave", "wave": record.summary().model_dump(mode="json")})
 
     async def _deadline_passed(self, now: float) -> None:
         """Decide waves past their deadline; time out or retry transfer steps."""
@@ -499,7 +511,7 @@ class Balancer:
 
     # --- rebalancing ---------------------------------------------------------------------------
 
-    async def rebalance(self) -> dict[str, Any]:
+    async def rebalance(self) -> RebalanceResult:
         async with self.rebalance_lock:
             before = await self.run_echo("rebalance")
             task_time_s = self.topology.settings.task_time_s
@@ -510,7 +522,7 @@ class Balancer:
             moved = await asyncio.gather(*(self._move(m) for m in moves))
             after = await self.run_echo("rebalance") if moves else before
             done = [
-                {"source": m.source, "target": m.target, "tasks": n}
+                MovedTasks(source=m.source, target=m.target, tasks=n)
                 for m, n in zip(moves, moved, strict=True)
                 if n > 0
             ]
@@ -518,21 +530,21 @@ class Balancer:
             if done:
                 self.last_moves = done
                 self.last_rebalance_at = time.time()
-                self.publish({"event": "moves", "moves": done})
-            return {
-                "moves": done,
-                "planned": [
-                    {"source": m.source, "target": m.target, "tasks": m.tasks} for m in moves
+                self.publish({"event": "moves", "moves": [m.model_dump(mode="json") for m in done]})
+            return RebalanceResult(
+                moves=done,
+                planned=[
+                    MovedTasks(source=m.source, target=m.target, tasks=m.tasks) for m in moves
                 ],
-                "max_pressure_before": round(max_pressure(loads), 6),
-                "max_pressure_after": round(max_pressure(loads_of(after.states, task_time_s)), 6),
-                "expected_makespan_before_s": round(expected_makespan(loads), 6),
-                "expected_makespan_after_s": round(
+                max_pressure_before=round(max_pressure(loads), 6),
+                max_pressure_after=round(max_pressure(loads_of(after.states, task_time_s)), 6),
+                expected_makespan_before_s=round(expected_makespan(loads), 6),
+                expected_makespan_after_s=round(
                     expected_makespan(loads_of(after.states, task_time_s)), 6
                 ),
-                "complete": before.complete and after.complete,
-                "missing": sorted(set(before.missing) | set(after.missing)),
-            }
+                complete=before.complete and after.complete,
+                missing=sorted(set(before.missing) | set(after.missing)),
+            )
 
     async def _move(self, move: Move) -> int:
         return await self.transfer(move.source, move.target, move.tasks, move.durations)
@@ -628,12 +640,12 @@ class Balancer:
         extra = (self.migration.retiring | self.migration.releasing) - self.names
         return (*self.topology.names, *sorted(extra))
 
-    def topology_status(self) -> dict[str, Any]:
+    def topology_status(self) -> TopologyStatus:
         """`GET /api/topology`: the adopted topology and the migration's state."""
-        return {
-            "topology": self.topology.to_json_data(),
-            "migration": self.migration.status(time.time()),
-        }
+        return TopologyStatus(
+            topology=TopologyFile(settings=self.topology.settings, servers=self.topology.servers),
+            migration=self.migration.status(time.time()),
+        )
 
     async def adopt(self, desired: Topology) -> bool:
         """Make `desired` the topology (validated by the caller) and start, or supersede,
@@ -652,7 +664,12 @@ class Balancer:
                 len(desired),
                 ", ".join(sorted(self.migration.retiring)) or "none",
             )
-            self.publish({"event": "topology", "migration": self.migration.status(time.time())})
+            self.publish(
+                {
+                    "event": "topology",
+                    "migration": self.migration.status(time.time()).model_dump(mode="json"),
+                }
+            )
         await self.carry_out(intents)
         return True
 
@@ -849,67 +866,67 @@ class Balancer:
     def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self.listeners.discard(queue)
 
-    def wave_list(self, include_live: bool = False) -> list[dict[str, Any]]:
+    def wave_list(self, include_live: bool = False) -> list[WaveSummary]:
         """Recent waves, newest first; with `include_live`, the status page's own refresh
-        Echoes too, each marked `live`."""
+        Echoes too (their `trigger` is "status")."""
         if not include_live:
             return [w.summary() for w in self.history]
         merged = [*self.history, *self.live_history]
         merged.sort(key=lambda w: w.finished_at, reverse=True)
-        return [{**w.summary(), "live": w.trigger == "status"} for w in merged]
+        return [w.summary() for w in merged]
 
-    def status(self, include_live: bool = False) -> dict[str, Any]:
+    def status(self, include_live: bool = False) -> ClusterStatus:
         """The API's `/api/status` (and, with the page's own waves, the page's snapshot)."""
         echo = self.last_echo
-        return {
-            "topology": {
-                "root": self.topology.root,
-                "servers": [
-                    {"name": s.name, "cpus": s.cpus, "children": list(s.children)}
+        return ClusterStatus(
+            topology=TopologySummary(
+                root=self.topology.root,
+                servers=[
+                    ServerLine(name=s.name, cpus=s.cpus, children=list(s.children))
                     for s in self.topology.servers
                 ],
-                "edges": [{"source": a, "target": b} for a, b in self.topology.edges],
-                "overload_percent": self.topology.settings.overload_percent,
-                "task_time_s": self.topology.settings.task_time_s,
-            },
-            "links": {n: self.links.connected(n) for n in self.linked_names},
-            "snapshot": None if echo is None else tree_json(echo, self.topology),
-            "waves": self.wave_list(include_live),
-            "moves": self.last_moves,
-            "last_rebalance_at": self.last_rebalance_at,
-            "rebalance_interval_s": self.rebalance_interval_s,
-            "wave_deadline_s": round(self.wave_deadline_s, 3),
-            "in_doubt": len(self.coordinator.in_doubt),
-            "migration": self.migration.status(time.time()),
-        }
+                edges=[Edge(source=a, target=b) for a, b in self.topology.edges],
+                overload_percent=self.topology.settings.overload_percent,
+                task_time_s=self.topology.settings.task_time_s,
+            ),
+            links={n: self.links.connected(n) for n in self.linked_names},
+            snapshot=None if echo is None else tree_json(echo, self.topology),
+            waves=self.wave_list(include_live),
+            moves=self.last_moves,
+            last_rebalance_at=self.last_rebalance_at,
+            rebalance_interval_s=self.rebalance_interval_s,
+            wave_deadline_s=round(self.wave_deadline_s, 3),
+            in_doubt=len(self.coordinator.in_doubt),
+            migration=self.migration.status(time.time()),
+        )
 
 
-def tree_json(record: WaveRecord, topology: Topology) -> dict[str, Any]:
+def tree_json(record: WaveRecord, topology: Topology) -> TreeSnapshot:
     """A snapshot for the API and the status page; `pressure` (expected work per CPU,
     seconds) and `level` (the colour band) come from `core.load`, so no client computes
     them."""
     task_time_s = topology.settings.task_time_s
     overload_percent = topology.settings.overload_percent
-    return {
-        **record.summary(),
-        "nodes": [
-            {
-                "name": s.name,
-                "cpus": s.cpus,
-                "running": s.running,
-                "queued": s.queued,
-                "completed": s.completed,
-                "reserved": s.reserved,
-                "expected_work_s": round(expected_work_s(s, task_time_s), 6),
-                "pressure": round(pressure(s, task_time_s), 6),
-                "level": load_level(s.running, s.queued, s.cpus, overload_percent),
-                "echo_parent": s.echo_parent,
-            }
+    return TreeSnapshot(
+        **dict(record.summary()),
+        nodes=[
+            TreeNode(
+                name=s.name,
+                cpus=s.cpus,
+                running=s.running,
+                queued=s.queued,
+                completed=s.completed,
+                reserved=s.reserved,
+                expected_work_s=round(expected_work_s(s, task_time_s), 6),
+                pressure=round(pressure(s, task_time_s), 6),
+                level=load_level(s.running, s.queued, s.cpus, overload_percent),
+                echo_parent=s.echo_parent,
+            )
             # (a snapshot taken before a topology change may name servers that left)
             for s in sorted(
                 (s for s in record.states if s.name in topology),
                 key=lambda s: topology.names.index(s.name),
             )
         ],
-        "edges": [{"source": a, "target": b} for a, b in topology.edges],
-    }
+        edges=[Edge(source=a, target=b) for a, b in topology.edges],
+    )

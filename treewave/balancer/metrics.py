@@ -3,10 +3,9 @@ dashboards can draw the tree from Prometheus alone."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from treewave.core.api import MigrationStatus
 from treewave.core.topology import Topology
 
 __all__ = ["BalancerMetrics"]
@@ -114,12 +113,12 @@ class BalancerMetrics:
         for a, b in topology.edges:
             self.edge_info.labels(f"{a}->{b}", a, b).set(1)
 
-    def show_migration(self, status: dict[str, Any]) -> None:
+    def show_migration(self, status: MigrationStatus) -> None:
         """The migration gauges from `Migration.status`."""
-        retiring = status["retiring"]
-        self.migration_draining.set(1 if status["state"] == "draining" else 0)
+        retiring = status.retiring
+        self.migration_draining.set(1 if status.state == "draining" else 0)
         self.retiring_servers.set(len(retiring))
         self.retiring_tasks.clear()
         for name, held in retiring.items():
-            for state in ("queued", "running"):
-                self.retiring_tasks.labels(name, state).set(held[state] or 0)
+            self.retiring_tasks.labels(name, "queued").set(held.queued or 0)
+            self.retiring_tasks.labels(name, "running").set(held.running or 0)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import jinja2
 from aiohttp import web
 
+from treewave.core.api import ClusterStatus, LiveWave, PageSnapshot
 from treewave.core.topology import Topology
 
 __all__ = [
@@ -217,7 +218,7 @@ class StatusSource(Protocol):
     @property
     def last_echo(self) -> FinishedWave | None: ...
 
-    def status(self, include_live: bool = False) -> dict[str, Any]: ...
+    def status(self, include_live: bool = False) -> ClusterStatus: ...
 
     async def run_echo(self, trigger: str = "api") -> Any: ...
 
@@ -288,11 +289,14 @@ class StatusHub:
 
     # state
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> PageSnapshot:
         status = self.balancer.status(include_live=True)
-        status["interval_s"] = self.interval_s
-        status["server_time"] = time.time()
-        return status
+        return PageSnapshot(
+            **{k: v for k, v in status if k != "waves"},
+            waves=[LiveWave(**dict(w), live=w.trigger == "status") for w in status.waves],
+            interval_s=self.interval_s,
+            server_time=time.time(),
+        )
 
     async def ensure_fresh(self, wait_s: float = 1.0) -> None:
         """Before rendering the page: if the last Echo is missing or stale, start one and
@@ -344,7 +348,7 @@ class StatusHub:
                 await self._live_echo()
             except Exception:  # a failed round must not end the loop
                 log.exception("status refresh Echo failed")
-            self.broadcast({"event": "snapshot", "data": self.snapshot()})
+            self.broadcast({"event": "snapshot", "data": self.snapshot().model_dump(mode="json")})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._wake.wait(), timeout=last_start + self.interval_s - time.monotonic()
@@ -381,6 +385,8 @@ def _static_version() -> str:
     once, not once per page that links them."""
     h = hashlib.sha256()
     for p in sorted(STATIC.glob("*")):
+        if p.is_dir():  # swagger-ui/: the API reference page's, not this page's
+            continue
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:10]
@@ -413,7 +419,7 @@ class StatusPage:
         hub = _hub(request.app)
         await hub.ensure_fresh()
         b = hub.balancer
-        snap = hub.snapshot()
+        snap = hub.snapshot().model_dump(mode="json")
         nodes = {n["name"]: n for n in (snap["snapshot"] or {}).get("nodes", [])}
         html = self.env.get_template("status.html").render(
             status=snap,
@@ -471,7 +477,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     hub.responses.add(resp)
     try:
         await resp.write(b"retry: 2000\n\n")
-        await resp.write(sse_frame("snapshot", hub.snapshot()))
+        await resp.write(sse_frame("snapshot", hub.snapshot().model_dump(mode="json")))
         while True:
             try:
                 event = await asyncio.wait_for(q.get(), timeout=KEEPALIVE_S)

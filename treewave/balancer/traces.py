@@ -19,12 +19,13 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from treewave.core.api import WAVE_TRACE, TraceList, TraceListing
 from treewave.core.echo import EchoInitiator
 from treewave.core.events import Send
 from treewave.core.finn import FinnInitiator
@@ -37,7 +38,7 @@ from treewave.core.messages import (
     TraceRequest,
 )
 from treewave.core.topology import BALANCER, Topology
-from treewave.core.trace import TraceJson, TraceRecorder, assemble, shiviz_log
+from treewave.core.trace import TraceJson, TraceRecorder, assemble, shiviz_file
 from treewave.wire.http import json_error
 from treewave.wire.links import LinkSet
 
@@ -299,24 +300,39 @@ class WaveTraces:
 TRACES_KEY = web.AppKey("wave_traces", WaveTraces)
 
 
+def _format(request: web.Request) -> str:
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "shiviz"):
+        raise json_error(400, f"unknown format {fmt!r}: use format=json or format=shiviz")
+    return fmt
+
+
+def _shiviz(traces: Iterable[TraceJson]) -> web.Response:
+    """A file ShiViz's upload opens as it is (`core.trace.shiviz_file`)."""
+    return web.Response(text=shiviz_file(traces), content_type="text/plain")
+
+
 async def api_waves(request: web.Request) -> web.Response:
     traces = request.app[TRACES_KEY]
-    return web.json_response(
-        {
-            "enabled": traces.enabled,
-            "history": traces.settings.trace_history,
-            "sample": traces.settings.trace_sample,
-            "waves": traces.listing(),
-        }
+    if _format(request) == "shiviz":
+        # Every gathered trace kept, oldest first, one ShiViz execution each.
+        return _shiviz(s.trace for s in traces.history.values() if s.trace is not None)
+    listing = TraceList(
+        enabled=traces.enabled,
+        history=traces.settings.trace_history,
+        sample=traces.settings.trace_sample,
+        waves=[TraceListing.model_validate(w) for w in traces.listing()],
+    )
+    # Unset fields stay out: a trace not gathered yet has no `complete` (not a null one).
+    return web.Response(
+        text=listing.model_dump_json(exclude_unset=True), content_type="application/json"
     )
 
 
 async def api_wave(request: web.Request) -> web.Response:
     traces = request.app[TRACES_KEY]
     wave = request.match_info["wave_id"]
-    fmt = request.query.get("format", "json")
-    if fmt not in ("json", "shiviz"):
-        raise json_error(400, f"unknown format {fmt!r}: use format=json or format=shiviz")
+    fmt = _format(request)
     wait_s = traces.settings.step_timeout_s + 2.0
     trace = await traces.get(wave, wait_s)
     if trace is None:
@@ -329,8 +345,11 @@ async def api_wave(request: web.Request) -> web.Response:
             f"(at most {traces.settings.trace_history}; see GET /api/waves)",
         )
     if fmt == "shiviz":
-        return web.Response(text=shiviz_log(trace), content_type="text/plain")
-    return web.json_response(trace)
+        return _shiviz([trace])
+    return web.Response(
+        text=WAVE_TRACE.validate_python(trace).model_dump_json(exclude_unset=True),
+        content_type="application/json",
+    )
 
 
 def setup_traces(app: web.Application, traces: WaveTraces) -> None:

@@ -1,6 +1,7 @@
 """The `treewave` console script: one module per group of subcommands, settings in one place."""
 
 __all__ = [
+    "api_client",
     "apply_cmd",
     "argtypes",
     "client_cmd",

@@ -5,34 +5,38 @@ Only the standard library (urllib) is used. Every command takes `--balancer URL`
 `$TREEWAVE_BALANCER` or http://127.0.0.1:7999). A balancer that does not answer, or an API
 error (`{"error": ...}`), becomes one line on stderr and exit code 1.
 
-The tree view (`render_tree`) is a pure function of the `/api/tree` JSON.
+Answers are read through the API's own models (`treewave.core.api`), so an answer of
+the wrong shape is one clear error; the renderers (`render_tree`, ...) are pure functions
+of those models' JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
-import ipaddress
 import json
 import os
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from treewave.cli.api_client import Client
 from treewave.cli.argtypes import non_negative_int, positive_float, positive_int
 from treewave.cli.errors import CommandError
 from treewave.cli.settings import BALANCER_URL, add_options
+from treewave.core.api import (
+    FinnResult,
+    RebalanceResult,
+    SubmitResult,
+    TopologyStatus,
+    TreeSnapshot,
+)
 from treewave.core.load import pressure_of
 
 __all__ = [
-    "Client",
     "add_token_file",
     "api_token",
     "load_bar",
@@ -48,78 +52,6 @@ __all__ = [
 BAR_WIDTH = 12
 RUN_CELL, QUEUED_CELL, FREE_CELL = "█", "▓", "░"
 MIDDLE, LAST = "├── ", "└── "
-
-
-# --- HTTP ------------------------------------------------------------------------------------
-
-
-def _is_loopback(url: str) -> bool:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass(frozen=True)
-class Client:
-    base: str
-    timeout: float = 30.0
-    token: str = ""
-    """The balancer's API token, sent as `Authorization: Bearer` when set."""
-
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
-
-    def post(self, path: str, body: Mapping[str, Any]) -> Any:
-        return self.request("POST", path, body)
-
-    def request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.base + path,
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
-        )
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        # A local balancer is never reached through a proxy from the environment.
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(self.base) else []
-        opener = urllib.request.build_opener(*handlers)
-        try:
-            with opener.open(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            raise CommandError(_api_error(exc)) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise CommandError(
-                f"cannot reach the balancer at {self.base}: {_one_line(str(reason))}"
-            ) from None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise CommandError(
-                f"the balancer at {self.base} answered {method} {path} with something that "
-                "is not JSON"
-            ) from None
-
-
-def _api_error(exc: urllib.error.HTTPError) -> str:
-    try:
-        body = json.loads(exc.read())
-    except (ValueError, OSError, http.client.HTTPException):
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return _one_line(body["error"])
-    return f"the balancer answered HTTP {exc.code} {exc.reason}"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 # --- rendering (pure) ----------------------------------------------------------------------------
@@ -507,26 +439,27 @@ def api_token(token_file: Path | None) -> str:
 
 
 def migration_of(client: Client) -> dict[str, Any] | None:
-    """The balancer's migration state, or None from a balancer without the topology API."""
+    """The balancer's migration state (`MigrationStatus`, as JSON), or None from a balancer
+    without the topology API."""
     try:
         body = client.get("/api/topology")
     except CommandError:
         return None
-    migration = body.get("migration") if isinstance(body, dict) else None
-    return migration if isinstance(migration, dict) else None
+    return client.read(body, TopologyStatus, "GET /api/topology").migration.model_dump(mode="json")
 
 
 def status_text(client: Client, *, colour: bool) -> str:
     """The tree, then the servers still draining (if any)."""
-    text = render_tree(client.get("/api/tree"), colour=colour)
+    text = render_tree(status_json(client, with_migration=False), colour=colour)
     migration = migration_of(client)
     draining = render_migration(migration) if migration else ""
     return f"{text}\n{draining}" if draining else text
 
 
-def status_json(client: Client) -> dict[str, Any]:
-    tree: dict[str, Any] = client.get("/api/tree")
-    migration = migration_of(client)
+def status_json(client: Client, *, with_migration: bool = True) -> dict[str, Any]:
+    """`GET /api/tree` read as a `TreeSnapshot` (and the migration, when there is one)."""
+    tree = client.get_as("/api/tree", TreeSnapshot).model_dump(mode="json")
+    migration = migration_of(client) if with_migration else None
     if migration is not None:
         tree["migration"] = migration
     return tree
@@ -580,11 +513,11 @@ def submit(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"node": args.node, "count": args.count}
     if args.duration is not None:
         body["duration_s"] = args.duration
-    result = _client(args).post("/api/tasks", body)
-    n = int(result.get("accepted", 0))
+    result = _client(args).post_as("/api/tasks", body, SubmitResult)
+    n = result.accepted
     print(
-        f"queued {n} task{'s' if n != 1 else ''} on {result.get('node')} "
-        f"({result.get('first_task')} .. {result.get('last_task')})"
+        f"queued {n} task{'s' if n != 1 else ''} on {result.node} "
+        f"({result.first_task} .. {result.last_task})"
     )
     return 0
 
@@ -593,12 +526,12 @@ def finn(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"tasks_per_node": args.tasks_per_node}
     if args.duration is not None:
         body["duration_s"] = args.duration
-    result = _client(args).post("/api/finn", body)
-    print(render_finn(result))
-    return 0 if result.get("complete") else 1
+    result = _client(args).post_as("/api/finn", body, FinnResult)
+    print(render_finn(result.model_dump(mode="json")))
+    return 0 if result.complete else 1
 
 
 def rebalance(args: argparse.Namespace) -> int:
-    result = _client(args).post("/api/rebalance", {})
-    print(render_rebalance(result))
+    result = _client(args).post_as("/api/rebalance", {}, RebalanceResult)
+    print(render_rebalance(result.model_dump(mode="json")))
     return 0

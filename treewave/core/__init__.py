@@ -1,6 +1,8 @@
-"""The sans-IO core, no I/O at all: topology, messages, Echo and Finn, transfers, policy, ledger."""
+"""The sans-IO core, no I/O at all: topology, messages, Echo and Finn, transfers, policy, ledger,
+the API's types."""
 
 __all__ = [
+    "api",
     "deadlines",
     "echo",
     "errors",

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from treewave.core.api import MigrationStatus, RetiredServer, RetiringServer
 from treewave.core.errors import LocalProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.policy import Load, plan_drain
 from treewave.core.topology import Topology, TopologyError
@@ -230,28 +231,28 @@ class Migration:
     def grace_s(self) -> float:
         return self.topology.settings.drain_grace_s
 
-    def status(self, now: float) -> dict[str, Any]:
+    def status(self, now: float) -> MigrationStatus:
         """The `migration` object of `GET /api/topology`."""
-        retiring: dict[str, Any] = {}
+        retiring: dict[str, RetiringServer] = {}
         for name, r in sorted(self._retiring.items()):
             rep = r.report
-            retiring[name] = {
-                "queued": rep.queued if rep else None,
-                "running": rep.running if rep else None,
-                "reserved": rep.reserved if rep else None,
-                "held": rep.held if rep else False,
-                "reported": rep is not None,
-                "moved": r.moved(),
-                "requeued": r.requeued,
-                "grace_left_s": round(max(0.0, r.since + self.grace_s - now), 3),
-            }
-        return {
-            "state": self.phase.value,
-            "drain_grace_s": self.grace_s,
-            "retiring": retiring,
-            "retired": dict(sorted(self._retired.items())),
-            "releasing": sorted(self._releasing),
-        }
+            retiring[name] = RetiringServer(
+                queued=rep.queued if rep else None,
+                running=rep.running if rep else None,
+                reserved=rep.reserved if rep else None,
+                held=rep.held if rep else False,
+                reported=rep is not None,
+                moved=r.moved(),
+                requeued=r.requeued,
+                grace_left_s=round(max(0.0, r.since + self.grace_s - now), 3),
+            )
+        return MigrationStatus(
+            state="draining" if self.phase is MigrationPhase.DRAINING else "steady",
+            drain_grace_s=self.grace_s,
+            retiring=retiring,
+            retired={n: RetiredServer(**c) for n, c in sorted(self._retired.items())},
+            releasing=sorted(self._releasing),
+        )
 
     # --- inputs -------------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ link), orders all events consistently with causality and computes a **vector clo
 each, so the order is right even when the hosts' clocks disagree. A participant whose part
 is missing leaves the trace partial, and says so.
 
-`shiviz_log` writes the trace as a log that ShiViz opens with its default parser.
+`shiviz_file` writes one or more traces as a file ShiViz's "Choose file" upload opens as it
+is: its first line the parser regex, its second the execution delimiter, then each wave as
+one execution (`shiviz_log`) under a delimiter line naming it.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from treewave.core.messages import (
 __all__ = [
     "DEFAULT_EVENTS_PER_WAVE",
     "SHIVIZ_DEFAULT_PARSER",
+    "SHIVIZ_DELIMITER",
     "TraceJson",
     "TraceRecorder",
     "assemble",
     "message_kind",
+    "shiviz_file",
     "shiviz_log",
 ]
 
@@ -48,6 +52,11 @@ server's buffer of 64 waves below 64 x 5,000 events (37 MiB: bench/trace_overhea
 SHIVIZ_DEFAULT_PARSER = r"(?<event>.*)\n(?<host>\S*) (?<clock>{.*})"
 """ShiViz's default log parser (`defaultParser` in its js/shiviz.js), which
 `shiviz_log` writes for: one line describing the event, one with host and vector clock."""
+
+SHIVIZ_DELIMITER = r"=== wave (?<trace>\S+) ==="
+"""The line before each wave in a ShiViz file: ShiViz splits the log into executions at
+the lines it matches (compiled with the "m" flag) and labels each with its `trace` group.
+It matches no event line (they never start with "===")."""
 
 WaveMessage = EchoExplore | EchoReply | FinnSets
 TraceJson = dict[str, Any]
@@ -441,3 +450,14 @@ def shiviz_log(trace: Mapping[str, Any]) -> str:
         lines.append(f"{text} [{trace['wave_id']}]")
         lines.append(f"{host} {json.dumps(clock, separators=(',', ':'))}")
     return "\n".join(lines) + "\n"
+
+
+def shiviz_file(traces: Iterable[Mapping[str, Any]]) -> str:
+    """Traces as one file for ShiViz's upload: the parser regex on the first line, the
+    execution delimiter on the second (ShiViz reads both from there, as typed, also when it
+    anchors them with ^...$), then every wave as an execution under its delimiter line."""
+    parts = [SHIVIZ_DEFAULT_PARSER + "\n", SHIVIZ_DELIMITER + "\n"]
+    for trace in traces:
+        parts.append(f"=== wave {trace['wave_id']} ===\n")
+        parts.append(shiviz_log(trace))
+    return "".join(parts)

@@ -24,6 +24,11 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from treewave.core.api import TopologyStatus
+from treewave.core.messages import describe_errors
+
 __all__ = [
     "TopologyApiError",
     "TopologyRejected",
@@ -63,17 +68,20 @@ class TopologyState:
 
     @classmethod
     def parse(cls, body: Any) -> TopologyState:
+        """Read through the API's own model of the answer (`TopologyStatus`)."""
         try:
-            servers = frozenset(s["name"] for s in body["topology"]["servers"])
-            migration = body["migration"]
-            return cls(
-                servers=servers,
-                state=str(migration["state"]),
-                retiring=dict(migration.get("retiring", {})),
-                retired=dict(migration.get("retired", {})),
-            )
-        except (KeyError, TypeError) as exc:
-            raise TopologyApiError(f"unexpected GET /api/topology answer: {exc!r}") from None
+            status = TopologyStatus.model_validate(body)
+        except ValidationError as exc:
+            raise TopologyApiError(
+                f"unexpected GET /api/topology answer: {describe_errors(exc)}"
+            ) from None
+        migration = status.migration
+        return cls(
+            servers=frozenset(s.name for s in status.topology.servers),
+            state=migration.state,
+            retiring={n: r.model_dump() for n, r in migration.retiring.items()},
+            retired={n: r.model_dump() for n, r in migration.retired.items()},
+        )
 
 
 def _opener(url: str) -> urllib.request.OpenerDirector:
