@@ -174,9 +174,10 @@ def _lpt(
     tasks = sorted(((d, n) for n, x in servers.items() for d in x.queued), reverse=True)
     plan: dict[str, list[float]] = {n: [] for n in servers}
     for d, owner in tasks:
-        while earliest[0][0] != slots[earliest[0][1]][0]:  # stale entry
-            _, n = heapq.heappop(earliest)
-            heapq.heappush(earliest, (slots[n][0], n))
+        while earliest[0][0] != slots[earliest[0][1]][0]:
+            # A stale entry: every server's current time was pushed when it changed, so
+            # dropping it loses nothing (re-pushing it grew the heap with every task).
+            heapq.heappop(earliest)
         stay = slots[owner][0] <= earliest[0][0] + _EPS or slots[owner][0] + d <= stay_until
         to = owner if stay else earliest[0][1]
         heapq.heapreplace(slots[to], slots[to][0] + d)
