@@ -3,10 +3,8 @@ process through `SCHEMATHESIS_HOOKS`).
 
 Work sizes are capped before each call: the API accepts up to 10,000 tasks per server per
 Finn wave and 100,000 per submission, and schemathesis tries those limits in every phase,
-so a run would queue hundreds of thousands of emulated tasks lasting up to an hour each.
-With queues that long a rebalancing round's local search takes minutes and blocks the
-balancer (a known limit of the policy, not of the API), so the run would measure that
-instead of the API. Only the sizes of otherwise valid values are capped; wrong types,
+so a run would queue hundreds of thousands of emulated tasks lasting up to an hour each,
+and spend its time moving and persisting them rather than exercising the API. Only the sizes of otherwise valid values are capped; wrong types,
 out-of-range values, extra fields and every other negative case go out as generated.
 """
 
