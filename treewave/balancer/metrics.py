@@ -103,7 +103,18 @@ class BalancerMetrics:
             ["id", "source", "target"],
             registry=r,
         )
+        self.policy_info = Gauge(
+            "treewave_balancer_policy_info",
+            "The balancing policy in force (1 for its name; Grafana annotates changes)",
+            ["policy"],
+            registry=r,
+        )
         self.show_topology(topology)
+
+    def show_policy(self, name: str) -> None:
+        """The policy in force (again, after a topology change)."""
+        self.policy_info.clear()
+        self.policy_info.labels(name).set(1)
 
     def show_topology(self, topology: Topology) -> None:
         """The topology's info series (again, after a change)."""

@@ -26,6 +26,8 @@ class BalancerSettings:
     """Overrides the topology's setting; 0 turns periodic rebalancing off."""
     wave_timeout_s: float | None = None
     """Overrides the topology's setting: the deadline of every wave."""
+    policy: str | None = None
+    """Overrides the topology's setting: the balancing policy, by name."""
     step_timeout_s: float = 2.0
     """How long one transfer step waits for its answer."""
     status_interval_s: float = 2.0

@@ -1,6 +1,7 @@
 """The sans-IO core, no I/O at all: topology, messages, Echo and Finn, transfers, policy, ledger."""
 
 __all__ = [
+    "balancer",
     "deadlines",
     "echo",
     "errors",
@@ -13,6 +14,7 @@ __all__ = [
     "node",
     "policies",
     "policy",
+    "precedence",
     "randomtree",
     "simulation",
     "topology",
