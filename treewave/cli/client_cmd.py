@@ -516,9 +516,19 @@ def migration_of(client: Client) -> dict[str, Any] | None:
     return migration if isinstance(migration, dict) else None
 
 
+def policy_of(client: Client) -> str | None:
+    """The balancing policy in force, or None from a balancer that does not say."""
+    body = client.get("/api/status")
+    policy = body.get("policy") if isinstance(body, dict) else None
+    return policy if isinstance(policy, str) else None
+
+
 def status_text(client: Client, *, colour: bool) -> str:
-    """The tree, then the servers still draining (if any)."""
+    """The tree, the policy in force, then the servers still draining (if any)."""
     text = render_tree(client.get("/api/tree"), colour=colour)
+    policy = policy_of(client)
+    if policy is not None:
+        text = f"{text} · policy {policy}"  # on the summary line
     migration = migration_of(client)
     draining = render_migration(migration) if migration else ""
     return f"{text}\n{draining}" if draining else text
@@ -526,6 +536,9 @@ def status_text(client: Client, *, colour: bool) -> str:
 
 def status_json(client: Client) -> dict[str, Any]:
     tree: dict[str, Any] = client.get("/api/tree")
+    policy = policy_of(client)
+    if policy is not None:
+        tree["policy"] = policy
     migration = migration_of(client)
     if migration is not None:
         tree["migration"] = migration

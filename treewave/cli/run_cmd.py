@@ -67,6 +67,7 @@ from treewave.cli.argtypes import non_negative_float, positive_float
 from treewave.cli.errors import CommandError, ConfigError
 from treewave.cli.settings import (
     LOG_LEVEL,
+    POLICY,
     REBALANCE_INTERVAL,
     STATUS_INTERVAL,
     TOKEN_FOR_READS,
@@ -81,6 +82,7 @@ from treewave.cli.topology_api import (
     post_topology,
 )
 from treewave.core.deadlines import wave_deadline_s
+from treewave.core.precedence import SettingOverrides, effective_settings
 from treewave.core.topology import Topology, TopologyError
 from treewave.wire.atomicfile import write_atomic
 from treewave.wire.secretfile import ensure_secret, read_secret
@@ -167,7 +169,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="where servers keep their queues across restarts (default: a temporary "
         "directory removed on exit)",
     )
-    add_options(p, REBALANCE_INTERVAL, WAVE_TIMEOUT, STATUS_INTERVAL)
+    add_options(p, REBALANCE_INTERVAL, WAVE_TIMEOUT, POLICY, STATUS_INTERVAL)
     add_options(
         p,
         TOKEN_FOR_READS.with_default(
@@ -391,6 +393,7 @@ class Supervisor:
     state_dir: Path
     rebalance_interval: float | None = None
     wave_timeout: float | None = None
+    policy: str | None = None
     status_interval: float | None = None
     ready_timeout: float = 60.0
     grace: float = 5.0
@@ -482,6 +485,8 @@ class Supervisor:
             argv += ["--rebalance-interval", str(self.rebalance_interval)]
         if self.wave_timeout is not None:
             argv += ["--wave-timeout", str(self.wave_timeout)]
+        if self.policy is not None:
+            argv += ["--policy", self.policy]
         if self.status_interval is not None:
             argv += ["--status-interval", str(self.status_interval)]
         if self.token_for_reads:
@@ -568,7 +573,8 @@ class Supervisor:
         return True
 
     def tree_complete(self) -> bool:
-        setting = self.wave_timeout or self.topology.settings.wave_timeout_s
+        overrides = SettingOverrides(wave_timeout_s=self.wave_timeout)
+        setting = effective_settings(self.topology.settings, overrides).wave_timeout_s
         timeout = wave_deadline_s(setting, self.topology.depth, len(self.topology.servers)) + 2.0
         body = get_json(self.balancer.url + "/api/tree", timeout=timeout, token=self.api_token)
         return isinstance(body, dict) and body.get("complete") is True
@@ -925,6 +931,7 @@ def run(args: argparse.Namespace) -> int:
             state_dir=(args.state_dir.resolve() if args.state_dir else run_dir / "state"),
             rebalance_interval=args.rebalance_interval,
             wave_timeout=args.wave_timeout,
+            policy=args.policy,
             status_interval=args.status_interval,
             ready_timeout=args.ready_timeout,
             grace=args.grace,
