@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from pydantic import ValidationError
 
-from treewave.core.balancer import BalancerMachine, CommandRefused, hop_budget_s
 from treewave.core.balancer.effects import (
     Effect,
     RoundFinished,
@@ -33,6 +32,7 @@ from treewave.core.balancer.effects import (
     WaveOutcome,
     WaveStarted,
 )
+from treewave.core.balancer.machine import BalancerMachine, CommandRefused, hop_budget_s
 from treewave.core.deadlines import wave_deadline_s
 from treewave.core.errors import ProtocolError
 from treewave.core.events import FinnDecided, Send

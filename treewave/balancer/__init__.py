@@ -1,3 +1,13 @@
 """The balancer role: waves, policy and rebalancing, its HTTP API, status page and metrics."""
 
-__all__ = ["access", "app", "cluster", "metrics", "settings", "status", "traces"]
+__all__ = [
+    "access",
+    "app",
+    "cluster",
+    "errors",
+    "metrics",
+    "settings",
+    "statefile",
+    "status",
+    "traces",
+]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
@@ -22,10 +21,23 @@ from typing import Any, Literal, TypeVar
 
 import aiohttp
 
+from treewave.balancer.errors import (
+    BalancerError,
+    BalancerStateError,
+    ServerNotConnected,
+    ServerRetiring,
+    SubmitUnconfirmed,
+    UnknownServer,
+)
 from treewave.balancer.metrics import BalancerMetrics
 from treewave.balancer.settings import BalancerSettings
+from treewave.balancer.statefile import (
+    STATE_FILE,
+    reread_peers,
+    restore_migration,
+    save_migration,
+)
 from treewave.balancer.traces import WaveTraces, sampled_waves
-from treewave.core.balancer import BalancerMachine, CommandRefused
 from treewave.core.balancer.effects import (
     DrainMoved,
     Effect,
@@ -44,7 +56,8 @@ from treewave.core.balancer.effects import (
     WaveOutcome,
     WaveStarted,
 )
-from treewave.core.errors import LocalProtocolError, ProtocolError, StaleMessage
+from treewave.core.balancer.machine import BalancerMachine, CommandRefused
+from treewave.core.errors import ProtocolError, StaleMessage
 from treewave.core.load import expected_work_s, load_level, pressure
 from treewave.core.messages import (
     DrainRequest,
@@ -58,11 +71,9 @@ from treewave.core.messages import (
     parse_message,
 )
 from treewave.core.migration import Migration
-from treewave.core.policy import expected_makespan, imbalance, loads_of, max_pressure
-from treewave.core.precedence import SettingOverrides
+from treewave.core.policy import expected_makespan, loads_of, max_pressure
 from treewave.core.topology import BALANCER, Topology
 from treewave.wire.addressing import peer_url
-from treewave.wire.atomicfile import write_atomic
 from treewave.wire.links import LinkSet, dial_forever
 from treewave.wire.timers import DeadlineTimer
 
@@ -88,52 +99,6 @@ HISTORY = 20
 """Waves kept for the API and the page (the page's own refreshes apart)."""
 LIVE_HISTORY = 10
 """The status page's own refresh Echoes kept (apart, so they do not crowd out the rest)."""
-STATE_FILE = "balancer-topology.json"
-"""The desired topology and the migration, in the balancer's state directory."""
-
-
-class BalancerError(Exception):
-    """A request the balancer could not carry out; nothing changed unless said."""
-
-
-class UnknownServer(BalancerError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"unknown server {name!r}")
-        self.name = name
-
-
-class ServerRetiring(BalancerError):
-    """The server is leaving the topology: it takes no new work."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(
-            f"server {name!r} is retiring (not in the current topology); it takes no new "
-            "tasks, nothing was queued"
-        )
-        self.name = name
-
-
-class BalancerStateError(BalancerError, ValueError):
-    """The saved topology and migration cannot be read: starting without them could strand
-    the tasks of servers still draining, so the balancer does not start."""
-
-
-class ServerNotConnected(BalancerError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"server {name!r} is not connected; nothing was queued")
-        self.name = name
-
-
-class SubmitUnconfirmed(BalancerError):
-    """The server did not confirm a submission in time: the tasks may or may not be queued."""
-
-    def __init__(self, name: str, first_task: str, last_task: str) -> None:
-        super().__init__(
-            f"server {name!r} did not confirm the tasks; they may or may not be queued there"
-        )
-        self.name = name
-        self.first_task = first_task
-        self.last_task = last_task
 
 
 @dataclass
@@ -166,15 +131,6 @@ class WaveRecord:
         }
 
 
-def overrides_of(settings: BalancerSettings) -> SettingOverrides:
-    """The balancer's flags and environment values that override the topology file's."""
-    return SettingOverrides(
-        rebalance_interval_s=settings.rebalance_interval_s,
-        wave_timeout_s=settings.wave_timeout_s,
-        policy=settings.policy,
-    )
-
-
 class Balancer:
     """Everything the balancer does, behind the HTTP API and the status page."""
 
@@ -187,7 +143,7 @@ class Balancer:
         # it: a balancer started with a topology that left servers out drains them.
         self.machine = BalancerMachine(
             self._restore(topology),
-            overrides_of(settings),
+            settings.overrides(),
             secrets.token_hex(3),
             settings.step_timeout_s,
             now,
@@ -339,13 +295,7 @@ class Balancer:
         self._record(record, sampled=outcome.periodic)
         if record.algorithm == "echo" and record.states:
             self.last_echo = record
-            task_time_s = self.topology.settings.task_time_s
-            loads = loads_of(record.states, task_time_s)
-            self.metrics.max_pressure.set(max_pressure(loads))
-            self.metrics.imbalance.set(imbalance(loads))
-            self.metrics.expected_makespan.set(expected_makespan(loads))
-            for s in record.states:
-                self.metrics.server_pressure.labels(s.name).set(pressure(s, task_time_s))
+            self.metrics.show_snapshot(record.states, self.topology.settings.task_time_s)
         _resolve(self.waves.get(record.wave_id), record)
 
     def _record(self, record: WaveRecord, sampled: bool = False) -> None:
@@ -520,20 +470,8 @@ class Balancer:
 
     def _reread_peers(self) -> None:
         """Local mode writes the added servers' URLs into the peers file before posting."""
-        path = self.settings.peers_file
-        if path is None:
-            return
-        try:
-            peers = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            log.warning("cannot read the peers file %s again (%s); keeping the old one", path, exc)
-            return
-        if isinstance(peers, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in peers.items()
-        ):
-            self.peer_urls = peers
-        else:
-            log.warning("the peers file %s does not map names to URLs; keeping the old one", path)
+        if self.settings.peers_file is not None:
+            self.peer_urls = reread_peers(self.settings.peers_file, self.peer_urls)
 
     def _sync_links(self) -> None:
         """Dial every server newly linked to; drop the links to those no longer linked."""
@@ -575,28 +513,11 @@ class Balancer:
     # --- persistence ------------------------------------------------------------------------
 
     def _restore(self, topology: Topology) -> Migration:
-        probe = self.settings.probe_interval_s
-        if self.state_path is None or not self.state_path.exists():
-            return Migration(topology, probe)
-        try:
-            saved = json.loads(self.state_path.read_text(encoding="utf-8"))
-            return Migration.from_json_data(saved)
-        except (OSError, UnicodeDecodeError, ValueError, LocalProtocolError) as exc:
-            raise BalancerStateError(
-                f"cannot use the saved topology {self.state_path}: {exc} (move it away to "
-                "start afresh; servers still draining would then keep their tasks)"
-            ) from None
+        return restore_migration(self.state_path, topology, self.settings.probe_interval_s)
 
     def _save(self) -> None:
-        """Write the desired topology and the migration atomically (when a state directory
-        is set)."""
-        if self.state_path is None:
-            return
-        data = json.dumps(self.migration.to_json_data(), separators=(",", ":"))
-        try:
-            write_atomic(self.state_path, data)
-        except OSError as exc:
-            log.error("cannot save the topology state to %s: %s", self.state_path, exc)
+        """Write the desired topology and the migration (when a state directory is set)."""
+        save_migration(self.state_path, self.migration)
 
     # --- live updates ----------------------------------------------------------------------------
 

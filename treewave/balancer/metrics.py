@@ -7,6 +7,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from treewave.core.load import pressure
+from treewave.core.messages import ServerState
+from treewave.core.policy import expected_makespan, imbalance, loads_of, max_pressure
 from treewave.core.topology import Topology
 
 __all__ = ["BalancerMetrics"]
@@ -110,6 +113,15 @@ class BalancerMetrics:
             registry=r,
         )
         self.show_topology(topology)
+
+    def show_snapshot(self, states: tuple[ServerState, ...], task_time_s: float) -> None:
+        """The pressure gauges from an Echo snapshot."""
+        loads = loads_of(states, task_time_s)
+        self.max_pressure.set(max_pressure(loads))
+        self.imbalance.set(imbalance(loads))
+        self.expected_makespan.set(expected_makespan(loads))
+        for s in states:
+            self.server_pressure.labels(s.name).set(pressure(s, task_time_s))
 
     def show_policy(self, name: str) -> None:
         """The policy in force (again, after a topology change)."""
