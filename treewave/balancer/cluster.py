@@ -233,6 +233,7 @@ class Balancer:
 
     async def _deadline_passed(self, now: float) -> None:
         await self._carry_out(self.machine.handle_timer(now, time.time()))
+        await asyncio.sleep(0)  # never starve the loop, whatever the machine returned
 
     # --- effects ------------------------------------------------------------------------------
 

@@ -588,6 +588,14 @@ class BalancerMachine:
     def handle_timer(self, now: float, wall_now: float) -> list[Effect]:
         """Decide waves past their deadline; time out or retry transfer steps and
         submissions; drive the drain; start the periodic round when it is due."""
+        # The migration's deadlines are wall-clock times, converted with the offset that
+        # `next_deadline` used: due by that, it runs at its own deadline at the earliest
+        # (the two clocks are read at different instants, and a timer that fires but
+        # does nothing would fire again at once).
+        migration_due = self.migration.next_deadline()
+        migration_wall: float | None = None
+        if migration_due is not None and now >= migration_due - self._wall_offset:
+            migration_wall = max(wall_now, migration_due)
         self._wall_offset = wall_now - now
         effects: list[Effect] = []
         for wave in list(self.waves.values()):
@@ -600,9 +608,8 @@ class BalancerMachine:
                 del self.submissions[first]
                 effects.append(SubmissionTimedOut(first))
         effects += self._start_ready_moves(now)
-        migration_due = self.migration.next_deadline()
-        if migration_due is not None and wall_now >= migration_due:
-            intents = self.migration.handle_timer(wall_now)
+        if migration_wall is not None:
+            intents = self.migration.handle_timer(migration_wall)
             effects += [ShowMigration(), *self._carry_out(intents, now)]
         if self.next_round_at is not None and now >= self.next_round_at and self.round is None:
             self.next_round_at = None
