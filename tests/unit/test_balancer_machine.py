@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -109,6 +110,8 @@ class SimCluster:
         self.transfers: dict[str, int] = {}
         self.retired: set[str] = set()
         self.finn_tasks = 0
+        self.note: Callable[[str], None] = lambda _: None
+        """What happened, for hypothesis' statistics (`event`, inside a test only)."""
         self._place(topo)
         for s in topo.names:
             self.apply(self.machine.link_up(s, self.now))
@@ -141,11 +144,11 @@ class SimCluster:
                 )
             elif isinstance(e, WaveFinished):
                 assert e.outcome.wave_id not in self.finished, "a wave finished twice"
-                event(f"a wave ended {'complete' if e.outcome.complete else 'partial'}")
+                self.note(f"a wave ended {'complete' if e.outcome.complete else 'partial'}")
                 self.finished[e.outcome.wave_id] = e.outcome
             elif isinstance(e, RoundFinished):
                 self.rounds.append(e)
-                event("a round finished" + (" moving tasks" if any(e.moved) else ""))
+                self.note("a round finished" + (" moving tasks" if any(e.moved) else ""))
             elif isinstance(e, SubmissionConfirmed):
                 self.confirmed.add(e.first)
             elif isinstance(e, SubmissionTimedOut):
@@ -157,7 +160,7 @@ class SimCluster:
                 held = self.servers[e.server].ledger.task_ids()
                 assert not any(held[w] for w in ("queued", "running", "reserved")), held
                 self.retired.add(e.server)
-                event("a server retired")
+                self.note("a server retired")
 
     def deliver(self, i: int) -> None:
         sender, to, msg = self.in_flight.pop(i)
@@ -437,6 +440,7 @@ class BalancerUnderChange(RuleBasedStateMachine):
     def setup(self, names: list[str], seed: int) -> None:
         self.seed = seed
         self.sim = SimCluster(topology(names, seed, drain_grace_s=2.0))
+        self.sim.note = event
         self.interval = self.sim.machine.rebalance_interval_s
         self.submitted: set[str] = set()
 
