@@ -57,6 +57,7 @@ from treewave.core.node import NodeProtocol
 from treewave.core.precedence import SettingOverrides, effective_settings
 from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.topology import BALANCER, Settings, Topology
+from treewave.core.transfersim import task_places
 
 POOL = [f"s{i}" for i in range(8)]
 WALL = 1_000_000.0
@@ -250,19 +251,7 @@ class SimCluster:
         return changed
 
     def places(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for name, s in self.servers.items():
-            ids = s.ledger.task_ids()
-            for where in ("queued", "running", "completed"):
-                for tid in ids[where]:
-                    out.setdefault(tid, []).append(f"{name}:{where}")
-            for r in s.ledger.reserved.values():
-                target = self.servers.get(r.target)
-                if target is not None and target.ledger.verdict(r.transfer) == "accepted":
-                    continue
-                for task in r.tasks:
-                    out.setdefault(task.id, []).append(f"{name}:reserved")
-        return out
+        return task_places({name: s.ledger for name, s in self.servers.items()})
 
 
 # --- settings precedence --------------------------------------------------------------------
