@@ -72,11 +72,12 @@ class Settings(BaseModel):
     @classmethod
     def _known_policy(cls, name: str) -> str:
         # Imported here: the policies module imports this one (for `Settings`).
-        from treewave.core.policies import UnknownPolicy, policy_names
+        from treewave.core.policies import UnknownPolicy, get_policy
 
-        known = policy_names()
-        if name not in known:
-            raise ValueError(str(UnknownPolicy(name, known)))
+        try:
+            get_policy(name)  # a built-in is found without scanning the installed plugins
+        except UnknownPolicy as exc:
+            raise ValueError(str(exc)) from None
         return name
 
 
