@@ -56,6 +56,8 @@ def test_posted_settings_change_status_waves_and_rounds_at_once(run: RunProcess)
     assert before["wave_deadline_s"] == 10.0
     assert before["rebalance_interval_s"] == 0
     assert before["policy"] == "lpt"
+    metrics = get_text(run.balancer_url + "/metrics")
+    assert 'treewave_balancer_policy_info{policy="lpt"} 1.0' in metrics
 
     answer = get_json(
         run.balancer_url + "/api/topology",

@@ -1,3 +1,4 @@
-"""The balancer's sans-IO machine (`machine`) and the effects it returns (`effects`)."""
+"""The balancer's sans-IO machine (`machine`), the effects it returns (`effects`) and
+its bookkeeping records (`records`)."""
 
-__all__ = ["effects", "machine"]
+__all__ = ["effects", "machine", "records"]

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, deque
-from dataclasses import dataclass, field
-from enum import Enum
 
 from treewave.core.balancer.effects import (
     DrainMoved,
@@ -35,6 +33,7 @@ from treewave.core.balancer.effects import (
     WaveOutcome,
     WaveStarted,
 )
+from treewave.core.balancer.records import DrainMove, Round, RoundPhase, WaveInFlight
 from treewave.core.deadlines import wave_deadline_s
 from treewave.core.echo import EchoInitiator
 from treewave.core.errors import LocalProtocolError, RemoteProtocolError, StaleMessage
@@ -69,7 +68,7 @@ from treewave.core.migration import (
 )
 from treewave.core.migration import TransferDone as MoveDone
 from treewave.core.policies import Policy, get_policy
-from treewave.core.policy import Move, loads_of
+from treewave.core.policy import loads_of
 from treewave.core.precedence import SettingOverrides, effective_settings
 from treewave.core.topology import Settings, Topology
 from treewave.core.transfer import (
@@ -110,41 +109,6 @@ class CommandRefused(LocalProtocolError):
         self.server = server
 
 
-class RoundPhase(Enum):
-    BEFORE = "echo-before"
-    MOVING = "moving"
-    AFTER = "echo-after"
-
-
-@dataclass
-class _Wave:
-    initiator: EchoInitiator | FinnInitiator
-    trigger: str
-    started: float
-    deadline_s: float
-    expected: frozenset[str]
-    round_id: str | None = None
-
-
-@dataclass
-class _Round:
-    round_id: str
-    periodic: bool
-    phase: RoundPhase = RoundPhase.BEFORE
-    policy: str = ""
-    before: WaveOutcome | None = None
-    planned: tuple[Move, ...] = ()
-    moved: list[int] = field(default_factory=list)
-    transfers: dict[str, int] = field(default_factory=dict)
-    """Transfers in flight -> the index of their planned move."""
-
-
-@dataclass
-class _DrainMove:
-    move: MoveQueued
-    wait_until: float
-
-
 class BalancerMachine:
     """The balancer's side of every protocol (see the module docstring)."""
 
@@ -162,10 +126,10 @@ class BalancerMachine:
         self.instance = instance
         self.step_timeout_s = step_timeout_s
         self.coordinator = TransferCoordinator((), instance, step_timeout_s, RETRY_S)
-        self.waves: dict[str, _Wave] = {}
+        self.waves: dict[str, WaveInFlight] = {}
         self.submissions: dict[str, tuple[str, float]] = {}
         """First task id -> (server, when the confirmation is overdue)."""
-        self.round: _Round | None = None
+        self.round: Round | None = None
         self.queued_rounds: deque[str] = deque()
         """API rounds asked for while another ran (they run one after the other)."""
         self.round_soon = False
@@ -174,7 +138,7 @@ class BalancerMachine:
         self._round_base = now
         """When the rebalancing interval counts from (start, or the last round's end)."""
         self.links_up: set[str] = set()
-        self.waiting_moves: list[_DrainMove] = []
+        self.waiting_moves: list[DrainMove] = []
         self.drain_transfers: dict[str, MoveQueued] = {}
         self.pending_moves: Counter[str] = Counter()
         """Drain moves not started yet, by source and target (they count as unsettled)."""
@@ -248,14 +212,16 @@ class BalancerMachine:
         wave = self.new_id("echo")
         init = EchoInitiator(wave, self.topology.root, self.names)
         sends = init.start(now, self.wave_deadline_s, self.hop_s)
-        self.waves[wave] = _Wave(init, trigger, now, self.wave_deadline_s, self.names, round_id)
+        self.waves[wave] = WaveInFlight(
+            init, trigger, now, self.wave_deadline_s, self.names, round_id
+        )
         return wave, [WaveStarted(init, tuple(sends)), *(SendTo(s.to, s.message) for s in sends)]
 
     def start_finn(self, work: FinnWork, now: float, wall_now: float) -> tuple[str, list[Effect]]:
         wave = self.new_id("finn")
         init = FinnInitiator(wave, self.topology.root, self.topology.leaves, self.names, work)
         sends = init.start(now, self.wave_deadline_s, wall_now + self.wave_deadline_s)
-        self.waves[wave] = _Wave(init, "api", now, self.wave_deadline_s, self.names)
+        self.waves[wave] = WaveInFlight(init, "api", now, self.wave_deadline_s, self.names)
         return wave, [WaveStarted(init, tuple(sends)), *(SendTo(s.to, s.message) for s in sends)]
 
     def submit(
@@ -429,7 +395,7 @@ class BalancerMachine:
             self.round_soon = True
 
     def _begin_round(self, round_id: str, periodic: bool, now: float) -> list[Effect]:
-        self.round = _Round(round_id, periodic, policy=self.policy.name)
+        self.round = Round(round_id, periodic, policy=self.policy.name)
         _, effects = self.start_echo("rebalance", now, round_id)
         return effects
 
@@ -457,7 +423,7 @@ class BalancerMachine:
             effects += self._after_moves(r, now)
         return effects
 
-    def _after_moves(self, r: _Round, now: float) -> list[Effect]:
+    def _after_moves(self, r: Round, now: float) -> list[Effect]:
         assert r.before is not None
         if not r.planned:
             return self._end_round(r, r.before, now)
@@ -465,7 +431,7 @@ class BalancerMachine:
         _, effects = self.start_echo("rebalance", now, r.round_id)
         return effects
 
-    def _end_round(self, r: _Round, after: WaveOutcome, now: float) -> list[Effect]:
+    def _end_round(self, r: Round, after: WaveOutcome, now: float) -> list[Effect]:
         assert r.before is not None
         self.round = None
         self._round_base = now
@@ -537,7 +503,7 @@ class BalancerMachine:
                 # Counted at once, not when the transfer starts: a report of either server
                 # that arrives before it starts must see it as unsettled.
                 self.pending_moves.update((intent.source, intent.target))
-                self.waiting_moves.append(_DrainMove(intent, now + LINK_WAIT_S))
+                self.waiting_moves.append(DrainMove(intent, now + LINK_WAIT_S))
             elif isinstance(intent, Retired):
                 effects += self._retire(intent.server)
         return effects + self._start_ready_moves(now)
