@@ -4,6 +4,7 @@ __all__ = [
     "access",
     "app",
     "cluster",
+    "dialing",
     "errors",
     "metrics",
     "settings",

@@ -19,8 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-import aiohttp
-
+from treewave.balancer.dialing import Dialers
 from treewave.balancer.errors import (
     BalancerError,
     BalancerStateError,
@@ -33,7 +32,6 @@ from treewave.balancer.metrics import BalancerMetrics
 from treewave.balancer.settings import BalancerSettings
 from treewave.balancer.statefile import (
     STATE_FILE,
-    reread_peers,
     restore_migration,
     save_migration,
 )
@@ -72,9 +70,8 @@ from treewave.core.messages import (
 )
 from treewave.core.migration import Migration
 from treewave.core.policy import expected_makespan, loads_of, max_pressure
-from treewave.core.topology import BALANCER, Topology
-from treewave.wire.addressing import peer_url
-from treewave.wire.links import LinkSet, dial_forever
+from treewave.core.topology import Topology
+from treewave.wire.links import LinkSet
 from treewave.wire.timers import DeadlineTimer
 
 __all__ = [
@@ -136,7 +133,6 @@ class Balancer:
 
     def __init__(self, settings: BalancerSettings, topology: Topology) -> None:
         self.settings = settings
-        self.peer_urls = dict(settings.peer_urls)
         self.state_path = None if settings.state_dir is None else settings.state_dir / STATE_FILE
         now, wall_now = time.monotonic(), time.time()
         # The saved desired topology and migration, then the file's topology adopted over
@@ -153,9 +149,8 @@ class Balancer:
         self.metrics = BalancerMetrics(topology)
         self.metrics.show_policy(self.machine.policy.name)
         self.links = LinkSet()
-        self.dialers: dict[str, asyncio.Task[None]] = {}
-        """The link task of every server linked to (the topology's and the retiring)."""
-        self.session: aiohttp.ClientSession | None = None
+        self.dialers = Dialers(settings, self.links, self.on_frame, self.on_link_up)
+        """The link of every server linked to (the topology's and the retiring)."""
         self.topology_lock = asyncio.Lock()
         self.waves: dict[str, asyncio.Future[WaveRecord]] = {}
         """Callers waiting for a wave's record, by wave id."""
@@ -408,9 +403,7 @@ class Balancer:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Links to every server and the machine's timer, while inside."""
-        # No connection limit: every open link holds one of the session's connections, and
-        # aiohttp's default of 100 left a 300-server balancer with 100 links (Finn partial).
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self.dialers.open()
         tasks = [
             asyncio.create_task(self.timers.run(), name="balancer-timers"),
             asyncio.create_task(self.links.keep_alive(), name="balancer-keep-alive"),
@@ -421,8 +414,6 @@ class Balancer:
         try:
             yield
         finally:
-            tasks += self.dialers.values()
-            self.dialers.clear()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -430,9 +421,7 @@ class Balancer:
                 for waiter in table.values():
                     if not waiter.done():
                         waiter.cancel()
-            await self.links.close_all()
-            await self.session.close()
-            self.session = None
+            await self.dialers.close()
 
     # --- topology changes ------------------------------------------------------------------------
 
@@ -449,7 +438,7 @@ class Balancer:
         async with self.topology_lock:
             if desired.to_json_data() == self.topology.to_json_data():
                 return False
-            self._reread_peers()
+            self.dialers.reread_peers()
             _, effects = self.machine.adopt(desired, time.monotonic(), time.time())
             self.traces.topology = desired
             self.metrics.show_topology(desired)
@@ -469,36 +458,8 @@ class Balancer:
         await self._carry_out(effects)
         return True
 
-    def _reread_peers(self) -> None:
-        """Local mode writes the added servers' URLs into the peers file before posting."""
-        if self.settings.peers_file is not None:
-            self.peer_urls = reread_peers(self.settings.peers_file, self.peer_urls)
-
     def _sync_links(self) -> None:
-        """Dial every server newly linked to; drop the links to those no longer linked."""
-        if self.session is None:
-            return
-        wanted = set(self.linked_names)
-        for name in sorted(set(self.dialers) - wanted):
-            self.dialers.pop(name).cancel()
-            log.info("link to %s dropped (retired)", name)
-        for name in self.linked_names:
-            if name in self.dialers:
-                continue
-            url = peer_url(name, self.settings.peer_url_template, self.peer_urls)
-            self.dialers[name] = asyncio.create_task(
-                dial_forever(
-                    self.session,
-                    name,
-                    url,
-                    BALANCER,
-                    self.settings.secret,
-                    self.links,
-                    self.on_frame,
-                    self.on_link_up,
-                ),
-                name=f"balancer-link-{name}",
-            )
+        self.dialers.sync(self.linked_names)
 
     def _retired(self, name: str) -> None:
         """It holds nothing (the machine dropped it): drop its link too."""
