@@ -81,6 +81,7 @@ def test_status_draws_every_server_and_a_summary(cluster: RunProcess) -> None:
     assert summary.startswith(f"{len(NAMES)} servers · ")
     assert "imbalance" in summary
     assert "complete" in summary
+    assert summary.endswith(" · policy lpt")  # the policy in force
     assert "\x1b[" not in result.stdout  # no colour when not on a terminal
 
 
@@ -91,6 +92,7 @@ def test_status_json_is_the_api_tree(cluster: RunProcess) -> None:
     assert tree["complete"] is True
     assert sorted(n["name"] for n in tree["nodes"]) == sorted(NAMES)
     assert {"source", "target"} <= set(tree["edges"][0])
+    assert tree["policy"] == "lpt"
 
 
 def test_status_uses_the_environment_variable(cluster: RunProcess) -> None:

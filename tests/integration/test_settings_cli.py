@@ -66,6 +66,8 @@ def one_line_usage_error(result: subprocess.CompletedProcess[str], command: str)
         ("run", "TREEWAVE_LOG_LEVEL", "chatty", "not one of DEBUG"),
         ("node", "TREEWAVE_PEER_URL_TEMPLATE", "http://x/ws", "{name}"),
         ("status", "TREEWAVE_BALANCER", "ftp://x", "not an http(s) URL"),
+        ("balancer", "TREEWAVE_POLICY", "nope", "unknown policy 'nope' (known: lpt"),
+        ("run", "TREEWAVE_POLICY", "fifo", "unknown policy 'fifo' (known: lpt"),
     ],
 )
 def test_a_bad_environment_value_is_one_line_naming_it(
@@ -95,6 +97,23 @@ def test_wave_timeout_flag_gets_the_topology_files_bounds_in_every_command(
     refused = treewave(command, "--topology", str(topology))
     assert refused.returncode == 2
     assert "settings.wave_timeout_s" in refused.stderr
+
+
+@pytest.mark.parametrize("command", ["balancer", "run"])
+def test_an_unknown_policy_flag_or_file_setting_names_the_known_ones(
+    command: str, topology: Path
+) -> None:
+    result = treewave(command, "--topology", str(topology), "--policy", "nope")
+    assert result.returncode == 2
+    assert "argument --policy: unknown policy 'nope' (known: lpt" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = json.loads(topology.read_text())
+    bad["settings"]["policy"] = "nope"
+    topology.write_text(json.dumps(bad))
+    refused = treewave(command, "--topology", str(topology))
+    assert refused.returncode == 2
+    assert "settings.policy" in refused.stderr
+    assert "unknown policy 'nope' (known: lpt" in refused.stderr
 
 
 def test_an_unrelated_bad_variable_does_not_break_other_commands() -> None:

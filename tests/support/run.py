@@ -184,9 +184,11 @@ def start_run(
     port: int | None = None,
     topology: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
+    rebalance_interval: float | None = 0.0,
 ) -> RunProcess:
     """Start `treewave run` on `topology` (default: TOPOLOGY) from `directory`, on free
-    ports unless given, without periodic rebalancing; `extra` arguments go last (and win)."""
+    ports unless given, without periodic rebalancing (`rebalance_interval=None`: as the
+    topology file says); `extra` arguments go last (and win)."""
     data = topology or TOPOLOGY
     topology_file = write_topology(directory, data)
     balancer_port = port or free_port_block(1)
@@ -201,8 +203,11 @@ def start_run(
             str(balancer_port),
             "--base-port",
             str(base),
-            "--rebalance-interval",
-            "0",
+            *(
+                []
+                if rebalance_interval is None
+                else ["--rebalance-interval", f"{rebalance_interval:g}"]
+            ),
             *extra,
         ],
         stdin=subprocess.DEVNULL,

@@ -4,8 +4,9 @@ process through `SCHEMATHESIS_HOOKS`).
 Work sizes are capped before each call: the API accepts up to 10,000 tasks per server per
 Finn wave and 100,000 per submission, and schemathesis tries those limits in every phase,
 so a run would queue hundreds of thousands of emulated tasks lasting up to an hour each,
-and spend its time moving and persisting them rather than exercising the API. Only the sizes of otherwise valid values are capped; wrong types,
-out-of-range values, extra fields and every other negative case go out as generated.
+and spend its time moving and persisting them rather than exercising the API. Only the
+sizes of otherwise valid values are capped; wrong types, out-of-range values, extra fields
+and every other negative case go out as generated.
 """
 
 from __future__ import annotations

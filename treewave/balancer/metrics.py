@@ -6,6 +6,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from treewave.core.api import MigrationStatus
+from treewave.core.load import pressure
+from treewave.core.messages import ServerState
+from treewave.core.policy import expected_makespan, imbalance, loads_of, max_pressure
 from treewave.core.topology import Topology
 
 __all__ = ["BalancerMetrics"]
@@ -102,7 +105,27 @@ class BalancerMetrics:
             ["id", "source", "target"],
             registry=r,
         )
+        self.policy_info = Gauge(
+            "treewave_balancer_policy_info",
+            "The balancing policy in force (1 for its name; Grafana annotates changes)",
+            ["policy"],
+            registry=r,
+        )
         self.show_topology(topology)
+
+    def show_snapshot(self, states: tuple[ServerState, ...], task_time_s: float) -> None:
+        """The pressure gauges from an Echo snapshot."""
+        loads = loads_of(states, task_time_s)
+        self.max_pressure.set(max_pressure(loads))
+        self.imbalance.set(imbalance(loads))
+        self.expected_makespan.set(expected_makespan(loads))
+        for s in states:
+            self.server_pressure.labels(s.name).set(pressure(s, task_time_s))
+
+    def show_policy(self, name: str) -> None:
+        """The policy in force (again, after a topology change)."""
+        self.policy_info.clear()
+        self.policy_info.labels(name).set(1)
 
     def show_topology(self, topology: Topology) -> None:
         """The topology's info series (again, after a change)."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from treewave.balancer.access import AccessSettings
+from treewave.core.precedence import SettingOverrides
 from treewave.wire.links import DEFAULT_PEER_TEMPLATE
 
 __all__ = ["DEFAULT_PORT", "BalancerSettings"]
@@ -26,6 +27,8 @@ class BalancerSettings:
     """Overrides the topology's setting; 0 turns periodic rebalancing off."""
     wave_timeout_s: float | None = None
     """Overrides the topology's setting: the deadline of every wave."""
+    policy: str | None = None
+    """Overrides the topology's setting: the balancing policy, by name."""
     step_timeout_s: float = 2.0
     """How long one transfer step waits for its answer."""
     status_interval_s: float = 2.0
@@ -44,3 +47,11 @@ class BalancerSettings:
     """How often a retiring server is asked what it still holds."""
     access: AccessSettings = field(default_factory=AccessSettings)
     """Host, Origin, Content-Type and API-token rules of the HTTP API (balancer/access.py)."""
+
+    def overrides(self) -> SettingOverrides:
+        """The flags and environment values that override the topology file's settings."""
+        return SettingOverrides(
+            rebalance_interval_s=self.rebalance_interval_s,
+            wave_timeout_s=self.wave_timeout_s,
+            policy=self.policy,
+        )

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
+from treewave.core.policies import UnknownPolicy, get_policy
 from treewave.core.topology import Settings
 
 __all__ = [
@@ -110,6 +111,17 @@ def topology_setting(field: str) -> Callable[[str], float]:
 
     parse.__name__ = field
     return parse
+
+
+def policy_name(text: str) -> str:
+    """A registered balancing policy (`core.policies`); an unknown one lists the known."""
+    try:
+        return get_policy(text).name
+    except UnknownPolicy as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+policy_name.__name__ = "policy"
 
 
 def port(text: str) -> int:

@@ -28,6 +28,7 @@ from treewave.cli.argtypes import non_negative_int, positive_float, positive_int
 from treewave.cli.errors import CommandError
 from treewave.cli.settings import BALANCER_URL, add_options
 from treewave.core.api import (
+    ClusterStatus,
     FinnResult,
     RebalanceResult,
     SubmitResult,
@@ -448,17 +449,25 @@ def migration_of(client: Client) -> dict[str, Any] | None:
     return client.read(body, TopologyStatus, "GET /api/topology").migration.model_dump(mode="json")
 
 
+def policy_of(client: Client) -> str:
+    """The balancing policy in force (`GET /api/status`)."""
+    return client.get_as("/api/status", ClusterStatus).policy
+
+
 def status_text(client: Client, *, colour: bool) -> str:
-    """The tree, then the servers still draining (if any)."""
+    """The tree, the policy in force, then the servers still draining (if any)."""
     text = render_tree(status_json(client, with_migration=False), colour=colour)
+    text = f"{text} · policy {policy_of(client)}"  # on the summary line
     migration = migration_of(client)
     draining = render_migration(migration) if migration else ""
     return f"{text}\n{draining}" if draining else text
 
 
 def status_json(client: Client, *, with_migration: bool = True) -> dict[str, Any]:
-    """`GET /api/tree` read as a `TreeSnapshot` (and the migration, when there is one)."""
+    """`GET /api/tree` read as a `TreeSnapshot`, with the policy in force (and the migration,
+    when there is one)."""
     tree = client.get_as("/api/tree", TreeSnapshot).model_dump(mode="json")
+    tree["policy"] = policy_of(client)
     migration = migration_of(client) if with_migration else None
     if migration is not None:
         tree["migration"] = migration

@@ -16,6 +16,7 @@ from treewave.cli.argtypes import non_negative_float, positive_float
 from treewave.cli.errors import CommandError, ConfigError
 from treewave.cli.settings import (
     LOG_LEVEL,
+    POLICY,
     REBALANCE_INTERVAL,
     STATUS_INTERVAL,
     TOKEN_FOR_READS,
@@ -82,7 +83,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="where servers keep their queues across restarts (default: a temporary "
         "directory removed on exit)",
     )
-    add_options(p, REBALANCE_INTERVAL, WAVE_TIMEOUT, STATUS_INTERVAL)
+    add_options(p, REBALANCE_INTERVAL, WAVE_TIMEOUT, POLICY, STATUS_INTERVAL)
     add_options(
         p,
         TOKEN_FOR_READS.with_default(
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             state_dir=(args.state_dir.resolve() if args.state_dir else run_dir / "state"),
             rebalance_interval=args.rebalance_interval,
             wave_timeout=args.wave_timeout,
+            policy=args.policy,
             status_interval=args.status_interval,
             ready_timeout=args.ready_timeout,
             grace=args.grace,

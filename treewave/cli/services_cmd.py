@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Run the balancer: it links to every server, runs Echo and Finn waves, "
         "rebalances queued tasks and serves the HTTP API and the status page. Each setting "
         "is the flag, else its TREEWAVE_* variable, else the topology file's setting (wave "
-        "timeout, rebalance interval), else the default.",
+        "timeout, rebalance interval, policy), else the default.",
         epilog="example:\n  treewave balancer --topology topology.json --port 7999 \\\n"
         "      --peer-url-template 'ws://{name}:8000/ws'",
     )
@@ -79,6 +79,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         opts.PORT.with_default(BALANCER_PORT),
         opts.REBALANCE_INTERVAL,
         opts.WAVE_TIMEOUT,
+        opts.POLICY,
         opts.STATUS_INTERVAL,
         opts.TRACE_HISTORY,
         opts.TRACE_SAMPLE,
@@ -155,6 +156,7 @@ def balancer_settings(args: argparse.Namespace) -> BalancerSettings:
         secret=read_link_secret(args.secret_file),
         rebalance_interval_s=args.rebalance_interval,
         wave_timeout_s=args.wave_timeout,
+        policy=args.policy,
         status_interval_s=args.status_interval,
         trace_history=args.trace_history,
         trace_sample=args.trace_sample,

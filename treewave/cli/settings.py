@@ -6,8 +6,9 @@ first:
 
 1. the command-line flag;
 2. the environment variable (an empty value counts as unset);
-3. the topology file's `settings` (only `wave_timeout_s` and `rebalance_interval_s`,
-   resolved by the balancer when the first two leave them unset);
+3. the topology file's `settings` (only `wave_timeout_s`, `rebalance_interval_s` and
+   `policy`, resolved by `core.precedence.effective_settings` when the first two leave
+   them unset);
 4. the built-in default.
 
 A bad value is one line naming the setting and where it came from, exit code 2: argparse
@@ -35,6 +36,7 @@ __all__ = [
     "NAME",
     "PEERS",
     "PEER_URL_TEMPLATE",
+    "POLICY",
     "REBALANCE_INTERVAL",
     "SECRET_FILE",
     "STATE_DIR",
@@ -149,6 +151,13 @@ WAVE_TIMEOUT = Option(
     "TREEWAVE_WAVE_TIMEOUT_S",
     metavar="S",
     fallback="the topology's wave_timeout_s",
+)
+POLICY = Option(
+    "--policy",
+    argtypes.policy_name,
+    "balancing policy by name (else the topology file's policy, lpt unless set)",
+    "TREEWAVE_POLICY",
+    metavar="NAME",
 )
 STATUS_INTERVAL = Option(
     "--status-interval",

@@ -3,6 +3,7 @@ the API's types."""
 
 __all__ = [
     "api",
+    "balancer",
     "deadlines",
     "echo",
     "errors",
@@ -15,6 +16,7 @@ __all__ = [
     "node",
     "policies",
     "policy",
+    "precedence",
     "randomtree",
     "simulation",
     "topology",

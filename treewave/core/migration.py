@@ -310,6 +310,18 @@ class Migration:
                 out.append(ReleaseServer(name))
         return out
 
+    def next_deadline(self) -> float | None:
+        """When `handle_timer` next has something to do (wall-clock seconds): a probe, a
+        release to send again, or a move to forget; None when nothing is pending."""
+        times = [r.next_probe for r in self._retiring.values()]
+        times += [
+            when + MOVE_TIMEOUT_S + 1e-3
+            for r in self._retiring.values()
+            for _, when in r.outstanding.values()
+        ]
+        times += self._releasing.values()
+        return min(times, default=None)
+
     # --- internals ----------------------------------------------------------------------------
 
     def _probe(self, r: _Retiring, now: float) -> Intent:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from treewave.core.ledger import QueueOrder
 
@@ -67,6 +67,20 @@ class Settings(BaseModel):
     drain_grace_s: float = Field(default=30.0, ge=0, le=86400)
     """How long a server leaving the topology may go on running its tasks before they are
     stopped and queued again elsewhere from scratch (0: at once)."""
+    policy: str = "lpt"
+    """The balancing policy, by name (`core.policies.policy_names()`)."""
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        # Imported here: the policies module imports this one (for `Settings`).
+        from treewave.core.policies import UnknownPolicy, get_policy
+
+        try:
+            get_policy(name)  # a built-in is found without scanning the installed plugins
+        except UnknownPolicy as exc:
+            raise ValueError(str(exc)) from None
+        return name
 
 
 class ServerSpec(BaseModel):

@@ -15,7 +15,7 @@ so a crash reloads the ledger from its last snapshot. The model of links:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from treewave.core.transfer import (
     TransferSend,
 )
 
-__all__ = ["COORDINATOR", "SimParticipant", "TransferNetwork"]
+__all__ = ["COORDINATOR", "SimParticipant", "TransferNetwork", "task_places"]
 
 COORDINATOR = "balancer"
 
@@ -214,22 +214,8 @@ class TransferNetwork:
     # --- views -----------------------------------------------------------------------------
 
     def places(self) -> dict[str, list[str]]:
-        """Where each task id is: queued, running, completed, or reserved at a donor for a
-        transfer its recipient has not accepted (an accepted one's tasks are at the
-        recipient; the reservation only waits for its commit)."""
-        out: dict[str, list[str]] = {}
-        for name, p in self.servers.items():
-            ids = p.ledger.task_ids()
-            for where in ("queued", "running", "completed"):
-                for tid in ids[where]:
-                    out.setdefault(tid, []).append(f"{name}:{where}")
-            for r in p.ledger.reserved.values():
-                target = self.servers.get(r.target)
-                if target is not None and target.ledger.verdict(r.transfer) == "accepted":
-                    continue
-                for task in r.tasks:
-                    out.setdefault(task.id, []).append(f"{name}:reserved:{r.transfer}")
-        return out
+        """Where each task id is (see `task_places`)."""
+        return task_places({name: p.ledger for name, p in self.servers.items()})
 
     def unresolvable(self) -> list[str]:
         """Reservations at an up server that no one will resolve: the coordinator does
@@ -268,3 +254,23 @@ class TransferNetwork:
                 return
             self.advance(max(self.step_timeout_s, self.retry_s))
         raise AssertionError(f"transfers never settled: {self.coordinator.active}")
+
+
+def task_places(ledgers: Mapping[str, TaskLedger]) -> dict[str, list[str]]:
+    """Where each task id is, over these servers' ledgers: queued, running, completed, or
+    reserved at a donor for a transfer its recipient has not accepted (an accepted one's
+    tasks are at the recipient; the reservation only waits for its commit). A task in
+    exactly one place has a list of one."""
+    out: dict[str, list[str]] = {}
+    for name, ledger in ledgers.items():
+        ids = ledger.task_ids()
+        for where in ("queued", "running", "completed"):
+            for tid in ids[where]:
+                out.setdefault(tid, []).append(f"{name}:{where}")
+        for r in ledger.reserved.values():
+            target = ledgers.get(r.target)
+            if target is not None and target.verdict(r.transfer) == "accepted":
+                continue
+            for task in r.tasks:
+                out.setdefault(task.id, []).append(f"{name}:reserved:{r.transfer}")
+    return out

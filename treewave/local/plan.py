@@ -49,6 +49,7 @@ class LaunchOptions:
     log_level: str | None = None
     rebalance_interval: float | None = None
     wave_timeout: float | None = None
+    policy: str | None = None
     status_interval: float | None = None
     reads_token_file: Path | None = None
     """The balancer requires this API token for reads too."""
@@ -126,6 +127,7 @@ def balancer_args(port: int, files: ClusterFiles, options: LaunchOptions) -> tup
     for flag, value in (
         ("--rebalance-interval", options.rebalance_interval),
         ("--wave-timeout", options.wave_timeout),
+        ("--policy", options.policy),
         ("--status-interval", options.status_interval),
     ):
         if value is not None:

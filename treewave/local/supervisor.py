@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from treewave.core.deadlines import wave_deadline_s
+from treewave.core.precedence import SettingOverrides, effective_settings
 from treewave.core.topology import Topology
 from treewave.local.children import Child, describe_exit, tail
 from treewave.local.cluster import LocalCluster
@@ -88,6 +89,7 @@ class Supervisor:
     state_dir: Path
     rebalance_interval: float | None = None
     wave_timeout: float | None = None
+    policy: str | None = None
     status_interval: float | None = None
     ready_timeout: float = 60.0
     grace: float = 5.0
@@ -118,6 +120,7 @@ class Supervisor:
                 log_level=self.log_level,
                 rebalance_interval=self.rebalance_interval,
                 wave_timeout=self.wave_timeout,
+                policy=self.policy,
                 status_interval=self.status_interval,
                 reads_token_file=self.api_token_file if self.token_for_reads else None,
             ),
@@ -200,7 +203,8 @@ class Supervisor:
         return True
 
     def tree_complete(self) -> bool:
-        setting = self.wave_timeout or self.topology.settings.wave_timeout_s
+        overrides = SettingOverrides(wave_timeout_s=self.wave_timeout)
+        setting = effective_settings(self.topology.settings, overrides).wave_timeout_s
         timeout = wave_deadline_s(setting, self.topology.depth, len(self.topology.servers)) + 2.0
         body = get_json(self.balancer.url + "/api/tree", timeout=timeout, token=self.api_token)
         return isinstance(body, dict) and body.get("complete") is True

@@ -219,6 +219,7 @@
     state.waves = status.waves || [];
     state.moves = status.moves || [];
     state.movesAt = status.last_rebalance_at || null;
+    if (typeof status.policy === "string") $("policy-name").textContent = status.policy;
     renderServers(status);
     renderWaves();
     renderMoves();
