@@ -30,8 +30,8 @@ from typing import Any
 
 from bench.count_policy.count_policy_impl import plan_moves_by_count
 from bench.waves_scale import bench_topology
-from bench.workloads import Workload, all_workloads
 from treewave.core.policy import Load, plan_moves
+from treewave.experiment.workloads import Workload, all_workloads
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "balancing_model.json"

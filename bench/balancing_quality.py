@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.waves_scale import Cluster, bench_topology, cluster
-from bench.workloads import Batch, Workload, all_workloads
 from tests.support.http import get_json
 from treewave.core.topology import Topology
+from treewave.experiment.workloads import Batch, Workload, all_workloads
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "balancing_quality.json"

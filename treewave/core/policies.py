@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Protocol, runtime_checkable
 
+from treewave.core.policies_builtin import CountPolicy, LabPolicy, StealPolicy
 from treewave.core.policy import Load, Move, plan_moves
 from treewave.core.topology import Settings
 
@@ -82,6 +83,9 @@ def register(policy: Policy) -> Policy:
 
 
 register(LptPolicy())
+register(CountPolicy())
+register(LabPolicy())
+register(StealPolicy())
 
 
 def _plugins() -> dict[str, Policy]:

@@ -65,6 +65,7 @@ class Settings(BaseModel):
     drain_grace_s: float = Field(default=30.0, ge=0, le=86400)
     """How long a server leaving the topology may go on running its tasks before they are
     stopped and queued again elsewhere from scratch (0: at once)."""
+    policy: str = "lpt"
 
 
 class ServerSpec(BaseModel):
