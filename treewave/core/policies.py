@@ -92,7 +92,8 @@ def _plugins() -> dict[str, Policy]:
     found: dict[str, Policy] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         obj = ep.load()
-        policy = obj if isinstance(obj, Policy) else obj()
+        # A class also "has" name, description and plan: instantiate it, like a factory.
+        policy = obj() if isinstance(obj, type) or not isinstance(obj, Policy) else obj
         if not isinstance(policy, Policy):
             raise TypeError(
                 f"entry point {ep.name!r} ({ep.value}) is not a treewave policy "

@@ -175,6 +175,8 @@ def local_cluster(topology: Topology, log: Path | None = None) -> Iterator[Local
                     proc.kill()
                     proc.wait()
             reader.join(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
             if log is not None:
                 log.write_text("\n".join(cluster.output) + "\n", encoding="utf-8")
 

@@ -2,8 +2,9 @@
 
 Idealised: no CPU contention, no network. Each server runs its queue on its CPU slots in
 the topology's `queue_order`; the balancer plans a round when work is submitted and every
-`rebalance_interval_s`; a round sees an instantaneous snapshot (running tasks' declared
-time left, queued declared durations, in run order) and its moves land `round_s` seconds
+`rebalance_interval_s` (never when that is 0, as the balancer); a round sees an
+instantaneous snapshot (running tasks' declared time left, queued declared durations, in
+run order) and its moves land `round_s` seconds
 later, as the donor then has them (a task that started meanwhile stays): by duration, the
 queued task of closest declared duration (the last in run order among equals), or by
 count, the last ones in run order (as `TaskLedger.prepare` does). Tasks run their
@@ -138,7 +139,8 @@ def simulate(
                 for _ in range(b.count):
                     s.enqueue(_Job((0.0, next(seq)), b.duration_s, b.run_s, now))
                 start_slots(s, now)
-            heapq.heappush(events, (now + 1e-9, next(seq), "round", None))
+            if interval > 0:  # the balancer's loop wakes on submissions (none when off)
+                heapq.heappush(events, (now + 1e-9, next(seq), "round", None))
         elif kind == "sample":
             samples.append((now - start, imbalance(s.load(now) for s in state.values())))
             heapq.heappush(events, (now + SAMPLE_S, next(seq), "sample", None))

@@ -142,7 +142,7 @@ def _svg(name: str, results: list[RunResult]) -> str:
     fig.suptitle(FIGURE_TITLES[name])
     fig.tight_layout()
     buf = io.StringIO()
-    fig.savefig(buf, format="svg")
+    fig.savefig(buf, format="svg", metadata={"Date": None})
     plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg") :]
