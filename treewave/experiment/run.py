@@ -75,14 +75,20 @@ def run_experiment(
             for seed, w in workloads.items():
                 note(simulate(servers, w, policy, settings, spec.model.round_s, seed))
         return results
-    from treewave.experiment.local import local_cluster, run_workload
+    from treewave.experiment.local import LocalRunError, local_cluster, run_workload
 
     for name in spec.policies:
         progress(f"starting a local cluster of {len(servers)} servers for policy {name!r}")
         log = None if logs is None else logs / f"cluster-{name}.log"
         with local_cluster(with_policy(topology, name), log) as cluster:
             for seed, w in workloads.items():
-                note(run_workload(cluster, w, name, seed))
+                r = run_workload(cluster, w, name, seed)
+                if r.reported_policy != name:
+                    raise LocalRunError(
+                        f"the balancer reports policy {r.reported_policy!r}, not {name!r}: "
+                        "its results would be mislabelled"
+                    )
+                note(r)
     return results
 
 
