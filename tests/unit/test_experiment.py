@@ -19,6 +19,7 @@ from treewave.experiment.workloads import Shape, benchmark, benchmark_names, gen
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("experiment-*.toml"))
+MODEL_EXAMPLES = [p for p in EXAMPLES if load_spec(p)[0].runner == "model"]
 SERVERS = {"a": 4, "b": 2, "c": 1, "d": 3, "e": 1, "f": 2}
 
 SMALL = """
@@ -194,3 +195,12 @@ def test_a_json_spec_works_too(tmp_path: Path, capsys: pytest.CaptureFixture[str
     path = write(tmp_path, json.dumps(spec), "spec.json")
     assert main(["experiment", str(path)]) == 0
     assert capsys.readouterr().out.splitlines()[2].startswith("steal")
+
+
+@pytest.mark.parametrize("path", MODEL_EXAMPLES, ids=lambda p: p.name)
+def test_the_model_example_specs_run(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # (examples/experiment-local.toml runs in tests/integration/test_experiment_local.py)
+    spec, _ = load_spec(path)
+    assert main(["experiment", str(path)]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == list(spec.policies)

@@ -354,6 +354,7 @@ def test_lab_aliases_accepted(tmp_path: Path) -> None:
         "wave_timeout_s",
         "queue_order",
         "drain_grace_s",
+        "policy",
     }
 
 

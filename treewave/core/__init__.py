@@ -12,6 +12,7 @@ __all__ = [
     "migration",
     "node",
     "policies",
+    "policies_builtin",
     "policy",
     "randomtree",
     "simulation",

@@ -5,3 +5,5 @@ seeds and the runner: `model` (`model.py`, a discrete-event model running the po
 own code) or `local` (`local.py`, a real `treewave run` cluster). `run.py` runs it,
 `report.py` prints the table and writes the raw results and an HTML report.
 """
+
+__all__ = ["local", "model", "report", "results", "run", "spec", "workloads"]

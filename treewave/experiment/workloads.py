@@ -28,6 +28,23 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+__all__ = [
+    "ARRIVALS",
+    "DURATIONS",
+    "EXTRA_KINDS",
+    "KINDS",
+    "PLACEMENTS",
+    "SHAPES",
+    "Batch",
+    "Shape",
+    "Workload",
+    "all_workloads",
+    "benchmark",
+    "benchmark_names",
+    "generate",
+    "make",
+]
+
 KINDS = ("skewed", "zipf", "bursts")
 DURATIONS = ("fixed", "varied")
 EXTRA_KINDS = ("wrong", "stream")
