@@ -6,6 +6,7 @@ import csv
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,18 @@ def test_the_model_example_specs_run(path: Path, capsys: pytest.CaptureFixture[s
     assert main(["experiment", str(path)]) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
     assert rows == list(spec.policies)
+
+
+def test_without_matplotlib_out_is_a_one_line_error_naming_the_install(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    out = tmp_path / "out"
+    assert main(["experiment", str(write(tmp_path, SMALL)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "treewave experiment: the report's plots need matplotlib: pip install 'treewave[plots]'"
+    ]
+    assert not out.exists(), "refused before anything ran"
+    # The table alone needs no plotting library.
+    assert main(["experiment", str(write(tmp_path, SMALL))]) == 0
