@@ -1,8 +1,9 @@
 """How well the cluster is balanced: makespan against the lower bound, treewave vs Dask.
 
-    python -m bench.balancing_quality --interval 0.2 --no-none  # old vs new vs Dask
+    python -m bench.balancing_quality --interval 0.2 --no-none  # count vs lpt vs Dask
     python -m bench.balancing_quality --servers 10 --interval 0.5 --workloads skewed-fixed
-    python -m bench.balancing_quality --no-dask --no-old        # the current policy only
+    python -m bench.balancing_quality --no-dask --policies lpt  # the current policy only
+    python -m bench.balancing_quality --no-dask --policies lpt count lab steal
 
 Needs Dask for the comparison: `pip install -e '.[bench]'`.
 
@@ -12,11 +13,11 @@ of work per cpu; declarations wrong by up to +-50 %; a stream of arrivals over 6
 workload runs on
 
 - treewave, no balancing (`treewave run --rebalance-interval 0`): tasks stay where they land;
-- `old`: treewave with the policy it had before it balanced expected work (task counts,
-  FIFO queues, the donor gives its newest tasks; bench/count_policy/), rebalancing every
-  `--interval`;
-- `treewave`: the current policy (expected work, LPT, longest-first queues), rebalancing
-  every `--interval`;
+- each policy of `--policies` (default: `count`, the policy treewave had before it
+  balanced expected work, run with FIFO queues as then; and `lpt`, the current one, with
+  longest-first queues), chosen through `settings.policy` in the topology file and
+  rebalancing every `--interval`: `treewave experiment`'s local runner
+  (treewave/experiment/local.py: the same cluster launch, arrival loop and polling);
 - Dask distributed: a local cluster of one worker process (Nanny) per server with as many
   threads as the server has cpus (started individually, since cpus differ), tasks are
   `time.sleep(duration)`, each submitted to the worker standing for the server the
@@ -25,7 +26,8 @@ workload runs on
   treewave's policy that knows none).
 
 Makespan runs from the first submission until every task is done: for treewave, the end of
-the first poll of every server's `/api/state` (every 20 ms) that finds all work completed;
+the first poll of every server's `/api/state` (every 20 ms) that finds all work completed
+(the local runner's definition);
 for Dask, when `distributed.wait` returns. It is divided by the lower bound: for every
 arrival time a, a + (work arriving from a on) / total cpus, and a + d for each task; with
 all work at time 0 that is max(total work / total cpus, longest task). Tasks moved are the
@@ -44,20 +46,27 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.waves_scale import Cluster, bench_topology, cluster
-from bench.workloads import Batch, Workload, all_workloads
-from tests.support.http import get_json
+from bench.waves_scale import bench_topology
+from tests.support.http import get_text
 from treewave.core.topology import Topology
+from treewave.experiment.local import LocalCluster, local_cluster, run_workload
+from treewave.experiment.run import with_policy
+from treewave.experiment.workloads import Batch, Workload, all_workloads
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "balancing_quality.json"
 SEED = 5
 POLL_S = 0.02
 RUN_TIMEOUT_S = 120.0
+
+
+def _with(topo: Topology, **settings: Any) -> Topology:
+    data = topo.to_json_data()
+    data["settings"] = {**data["settings"], **settings}
+    return Topology.parse(data, "topology")
 
 
 def paced(w: Workload, t0: float) -> Iterator[tuple[Batch, ...]]:
@@ -73,61 +82,30 @@ def paced(w: Workload, t0: float) -> Iterator[tuple[Batch, ...]]:
 # --- treewave ---------------------------------------------------------------------------------
 
 
-def balancer_counters(c: Cluster) -> dict[str, float]:
-    from tests.support.http import get_text
-
+def balancer_counters(c: LocalCluster) -> dict[str, float]:
     text = get_text(c.url + "/metrics", timeout=10)
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith(
-            (
-                "treewave_wave_messages_total",
-                "treewave_tasks_moved_total",
-                "treewave_rebalance_runs_total",
-                "treewave_waves_total",
-            )
-        ):
+        if line.startswith(("treewave_wave_messages_total", "treewave_rebalance_runs_total")):
             key, value = line.rsplit(" ", 1)
             out[key] = float(value)
     return out
 
 
-def run_treewave(c: Cluster, w: Workload, pool: ThreadPoolExecutor) -> dict[str, Any]:
-    def states() -> list[dict[str, Any]]:
-        return list(pool.map(lambda u: c_state(u), c.node_urls.values()))
-
-    def c_state(url: str) -> dict[str, Any]:
-        return get_json(url + "/api/state", timeout=10)  # type: ignore[no-any-return]
-
-    before = states()
-    done0 = sum(s["completed"] for s in before)
-    in0 = sum(s["transferred_in"] for s in before)
+def run_treewave(c: LocalCluster, w: Workload, policy: str) -> dict[str, Any]:
     counters0 = balancer_counters(c)
-    t0 = time.monotonic()
-    for batches in paced(w, t0):
-        list(pool.map(lambda b: c.submit(b.node, b.count, b.duration_s, b.actual_s), batches))
-    peak_busy = 0
-    while True:
-        now = states()
-        end = time.monotonic()
-        peak_busy = max(peak_busy, sum(s["running"] for s in now))
-        done = sum(s["completed"] for s in now) - done0
-        idle = all(s["queued"] == 0 and s["running"] == 0 and s["reserved"] == 0 for s in now)
-        if done >= w.tasks and idle:
-            break
-        if end - t0 > RUN_TIMEOUT_S:
-            raise RuntimeError(f"{w.name}: not done after {RUN_TIMEOUT_S} s ({done}/{w.tasks})")
-        time.sleep(POLL_S)
+    r = run_workload(c, w, policy, w.seed)
     counters1 = balancer_counters(c)
     delta = {k: counters1.get(k, 0) - counters0.get(k, 0) for k in counters1}
     return {
-        "makespan_s": end - t0,
-        "tasks_moved": sum(s["transferred_in"] for s in now) - in0,
+        "makespan_s": r.makespan_s,
+        "tasks_moved": r.tasks_moved,
         "wave_messages": int(
             sum(v for k, v in delta.items() if k.startswith("treewave_wave_messages"))
         ),
         "rebalance_rounds": int(delta.get("treewave_rebalance_runs_total", 0)),
-        "completed": done,
+        "completed": r.tasks,
+        "reported_policy": r.reported_policy,
     }
 
 
@@ -204,7 +182,9 @@ def main() -> int:
     ap.add_argument("--workloads", nargs="*", default=None, help="names, e.g. skewed-fixed")
     ap.add_argument("--no-dask", action="store_true")
     ap.add_argument("--no-none", action="store_true", help="skip the no-balancing runs")
-    ap.add_argument("--no-old", action="store_true", help="skip the old (count) policy runs")
+    ap.add_argument(
+        "--policies", nargs="*", default=["count", "lpt"], help="treewave policies to run"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -234,37 +214,38 @@ def main() -> int:
         }
         for w in workloads
     }
-    fifo = Topology.parse(
-        {
-            **topo.to_json_data(),
-            "settings": {**topo.to_json_data()["settings"], "queue_order": "fifo"},
-        }
-    )
-    count_env = {
-        "TREEWAVE_BENCH_POLICY": "count",
-        "PYTHONPATH": os.pathsep.join(
-            [str(REPO / "bench" / "count_policy"), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
-    modes: list[tuple[str, Topology, float, dict[str, str] | None]] = []
+    modes: list[tuple[str, Topology]] = []
     if not args.no_none:
-        modes.append(("none", topo, 0.0, None))
-    if not args.no_old:
-        modes.append(("old", fifo, args.interval, count_env))
-    modes.append(("treewave", topo, args.interval, None))
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        for mode, mode_topo, interval, env in modes:
-            with cluster(mode_topo, rebalance_interval=interval, env=env) as c:
-                for w in workloads:
-                    r = run_treewave(c, w, pool)
-                    r["ratio"] = r["makespan_s"] / rows[w.name]["lower_bound_s"]
-                    rows[w.name][mode] = r
-                    print(
-                        f"  {mode:<8} {w.name:<14} makespan {r['makespan_s']:.2f} s "
-                        f"x{r['ratio']:.3f}, moved {r['tasks_moved']}, msgs {r['wave_messages']}",
-                        flush=True,
+        modes.append(("none", _with(topo, rebalance_interval_s=0.0)))
+    for policy in args.policies:
+        # count ran with FIFO queues, as servers ran then; the others longest first.
+        order = "fifo" if policy == "count" else "longest-first"
+        modes.append(
+            (
+                policy,
+                with_policy(
+                    _with(topo, rebalance_interval_s=args.interval, queue_order=order), policy
+                ),
+            )
+        )
+    for mode, mode_topo in modes:
+        with local_cluster(mode_topo) as c:
+            for w in workloads:
+                r = run_treewave(c, w, "lpt" if mode == "none" else mode)
+                if mode != "none" and r["reported_policy"] != mode:
+                    # The old column once silently ran the new policy: never again.
+                    raise RuntimeError(
+                        f"the balancer reports policy {r['reported_policy']!r}, not {mode!r}"
                     )
-                    time.sleep(0.5)
+                r["ratio"] = r["makespan_s"] / rows[w.name]["lower_bound_s"]
+                rows[w.name][mode] = r
+                print(
+                    f"  {mode:<8} {w.name:<14} makespan {r['makespan_s']:.2f} s "
+                    f"x{r['ratio']:.3f}, moved {r['tasks_moved']}, msgs {r['wave_messages']}, "
+                    f"balancer ran {r['reported_policy']}",
+                    flush=True,
+                )
+                time.sleep(0.5)
     if not args.no_dask:
         for w in workloads:
             r = run_dask(servers, w)
@@ -282,37 +263,37 @@ def main() -> int:
         f"(treewave periodic rebalancing every {args.interval:g} s); load average "
         f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end"
     )
-    hdr = (
-        f"{'workload':<14} {'tasks':>5} {'LB s':>5} | {'none':>6} | {'old':>6} {'moved':>5} | "
-        f"{'new':>6} {'moved':>5} {'msgs':>5} | {'dask':>6} | {'goal':>5} {'met':>5} {'<dask':>5}"
+    cols = [m for m, _ in modes] + ([] if args.no_dask else ["dask"])
+    hdr = f"{'workload':<14} {'tasks':>5} {'LB s':>5} | " + " | ".join(
+        f"{m:>6} {'moved':>5}" for m in cols
     )
     print(hdr)
     print("-" * len(hdr))
-    met_all = True
 
-    def ratio(row: dict[str, Any], mode: str) -> str:
-        r = row.get(mode, {}).get("ratio")
-        return "" if r is None else f"{r:.3f}"
+    def cell(row: dict[str, Any], mode: str) -> str:
+        r = row.get(mode, {})
+        return f"{r['ratio']:>6.3f} {r.get('tasks_moved', ''):>5}" if r else f"{'':>12}"
 
     for name, row in rows.items():
-        t = row["treewave"]["ratio"]
-        dask = row.get("dask", {}).get("ratio")
-        goal = 1.10 if name.startswith("wrong") else 1.05
-        ok_goal = t <= goal
-        okd = dask is None or t < dask
-        met_all = met_all and ok_goal and okd
         print(
             f"{name:<14} {row['tasks']:>5} {row['lower_bound_s']:>5.2f} | "
-            f"{ratio(row, 'none'):>6} | {ratio(row, 'old'):>6} "
-            f"{row.get('old', {}).get('tasks_moved', ''):>5} | {t:>6.3f} "
-            f"{row['treewave']['tasks_moved']:>5} {row['treewave']['wave_messages']:>5} | "
-            f"{ratio(row, 'dask'):>6} | {goal:>5.2f} {ok_goal!s:>5} {okd!s:>5}"
+            + " | ".join(cell(row, m) for m in cols)
         )
-    ratios = [r["treewave"]["ratio"] for r in rows.values()]
-    print(
-        f"treewave ratio: median {statistics.median(ratios):.3f}, worst {max(ratios):.3f}; "
-        f"targets met: {met_all}"
-    )
+    met_all = True
+    if "lpt" in cols:
+        for name, row in rows.items():
+            goal = 1.10 if name.startswith("wrong") else 1.05
+            dask = row.get("dask", {}).get("ratio")
+            met_all = (
+                met_all
+                and row["lpt"]["ratio"] <= goal
+                and (dask is None or row["lpt"]["ratio"] < dask)
+            )
+        ratios = [r["lpt"]["ratio"] for r in rows.values()]
+        print(
+            f"lpt ratio: median {statistics.median(ratios):.3f}, worst {max(ratios):.3f}; "
+            f"targets (<= 1.05, wrong <= 1.10, below Dask) met: {met_all}"
+        )
     report = {
         "command": "python -m bench.balancing_quality " + " ".join(sys.argv[1:]),
         "machine": {

@@ -69,6 +69,7 @@ def check_moves(loads: list[Load], moves: list[Move]) -> list[Load]:
         assert m.source in names
         assert m.target in names
         assert m.source != m.target
+        assert m.durations is not None, "lpt names the durations it moves"
         assert m.tasks == len(m.durations) >= 1
         given_away[m.source].update(m.durations)
     for name, gave in given_away.items():

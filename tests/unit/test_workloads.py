@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.workloads import DURATIONS, KINDS, Batch, Workload, all_workloads, make
+from treewave.experiment.workloads import DURATIONS, KINDS, Batch, Workload, all_workloads, make
 
 SERVERS = {"aurora": 4, "birch": 2, "cedar": 1, "delta": 3, "ember": 1, "fjord": 2}
 

@@ -7,6 +7,7 @@ __all__ = [
     "client_cmd",
     "deploy_cmd",
     "errors",
+    "experiment_cmd",
     "main",
     "run_cmd",
     "secret_cmd",

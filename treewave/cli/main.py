@@ -16,6 +16,7 @@ from treewave.cli import (
     apply_cmd,
     client_cmd,
     deploy_cmd,
+    experiment_cmd,
     run_cmd,
     secret_cmd,
     services_cmd,
@@ -36,6 +37,7 @@ COMMAND_MODULES = (
     apply_cmd,
     client_cmd,
     trace_cmd,
+    experiment_cmd,
 )
 
 

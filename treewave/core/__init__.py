@@ -15,6 +15,7 @@ __all__ = [
     "migration",
     "node",
     "policies",
+    "policies_builtin",
     "policy",
     "precedence",
     "randomtree",

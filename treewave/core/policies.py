@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Protocol, runtime_checkable
 
+from treewave.core.policies_builtin import CountPolicy, LabPolicy, StealPolicy
 from treewave.core.policy import Load, Move, plan_moves
 from treewave.core.topology import Settings
 
@@ -82,13 +83,17 @@ def register(policy: Policy) -> Policy:
 
 
 register(LptPolicy())
+register(CountPolicy())
+register(LabPolicy())
+register(StealPolicy())
 
 
 def _plugins() -> dict[str, Policy]:
     found: dict[str, Policy] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         obj = ep.load()
-        policy = obj if isinstance(obj, Policy) else obj()
+        # A class also "has" name, description and plan: instantiate it, like a factory.
+        policy = obj() if isinstance(obj, type) or not isinstance(obj, Policy) else obj
         if not isinstance(policy, Policy):
             raise TypeError(
                 f"entry point {ep.name!r} ({ep.value}) is not a treewave policy "

@@ -63,15 +63,22 @@ def lpt_bound(slots: int) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Move:
-    """Give `target` one queued task of (about) each of `durations` from `source`."""
+    """Give `target` one queued task of (about) each of `durations` from `source`; or,
+    with `durations=None`, `count` queued tasks, the last in run order (policies that count
+    tasks rather than work: `Move.by_count`)."""
 
     source: str
     target: str
-    durations: tuple[float, ...]
+    durations: tuple[float, ...] | None
+    count: int = 0
+
+    @classmethod
+    def by_count(cls, source: str, target: str, count: int) -> Move:
+        return cls(source, target, None, count)
 
     @property
     def tasks(self) -> int:
-        return len(self.durations)
+        return self.count if self.durations is None else len(self.durations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,10 +253,19 @@ def _moves_between(before: dict[str, list[float]], after: dict[str, list[float]]
 
 def apply_moves(loads: Iterable[Load], moves: Iterable[Move]) -> list[Load]:
     """The loads after the moves (for reporting and tests); a move naming a duration its
-    source has not queued is a `ValueError`."""
+    source has not queued, or more tasks than it has queued, is a `ValueError`. A move by
+    count takes the source's last queued tasks (`queued` in run order, as `loads_of`
+    gives it)."""
     by = {x.name: x for x in loads}
     queues = {n: list(x.queued) for n, x in by.items()}
     for m in moves:
+        if m.durations is None:
+            if m.count > len(queues[m.source]):
+                raise ValueError(f"{m.source} has fewer than {m.count} queued tasks to move")
+            cut = len(queues[m.source]) - m.count
+            queues[m.target] += queues[m.source][cut:]
+            del queues[m.source][cut:]
+            continue
         for d in m.durations:
             try:
                 queues[m.source].remove(d)

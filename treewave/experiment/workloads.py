@@ -1,4 +1,5 @@
-"""Seeded workloads for the balancing benchmark: who gets which tasks, and when.
+"""Seeded workloads: who gets which tasks, and when (the benchmark's eight, and the
+general ones `treewave experiment` specs describe, `generate`).
 
 A workload is a list of `Batch`es (at `at_s` seconds after the start, `count` tasks of
 `duration_s` seconds each land on server `node`) over a given set of servers (name ->
@@ -26,6 +27,23 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+__all__ = [
+    "ARRIVALS",
+    "DURATIONS",
+    "EXTRA_KINDS",
+    "KINDS",
+    "PLACEMENTS",
+    "SHAPES",
+    "Batch",
+    "Shape",
+    "Workload",
+    "all_workloads",
+    "benchmark",
+    "benchmark_names",
+    "generate",
+    "make",
+]
 
 KINDS = ("skewed", "zipf", "bursts")
 DURATIONS = ("fixed", "varied")
@@ -178,6 +196,121 @@ def make(
             out += _batches(rng, round(i * burst_gap_s, 3), rng.choice(names), part)
     out = [b for b in out if b.count > 0]
     return Workload(f"{kind}-{durations}", seed, tuple(sorted(out, key=lambda b: b.at_s)))  # stable
+
+
+ARRIVALS = ("initial", "bursts", "stream")
+PLACEMENTS = ("hot", "zipf", "even")
+SHAPES = ("fixed", "varied", "heavy-tailed", "bimodal")
+MAX_TASK_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """How a general workload is drawn (see `generate`); the fields of a spec's
+    `[workload]` table."""
+
+    arrivals: str = "initial"
+    placement: str = "hot"
+    hot: int = 2
+    zipf_s: float = 1.2
+    tasks: int | None = None
+    target_s: float = 4.0
+    durations: str = "fixed"
+    duration_s: float = FIXED_S
+    varied_s: tuple[float, float] = VARIED_S
+    heavy_min_s: float = 0.1
+    heavy_alpha: float = 1.5
+    heavy_max_s: float = 10.0
+    short_s: float = 0.2
+    long_s: float = 2.0
+    long_share: float = 0.1
+    wrong_factor: tuple[float, float] | None = None
+    bursts: int = 3
+    burst_gap_s: float = 1.0
+    stream_s: float = 6.0
+    stream_gap_s: float = 0.5
+
+    def mean_s(self) -> float:
+        if self.durations == "fixed":
+            return self.duration_s
+        if self.durations == "varied":
+            lo, hi = self.varied_s
+            return (hi - lo) / math.log(hi / lo) if hi > lo else lo
+        if self.durations == "bimodal":
+            return self.long_share * self.long_s + (1 - self.long_share) * self.short_s
+        a = self.heavy_alpha  # Pareto mean, ignoring the cap
+        return self.heavy_min_s * a / (a - 1) if a > 1 else self.heavy_max_s / 2
+
+    def draw(self, rng: random.Random) -> float:
+        if self.durations == "fixed":
+            return self.duration_s
+        if self.durations == "varied":
+            lo, hi = self.varied_s
+            d = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        elif self.durations == "bimodal":
+            d = self.long_s if rng.random() < self.long_share else self.short_s
+        else:
+            d = min(self.heavy_max_s, self.heavy_min_s * rng.paretovariate(self.heavy_alpha))
+        # rounded to 10 ms so tasks group into few batches
+        return min(MAX_TASK_S, max(0.01, round(d, 2)))
+
+
+def generate(shape: Shape, servers: Mapping[str, int], seed: int = 0) -> Workload:
+    """A workload drawn from `shape` on `servers` (name -> cpus): `tasks` tasks (or about
+    `target_s` of work per cpu), arriving all at once (`initial`), in `bursts` spaced
+    `burst_gap_s` apart, or as a `stream` (one arrival every `stream_gap_s` for
+    `stream_s`); each arrival lands on the `hot` servers, on servers drawn Zipf-like, or
+    `even`ly; with `wrong_factor`, each task really runs its declared duration times a
+    factor drawn uniformly in that range."""
+    if not servers:
+        raise ValueError("need at least one server")
+    rng = random.Random(f"generate/{seed}")
+    names = sorted(servers)
+    n = shape.tasks or max(1, round(shape.target_s * sum(servers.values()) / shape.mean_s()))
+    ds = [shape.draw(rng) for _ in range(n)]
+    ranked = rng.sample(names, len(names))
+    hot = ranked[: max(1, min(shape.hot, len(names)))]
+    weights = [1 / (k + 1) ** shape.zipf_s for k in range(len(ranked))]
+    if shape.arrivals == "initial":
+        times = [0.0]
+    elif shape.arrivals == "bursts":
+        times = [round(i * shape.burst_gap_s, 3) for i in range(max(1, shape.bursts))]
+    else:
+        count = max(1, round(shape.stream_s / shape.stream_gap_s))
+        times = [round(i * shape.stream_gap_s, 3) for i in range(count)]
+    out: list[Batch] = []
+    for i, at in enumerate(times):
+        part = ds[i :: len(times)]
+        if shape.placement == "hot":
+            targets = hot if shape.arrivals == "initial" else [hot[i % len(hot)]]
+        elif shape.placement == "zipf":
+            targets = [rng.choices(ranked, weights)[0] for _ in range(len(part))]
+        else:
+            targets = names
+        per: dict[str, list[float]] = {}
+        for j, d in enumerate(part):
+            per.setdefault(targets[j % len(targets)], []).append(d)
+        for node, mine in sorted(per.items()):
+            if shape.wrong_factor is None:
+                out += _batches(rng, at, node, mine)
+            else:
+                lo, hi = shape.wrong_factor
+                for d in mine:
+                    actual = min(MAX_TASK_S, max(0.001, round(d * rng.uniform(lo, hi), 3)))
+                    out.append(Batch(at, node, 1, d, actual))
+    out = [b for b in out if b.count > 0]
+    return Workload(f"{shape.arrivals}-{shape.placement}-{shape.durations}", seed, tuple(out))
+
+
+def benchmark_names() -> list[str]:
+    """The eight benchmark workloads' names (`all_workloads`)."""
+    return [f"{k}-{d}" for k in KINDS for d in DURATIONS] + [f"{k}-varied" for k in EXTRA_KINDS]
+
+
+def benchmark(name: str, servers: Mapping[str, int], seed: int, target_s: float = 4.0) -> Workload:
+    """One of the eight benchmark workloads by name (e.g. `skewed-fixed`)."""
+    kind, _, durations = name.partition("-")
+    return make(kind, durations, servers, seed, target_s)
 
 
 def all_workloads(
