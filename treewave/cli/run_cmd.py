@@ -824,7 +824,10 @@ class Supervisor:
             self.restart_with(self.node(name), snapshot)
 
     def delete_state(self, name: str) -> None:
-        for suffix in (".json", ".tmp"):
+        # The server's task store (node.store: SQLite and its WAL files) and a JSON state
+        # file of earlier releases, imported or not.
+        suffixes = (".sqlite3", ".sqlite3-wal", ".sqlite3-shm", ".json", ".json.imported")
+        for suffix in (*suffixes, ".tmp"):
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / f"{name}{suffix}").unlink()
 

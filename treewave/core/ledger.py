@@ -8,13 +8,18 @@ a later `deliver` refuse, so the balancer can always find out which way a transf
 The donor's side remembers settled transfer ids, so a `prepare` that arrives late (after
 the transfer was committed or aborted) reserves nothing: no reservation nobody resolves.
 `answer` applies one coordinator request (`core.transfer`) and returns the reply.
+
+A ledger made with `track_changes=True` also records what each operation changed
+(`LedgerChanges`: which task ids it now holds or no longer holds, reservations made or
+settled, the ids it remembers or forgot); `take_changes()` hands them over, so a store
+can write each change in time proportional to it, not to the queue.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
 from treewave.core.messages import (
@@ -39,6 +44,7 @@ __all__ = [
     "TRANSFER_REPLIES",
     "TRANSFER_REQUESTS",
     "DrainCounts",
+    "LedgerChanges",
     "QueueOrder",
     "Reservation",
     "TaskLedger",
@@ -84,6 +90,52 @@ class Reservation:
     since: float
 
 
+@dataclass(slots=True)
+class LedgerChanges:
+    """What changed in a ledger since the last `take_changes()`, as net effects (a task
+    held and then given away within one batch shows up only as gone).
+
+    `held`: task ids now queued or running here (running tasks are kept as held: after a
+    crash they run again), with the task. `dropped`: task ids no longer held (reserved,
+    completed). `reserved` / `unreserved`: reservations made / settled, by transfer id.
+    `done`, `incoming`, `settled`: ids the ledger now remembers (completions, the
+    recipient's verdicts, the donor's settled transfers); `forgotten_*`: ids it dropped
+    from those bounded memories. The counters are read from the ledger itself."""
+
+    held: dict[str, Task] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
+    reserved: dict[str, Reservation] = field(default_factory=dict)
+    unreserved: set[str] = field(default_factory=set)
+    done: list[str] = field(default_factory=list)
+    forgotten_done: list[str] = field(default_factory=list)
+    incoming: dict[str, Literal["accepted", "cancelled"]] = field(default_factory=dict)
+    forgotten_incoming: list[str] = field(default_factory=list)
+    settled: list[str] = field(default_factory=list)
+    forgotten_settled: list[str] = field(default_factory=list)
+
+    def hold(self, task: Task) -> None:
+        self.dropped.discard(task.id)
+        self.held[task.id] = task
+
+    def drop(self, task_id: str) -> None:
+        if self.held.pop(task_id, None) is None:
+            self.dropped.add(task_id)
+
+    def empty(self) -> bool:
+        return not (
+            self.held
+            or self.dropped
+            or self.reserved
+            or self.unreserved
+            or self.done
+            or self.forgotten_done
+            or self.incoming
+            or self.forgotten_incoming
+            or self.settled
+            or self.forgotten_settled
+        )
+
+
 class DrainCounts(TypedDict):
     """What a server answers a drain request with, besides whether it is held: what it
     still holds and its cumulative counters (`TaskLedger.drain_counts`)."""
@@ -96,8 +148,10 @@ class DrainCounts(TypedDict):
 
 
 class TaskLedger:
-    def __init__(self, order: QueueOrder = "longest-first") -> None:
+    def __init__(self, order: QueueOrder = "longest-first", track_changes: bool = False) -> None:
         self.order = order
+        self.track_changes = track_changes
+        self._changes = LedgerChanges()
         self.queued: deque[Task] = deque()
         """In run order (the next task to start first)."""
         self.queue_version = 0
@@ -116,6 +170,11 @@ class TaskLedger:
         self._settled: OrderedDict[str, None] = OrderedDict()
         """Donor side: transfers committed or aborted here (a late prepare reserves nothing)."""
 
+    def take_changes(self) -> LedgerChanges:
+        """What changed since the last call (nothing unless `track_changes`)."""
+        changes, self._changes = self._changes, LedgerChanges()
+        return changes
+
     # --- local work ------------------------------------------------------------------------
 
     def submit(self, tasks: tuple[Task, ...] | list[Task]) -> int:
@@ -126,6 +185,8 @@ class TaskLedger:
                 continue
             self._known_ids.add(task.id)
             self._enqueue(task)
+            if self.track_changes:
+                self._changes.hold(task)
             added += 1
         return added
 
@@ -162,11 +223,17 @@ class TaskLedger:
         if self.running.pop(task_id, None) is None:
             return False
         self._known_ids.discard(task_id)
+        if self.track_changes:
+            self._changes.drop(task_id)
         if task_id in self._done_ids:
             return False
         self._done_ids[task_id] = None
+        if self.track_changes:
+            self._changes.done.append(task_id)
         while len(self._done_ids) > REMEMBERED_COMPLETIONS:
-            self._done_ids.popitem(last=False)
+            forgotten, _ = self._done_ids.popitem(last=False)
+            if self.track_changes:
+                self._changes.forgotten_done.append(forgotten)
         self.completed += 1
         return True
 
@@ -209,6 +276,10 @@ class TaskLedger:
         reservation = Reservation(transfer, target, tasks, now)
         if tasks:
             self.reserved[transfer] = reservation
+            if self.track_changes:
+                for task in tasks:
+                    self._changes.drop(task.id)
+                self._changes.reserved[transfer] = reservation
         else:
             # Answered "nothing": final, or a late copy of this prepare could reserve
             # tasks for a transfer the coordinator already finished as empty.
@@ -241,6 +312,7 @@ class TaskLedger:
         reservation = self.reserved.pop(transfer, None)
         if reservation is None:
             return "unknown"
+        self._unreserve(transfer)
         self.transferred_out += len(reservation.tasks)
         return "committed"
 
@@ -249,16 +321,28 @@ class TaskLedger:
         reservation = self.reserved.pop(transfer, None)
         if reservation is None:
             return "unknown"
+        self._unreserve(transfer)
         # The recipient refused them for good, so none can have come back meanwhile.
         for task in reservation.tasks:
             self._enqueue(task)
+            if self.track_changes:
+                self._changes.hold(task)
         self._known_ids.update(t.id for t in reservation.tasks)
         return "aborted"
 
+    def _unreserve(self, transfer: str) -> None:
+        if self.track_changes and self._changes.reserved.pop(transfer, None) is None:
+            self._changes.unreserved.add(transfer)
+
     def _settle(self, transfer: str) -> None:
+        new = transfer not in self._settled
         self._settled[transfer] = None
+        if self.track_changes and new:
+            self._changes.settled.append(transfer)
         while len(self._settled) > REMEMBERED_TRANSFERS:
-            self._settled.popitem(last=False)
+            forgotten, _ = self._settled.popitem(last=False)
+            if self.track_changes:
+                self._changes.forgotten_settled.append(forgotten)
 
     # --- recipient side ----------------------------------------------------------------------
 
@@ -283,8 +367,12 @@ class TaskLedger:
 
     def _remember(self, transfer: str, outcome: Literal["accepted", "cancelled"]) -> None:
         self._incoming[transfer] = outcome
+        if self.track_changes:
+            self._changes.incoming[transfer] = outcome
         while len(self._incoming) > REMEMBERED_TRANSFERS:
-            self._incoming.popitem(last=False)
+            forgotten, _ = self._incoming.popitem(last=False)
+            if self.track_changes:
+                self._changes.forgotten_incoming.append(forgotten)
 
     # --- the coordinator's requests ------------------------------------------------------------
 
@@ -362,8 +450,9 @@ class TaskLedger:
 
     @classmethod
     def from_json_data(
-        cls, data: dict[str, Any], order: QueueOrder = "longest-first"
+        cls, data: dict[str, Any], order: QueueOrder = "longest-first", track_changes: bool = False
     ) -> TaskLedger:
+        """The ledger `to_json_data` described (changes are tracked from here on)."""
         ledger = cls(order)
         ledger.submit([Task.model_validate(t) for t in data.get("queued", [])])
         for r in data.get("reserved", []):
@@ -377,6 +466,7 @@ class TaskLedger:
         ledger._done_ids = OrderedDict.fromkeys(data.get("done_ids", []))
         ledger._incoming = OrderedDict(data.get("incoming", {}))
         ledger._settled = OrderedDict.fromkeys(data.get("settled", []))
+        ledger.track_changes = track_changes
         return ledger
 
 
