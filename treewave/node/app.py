@@ -54,11 +54,10 @@ from treewave.core.trace import TraceRecorder
 from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
 from treewave.node.store import (
+    TRANSFER_COMMIT_POINTS,
     CommitPoint,
     TaskStore,
     database_path,
-    import_json_state,
-    legacy_json_path,
     stored_cpus,
 )
 from treewave.wire.addressing import peer_url
@@ -117,29 +116,14 @@ class Server:
         """The stored ledger; a state file of the JSON format (earlier releases) is
         imported once; a new server stores its initial tasks."""
         order = self.topology.settings.queue_order
-        store = self.store
-        if store is None:
+        if self.store is None:
             ledger = TaskLedger(order)
             ledger.submit([self.new_task() for _ in range(self.spec.tasks)])
             return ledger
-        assert self.settings.state_dir is not None
-        legacy = legacy_json_path(self.settings.state_dir, self.name)
-        if store.is_empty() and legacy.is_file():
-            import_json_state(store, legacy, order)
-        if not store.is_empty():
-            ledger, flags = store.load_ledger(order)
-            self.held = bool(flags.get("held", False))
-            log.info(
-                "%s: restored %d queued and %d reserved tasks from %s",
-                self.name,
-                len(ledger.queued),
-                ledger.reserved_count,
-                store.path,
-            )
-            return ledger
-        ledger = TaskLedger(order, track_changes=True)
-        ledger.submit([self.new_task() for _ in range(self.spec.tasks)])
-        store.write_full("start", ledger, {"held": self.held, "cpus": self.cpus})
+        ledger, held = self.store.open_ledger(
+            order, lambda: [self.new_task() for _ in range(self.spec.tasks)], self.cpus
+        )
+        self.held = held
         return ledger
 
     def save(self, point: CommitPoint) -> None:
@@ -351,7 +335,7 @@ class Server:
         self.metrics.transferred_out.inc(led.transferred_out - before_out)
         if not isinstance(msg, TransferQuery):
             # On disk before the reply: the coordinator acts on it.
-            self.save(_TRANSFER_POINTS[msg.type])
+            self.save(TRANSFER_COMMIT_POINTS[msg.type])
         if isinstance(msg, (TransferDeliver, TransferAbort)):
             self.wakeup.set()
         return [reply]
@@ -493,16 +477,6 @@ class Server:
         if not proof_ok(self.settings.secret, nonce, msg.sender, self.name, msg.token):
             return f"!{msg.sender!r} did not answer the challenge with the deployment secret"
         return msg.sender
-
-
-_TRANSFER_POINTS: dict[str, CommitPoint] = {
-    "transfer.prepare": "prepare",
-    "transfer.deliver": "deliver",
-    "transfer.cancel": "cancel",
-    "transfer.commit": "commit",
-    "transfer.abort": "abort",
-}
-"""The store's commit point of each transfer step (for the test-only crash switch)."""
 
 
 def _too_big(error: object) -> bool:

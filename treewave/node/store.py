@@ -21,12 +21,13 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from treewave.core.ledger import LedgerChanges, QueueOrder, TaskLedger
+from treewave.core.messages import Task
 
 __all__ = [
     "COMMIT_POINTS",
@@ -34,6 +35,7 @@ __all__ = [
     "CRASH_EXIT_CODE",
     "DB_SUFFIX",
     "SCHEMA_VERSION",
+    "TRANSFER_COMMIT_POINTS",
     "CommitPoint",
     "StoreError",
     "TaskStore",
@@ -54,23 +56,6 @@ JOURNAL_MODE = "wal"
 SYNCHRONOUS = "FULL"
 """Decided in docs/durability.md: in WAL mode, FULL syncs the WAL on every commit, so a
 committed transaction survives a power loss; NORMAL could roll back the last ones."""
-COMMIT_POINTS = (
-    "submit",
-    "finn",
-    "prepare",
-    "deliver",
-    "cancel",
-    "commit",
-    "abort",
-    "drain",
-    "complete",
-    "import",
-    "start",
-)
-"""The operations whose commit the test-only crash switch can interrupt."""
-CRASH_ENV = "TREEWAVE_TEST_CRASH_AT"
-CRASH_EXIT_CODE = 70
-
 CommitPoint = Literal[
     "submit",
     "finn",
@@ -84,6 +69,19 @@ CommitPoint = Literal[
     "import",
     "start",
 ]
+COMMIT_POINTS: tuple[CommitPoint, ...] = get_args(CommitPoint)
+"""The operations whose commit the test-only crash switch can interrupt."""
+TRANSFER_COMMIT_POINTS: dict[str, CommitPoint] = {
+    "transfer.prepare": "prepare",
+    "transfer.deliver": "deliver",
+    "transfer.cancel": "cancel",
+    "transfer.commit": "commit",
+    "transfer.abort": "abort",
+}
+"""The commit point of each transfer step a server stores (by message type)."""
+CRASH_ENV = "TREEWAVE_TEST_CRASH_AT"
+CRASH_EXIT_CODE = 70
+
 
 SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -215,6 +213,29 @@ class TaskStore:
             "settled": [t for (t,) in db.execute("SELECT transfer FROM settled ORDER BY seq")],
             **flags,
         }
+
+    def open_ledger(
+        self, order: QueueOrder, initial: Callable[[], list[Task]], cpus: int
+    ) -> tuple[TaskLedger, bool]:
+        """The server's ledger and whether it is held: as stored; else imported from a
+        JSON state file of an earlier release beside the database; else a new ledger
+        with the `initial` tasks, stored before the server starts."""
+        legacy = legacy_json_path(self.path.parent, self.path.name.removesuffix(DB_SUFFIX))
+        if self.is_empty() and legacy.is_file():
+            import_json_state(self, legacy, order)
+        if not self.is_empty():
+            ledger, flags = self.load_ledger(order)
+            log.info(
+                "restored %d queued and %d reserved tasks from %s",
+                len(ledger.queued),
+                ledger.reserved_count,
+                self.path,
+            )
+            return ledger, bool(flags.get("held", False))
+        ledger = TaskLedger(order, track_changes=True)
+        ledger.submit(initial())
+        self.write_full("start", ledger, {"held": False, "cpus": cpus})
+        return ledger, False
 
     def load_ledger(self, order: QueueOrder) -> tuple[TaskLedger, dict[str, Any]]:
         """The stored ledger (tracking its changes from now on) and the stored flags."""
