@@ -11,6 +11,7 @@ import json
 import random
 import shutil
 import sqlite3
+from collections import Counter
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 
 from tests.support.commands import REPO
 from treewave.core.ledger import TaskLedger
+from treewave.core.load import counts_histogram, duration_histogram
 from treewave.core.messages import Task
 from treewave.node.store import (
     StoreError,
@@ -163,3 +165,28 @@ def test_a_file_that_is_not_a_task_store_is_refused_and_left_alone(
     assert "\n" not in message
     assert path.read_bytes() == before
     assert not (tmp_path / "beta.sqlite3-wal").exists()
+
+
+def test_the_ledger_keeps_its_queue_s_duration_counts_as_it_changes() -> None:
+    """The Echo reply's histogram is read from counts the ledger keeps (no pass over a
+    100,000-task queue per wave): they always match the queue."""
+    rng = random.Random(3)
+    ledger = TaskLedger()
+    for step in range(300):
+        op = rng.choice(["submit", "start", "prepare", "closest", "abort", "requeue"])
+        if op == "submit":
+            ledger.submit([Task(id=f"t{step}", duration_s=rng.choice([1.0, 2.5, 4.0]))])
+        elif op == "start":
+            ledger.start_next(float(step))
+        elif op == "prepare":
+            ledger.prepare(f"p{step}", "x", rng.randint(1, 3), 0.0)
+        elif op == "closest":
+            ledger.prepare(f"c{step}", "x", 2, 0.0, durations=(1.0, 3.0))
+        elif op == "abort" and ledger.reserved:
+            ledger.abort(rng.choice(list(ledger.reserved)))
+        elif op == "requeue":
+            ledger.requeue_running()
+        assert ledger.queued_durations == Counter(t.duration_s for t in ledger.queued), step
+        assert counts_histogram(ledger.queued_durations) == duration_histogram(
+            t.duration_s for t in ledger.queued
+        )

@@ -18,7 +18,7 @@ can write each change in time proportional to it, not to the queue.
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
@@ -156,6 +156,9 @@ class TaskLedger:
         """In run order (the next task to start first)."""
         self.queue_version = 0
         """Bumped on every change to `queued`, so views of the queue can be cached."""
+        self.queued_durations: Counter[float] = Counter()
+        """How many queued tasks have each duration, kept as the queue changes: a view of
+        the queue (the Echo reply's histogram) in O(distinct durations), not O(queue)."""
         self.running: dict[str, Task] = {}
         self.started_at: dict[str, float] = {}
         self.reserved: dict[str, Reservation] = {}
@@ -195,6 +198,7 @@ class TaskLedger:
         or at the end (fifo)."""
         q = self.queued
         self.queue_version += 1
+        self.queued_durations[task.duration_s] += 1
         if self.order == "fifo" or not q or q[-1].duration_s >= task.duration_s:
             q.append(task)
             return
@@ -206,6 +210,7 @@ class TaskLedger:
             return None
         task = self.queued.popleft()
         self.queue_version += 1
+        self._unqueued(task)
         self.running[task.id] = task
         self.started_at[task.id] = now
         return task
@@ -272,6 +277,8 @@ class TaskLedger:
             tasks = tuple(self.queued.pop() for _ in range(take))[::-1]
         else:
             tasks = self._take_closest(durations)
+        for task in tasks:
+            self._unqueued(task)
         self._known_ids.difference_update(t.id for t in tasks)
         reservation = Reservation(transfer, target, tasks, now)
         if tasks:
@@ -285,6 +292,13 @@ class TaskLedger:
             # tasks for a transfer the coordinator already finished as empty.
             self._settle(transfer)
         return reservation
+
+    def _unqueued(self, task: Task) -> None:
+        left = self.queued_durations[task.duration_s] - 1
+        if left > 0:
+            self.queued_durations[task.duration_s] = left
+        else:
+            del self.queued_durations[task.duration_s]
 
     def _take_closest(self, durations: tuple[float, ...]) -> tuple[Task, ...]:
         by_duration: dict[float, list[int]] = {}

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import FinnDecided, Output, Send
 from treewave.core.ledger import TRANSFER_REQUESTS, TaskLedger
-from treewave.core.load import duration_histogram, expected_work_s, pressure
+from treewave.core.load import counts_histogram, expected_work_s, pressure
 from treewave.core.messages import (
     MAX_MESSAGE_BYTES,
     Challenge,
@@ -176,7 +176,7 @@ class Server:
         reply carries it)."""
         version = (id(self.ledger), self.ledger.queue_version)
         if self._histogram[0] != version:
-            hist = duration_histogram(t.duration_s for t in self.ledger.queued)
+            hist = counts_histogram(self.ledger.queued_durations)
             self._histogram = (version, hist)
         return self._histogram[1]
 
