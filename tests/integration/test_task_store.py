@@ -190,3 +190,15 @@ def test_the_ledger_keeps_its_queue_s_duration_counts_as_it_changes() -> None:
         assert counts_histogram(ledger.queued_durations) == duration_histogram(
             t.duration_s for t in ledger.queued
         )
+
+
+def test_an_empty_database_left_by_a_start_that_died_early_is_taken(tmp_path: Path) -> None:
+    """A start killed after SQLite wrote the file's header but before the schema was
+    committed leaves a database with nothing in it: the next start uses it."""
+    path = tmp_path / "beta.sqlite3"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA journal_mode = wal")
+    assert path.stat().st_size > 0
+    with closing(TaskStore(path)) as store:
+        assert store.is_empty()
+        assert store.journal_mode == "wal"

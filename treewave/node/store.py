@@ -375,6 +375,8 @@ def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
+        if existed and _holds_nothing(db):
+            existed = False  # created by a start that died before the schema: nothing lost
         if existed:
             _check_existing(db, path)
         mode = db.execute(f"PRAGMA journal_mode = {JOURNAL_MODE}").fetchone()[0]
@@ -413,6 +415,12 @@ def _check_header(path: Path) -> None:
         raise StoreError(f"{path}: cannot read the task store: {exc.strerror}") from None
     if head != SQLITE_HEADER:
         raise StoreError(f"{path}: not a treewave task store (not an SQLite database)")
+
+
+def _holds_nothing(db: sqlite3.Connection) -> bool:
+    """An SQLite database without a single table or index (and no application id)."""
+    app_id = db.execute("PRAGMA application_id").fetchone()[0]
+    return bool(app_id == 0 and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0)
 
 
 def _check_existing(db: sqlite3.Connection, path: Path) -> None:
