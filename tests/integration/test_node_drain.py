@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from treewave.core.topology import Topology
 from treewave.node.app import SERVER_KEY
 from treewave.node.app import create_app as create_node
 from treewave.node.settings import NodeSettings
+from treewave.node.store import TaskStore, database_path
 
 TOPOLOGY: dict[str, Any] = {
     "settings": {"task_time_s": 3600, "wave_timeout_s": 5},
@@ -92,8 +94,8 @@ async def test_a_held_server_drains_requeues_and_is_released(
         "transferred_out": 0,
         "requeued": 0,
     }
-    saved = json.loads((tmp_path / "beta.json").read_text())
-    assert saved["held"] is True  # on disk before the answer
+    with closing(TaskStore(database_path(tmp_path, "beta"))) as store:
+        assert store.load_flags()["held"] is True  # on disk before the answer
 
     # No new work of any kind, and nothing changes.
     before = await tasks(client)

@@ -8,13 +8,18 @@ a later `deliver` refuse, so the balancer can always find out which way a transf
 The donor's side remembers settled transfer ids, so a `prepare` that arrives late (after
 the transfer was committed or aborted) reserves nothing: no reservation nobody resolves.
 `answer` applies one coordinator request (`core.transfer`) and returns the reply.
+
+A ledger made with `track_changes=True` also records what each operation changed
+(`LedgerChanges`: which task ids it now holds or no longer holds, reservations made or
+settled, the ids it remembers or forgot); `take_changes()` hands them over, so a store
+can write each change in time proportional to it, not to the queue.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
 from treewave.core.messages import (
@@ -39,6 +44,7 @@ __all__ = [
     "TRANSFER_REPLIES",
     "TRANSFER_REQUESTS",
     "DrainCounts",
+    "LedgerChanges",
     "QueueOrder",
     "Reservation",
     "TaskLedger",
@@ -84,6 +90,52 @@ class Reservation:
     since: float
 
 
+@dataclass(slots=True)
+class LedgerChanges:
+    """What changed in a ledger since the last `take_changes()`, as net effects (a task
+    held and then given away within one batch shows up only as gone).
+
+    `held`: task ids now queued or running here (running tasks are kept as held: after a
+    crash they run again), with the task. `dropped`: task ids no longer held (reserved,
+    completed). `reserved` / `unreserved`: reservations made / settled, by transfer id.
+    `done`, `incoming`, `settled`: ids the ledger now remembers (completions, the
+    recipient's verdicts, the donor's settled transfers); `forgotten_*`: ids it dropped
+    from those bounded memories. The counters are read from the ledger itself."""
+
+    held: dict[str, Task] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
+    reserved: dict[str, Reservation] = field(default_factory=dict)
+    unreserved: set[str] = field(default_factory=set)
+    done: list[str] = field(default_factory=list)
+    forgotten_done: list[str] = field(default_factory=list)
+    incoming: dict[str, Literal["accepted", "cancelled"]] = field(default_factory=dict)
+    forgotten_incoming: list[str] = field(default_factory=list)
+    settled: list[str] = field(default_factory=list)
+    forgotten_settled: list[str] = field(default_factory=list)
+
+    def hold(self, task: Task) -> None:
+        self.dropped.discard(task.id)
+        self.held[task.id] = task
+
+    def drop(self, task_id: str) -> None:
+        if self.held.pop(task_id, None) is None:
+            self.dropped.add(task_id)
+
+    def empty(self) -> bool:
+        return not (
+            self.held
+            or self.dropped
+            or self.reserved
+            or self.unreserved
+            or self.done
+            or self.forgotten_done
+            or self.incoming
+            or self.forgotten_incoming
+            or self.settled
+            or self.forgotten_settled
+        )
+
+
 class DrainCounts(TypedDict):
     """What a server answers a drain request with, besides whether it is held: what it
     still holds and its cumulative counters (`TaskLedger.drain_counts`)."""
@@ -96,12 +148,17 @@ class DrainCounts(TypedDict):
 
 
 class TaskLedger:
-    def __init__(self, order: QueueOrder = "longest-first") -> None:
+    def __init__(self, order: QueueOrder = "longest-first", track_changes: bool = False) -> None:
         self.order = order
+        self.track_changes = track_changes
+        self._changes = LedgerChanges()
         self.queued: deque[Task] = deque()
         """In run order (the next task to start first)."""
         self.queue_version = 0
         """Bumped on every change to `queued`, so views of the queue can be cached."""
+        self.queued_durations: Counter[float] = Counter()
+        """How many queued tasks have each duration, kept as the queue changes: a view of
+        the queue (the Echo reply's histogram) in O(distinct durations), not O(queue)."""
         self.running: dict[str, Task] = {}
         self.started_at: dict[str, float] = {}
         self.reserved: dict[str, Reservation] = {}
@@ -116,6 +173,11 @@ class TaskLedger:
         self._settled: OrderedDict[str, None] = OrderedDict()
         """Donor side: transfers committed or aborted here (a late prepare reserves nothing)."""
 
+    def take_changes(self) -> LedgerChanges:
+        """What changed since the last call (nothing unless `track_changes`)."""
+        changes, self._changes = self._changes, LedgerChanges()
+        return changes
+
     # --- local work ------------------------------------------------------------------------
 
     def submit(self, tasks: tuple[Task, ...] | list[Task]) -> int:
@@ -126,6 +188,8 @@ class TaskLedger:
                 continue
             self._known_ids.add(task.id)
             self._enqueue(task)
+            if self.track_changes:
+                self._changes.hold(task)
             added += 1
         return added
 
@@ -134,6 +198,7 @@ class TaskLedger:
         or at the end (fifo)."""
         q = self.queued
         self.queue_version += 1
+        self.queued_durations[task.duration_s] += 1
         if self.order == "fifo" or not q or q[-1].duration_s >= task.duration_s:
             q.append(task)
             return
@@ -145,6 +210,7 @@ class TaskLedger:
             return None
         task = self.queued.popleft()
         self.queue_version += 1
+        self._unqueued(task)
         self.running[task.id] = task
         self.started_at[task.id] = now
         return task
@@ -162,11 +228,17 @@ class TaskLedger:
         if self.running.pop(task_id, None) is None:
             return False
         self._known_ids.discard(task_id)
+        if self.track_changes:
+            self._changes.drop(task_id)
         if task_id in self._done_ids:
             return False
         self._done_ids[task_id] = None
+        if self.track_changes:
+            self._changes.done.append(task_id)
         while len(self._done_ids) > REMEMBERED_COMPLETIONS:
-            self._done_ids.popitem(last=False)
+            forgotten, _ = self._done_ids.popitem(last=False)
+            if self.track_changes:
+                self._changes.forgotten_done.append(forgotten)
         self.completed += 1
         return True
 
@@ -205,15 +277,28 @@ class TaskLedger:
             tasks = tuple(self.queued.pop() for _ in range(take))[::-1]
         else:
             tasks = self._take_closest(durations)
+        for task in tasks:
+            self._unqueued(task)
         self._known_ids.difference_update(t.id for t in tasks)
         reservation = Reservation(transfer, target, tasks, now)
         if tasks:
             self.reserved[transfer] = reservation
+            if self.track_changes:
+                for task in tasks:
+                    self._changes.drop(task.id)
+                self._changes.reserved[transfer] = reservation
         else:
             # Answered "nothing": final, or a late copy of this prepare could reserve
             # tasks for a transfer the coordinator already finished as empty.
             self._settle(transfer)
         return reservation
+
+    def _unqueued(self, task: Task) -> None:
+        left = self.queued_durations[task.duration_s] - 1
+        if left > 0:
+            self.queued_durations[task.duration_s] = left
+        else:
+            del self.queued_durations[task.duration_s]
 
     def _take_closest(self, durations: tuple[float, ...]) -> tuple[Task, ...]:
         by_duration: dict[float, list[int]] = {}
@@ -241,6 +326,7 @@ class TaskLedger:
         reservation = self.reserved.pop(transfer, None)
         if reservation is None:
             return "unknown"
+        self._unreserve(transfer)
         self.transferred_out += len(reservation.tasks)
         return "committed"
 
@@ -249,16 +335,28 @@ class TaskLedger:
         reservation = self.reserved.pop(transfer, None)
         if reservation is None:
             return "unknown"
+        self._unreserve(transfer)
         # The recipient refused them for good, so none can have come back meanwhile.
         for task in reservation.tasks:
             self._enqueue(task)
+            if self.track_changes:
+                self._changes.hold(task)
         self._known_ids.update(t.id for t in reservation.tasks)
         return "aborted"
 
+    def _unreserve(self, transfer: str) -> None:
+        if self.track_changes and self._changes.reserved.pop(transfer, None) is None:
+            self._changes.unreserved.add(transfer)
+
     def _settle(self, transfer: str) -> None:
+        new = transfer not in self._settled
         self._settled[transfer] = None
+        if self.track_changes and new:
+            self._changes.settled.append(transfer)
         while len(self._settled) > REMEMBERED_TRANSFERS:
-            self._settled.popitem(last=False)
+            forgotten, _ = self._settled.popitem(last=False)
+            if self.track_changes:
+                self._changes.forgotten_settled.append(forgotten)
 
     # --- recipient side ----------------------------------------------------------------------
 
@@ -283,8 +381,12 @@ class TaskLedger:
 
     def _remember(self, transfer: str, outcome: Literal["accepted", "cancelled"]) -> None:
         self._incoming[transfer] = outcome
+        if self.track_changes:
+            self._changes.incoming[transfer] = outcome
         while len(self._incoming) > REMEMBERED_TRANSFERS:
-            self._incoming.popitem(last=False)
+            forgotten, _ = self._incoming.popitem(last=False)
+            if self.track_changes:
+                self._changes.forgotten_incoming.append(forgotten)
 
     # --- the coordinator's requests ------------------------------------------------------------
 
@@ -362,8 +464,9 @@ class TaskLedger:
 
     @classmethod
     def from_json_data(
-        cls, data: dict[str, Any], order: QueueOrder = "longest-first"
+        cls, data: dict[str, Any], order: QueueOrder = "longest-first", track_changes: bool = False
     ) -> TaskLedger:
+        """The ledger `to_json_data` described (changes are tracked from here on)."""
         ledger = cls(order)
         ledger.submit([Task.model_validate(t) for t in data.get("queued", [])])
         for r in data.get("reserved", []):
@@ -377,6 +480,7 @@ class TaskLedger:
         ledger._done_ids = OrderedDict.fromkeys(data.get("done_ids", []))
         ledger._incoming = OrderedDict(data.get("incoming", {}))
         ledger._settled = OrderedDict.fromkeys(data.get("settled", []))
+        ledger.track_changes = track_changes
         return ledger
 
 

@@ -14,7 +14,7 @@ reply stays small whatever the queue length.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HISTOGRAM_BUCKETS",
+    "counts_histogram",
     "duration_histogram",
     "expected_work_s",
     "load_level",
@@ -42,13 +43,19 @@ def duration_histogram(
     distinct durations; otherwise rounded to 3 significant digits, and if that is still
     too many, neighbouring buckets merge pairwise into their count-weighted mean, which
     keeps the total work (up to that rounding, at most 0.5 %)."""
-    counts = Counter(durations)
+    return counts_histogram(Counter(durations), max_buckets)
+
+
+def counts_histogram(
+    counts: Mapping[float, int], max_buckets: int = HISTOGRAM_BUCKETS
+) -> tuple[tuple[float, int], ...]:
+    """`duration_histogram` from counts by duration (a ledger's `queued_durations`)."""
     if len(counts) > max_buckets:
         rounded: Counter[float] = Counter()
         for d, c in counts.items():
             rounded[float(f"{d:.3g}")] += c
         counts = rounded
-    items = sorted(counts.items(), reverse=True)
+    items = sorted(((d, c) for d, c in counts.items() if c > 0), reverse=True)
     while len(items) > max_buckets:
         merged: list[tuple[float, int]] = []
         for i in range(0, len(items), 2):

@@ -176,7 +176,10 @@ class LocalCluster:
         state_dir = self.options.state_dir
         if state_dir is None:
             return
-        for suffix in (".json", ".tmp"):
+        # The server's task store (node.store: SQLite and its WAL files) and a JSON state
+        # file of earlier releases, imported or not.
+        suffixes = (".sqlite3", ".sqlite3-wal", ".sqlite3-shm", ".json", ".json.imported")
+        for suffix in (*suffixes, ".tmp"):
             with contextlib.suppress(FileNotFoundError):
                 (state_dir / f"{name}{suffix}").unlink()
 

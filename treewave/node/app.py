@@ -3,14 +3,14 @@
 The wave logic lives in `core.node.NodeProtocol` and the task bookkeeping in
 `core.ledger.TaskLedger`; this module only moves frames between sockets and those two,
 runs tasks with asyncio (a task holds a slot for its duration without burning the CPU)
-and persists the ledger when a state directory is configured.
+and, when a state directory is configured, writes each change of the ledger to the
+server's task store (`node.store`, SQLite) before acknowledging it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from treewave.core.errors import ProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import FinnDecided, Output, Send
 from treewave.core.ledger import TRANSFER_REQUESTS, TaskLedger
-from treewave.core.load import duration_histogram, expected_work_s, pressure
+from treewave.core.load import counts_histogram, expected_work_s, pressure
 from treewave.core.messages import (
     MAX_MESSAGE_BYTES,
     Challenge,
@@ -53,8 +53,14 @@ from treewave.core.topology import BALANCER, ServerSpec, Topology
 from treewave.core.trace import TraceRecorder
 from treewave.node.metrics import NodeMetrics
 from treewave.node.settings import NodeSettings
+from treewave.node.store import (
+    TRANSFER_COMMIT_POINTS,
+    CommitPoint,
+    TaskStore,
+    database_path,
+    stored_cpus,
+)
 from treewave.wire.addressing import peer_url
-from treewave.wire.atomicfile import write_atomic
 from treewave.wire.auth import HELLO_TIMEOUT_S, new_nonce, proof_ok
 from treewave.wire.http import LOG_EVERY_S, RejectionLog, json_error, json_errors
 from treewave.wire.links import LinkSet, dial_forever, read_frames
@@ -86,9 +92,12 @@ class Server:
         self.timers = DeadlineTimer(lambda: self.protocol.next_deadline(), self._deadline_passed)
         """Wave deadlines; `moved()` when a wave starts."""
         self.running_tasks: set[asyncio.Task[None]] = set()
-        self.state_file = (
-            settings.state_dir / f"{self.name}.json" if settings.state_dir is not None else None
+        self.store = (
+            TaskStore(database_path(settings.state_dir, self.name))
+            if settings.state_dir is not None
+            else None
         )
+        """Where each acknowledged change is committed first (None: memory only)."""
         self._task_counter = 0
         self.held = False
         """Leaving the topology: start no queued task, take no new work (persisted)."""
@@ -104,38 +113,39 @@ class Server:
     # --- ledger persistence --------------------------------------------------------------------
 
     def _load_ledger(self) -> TaskLedger:
-        if self.state_file is not None and self.state_file.exists():
-            data = json.loads(self.state_file.read_text(encoding="utf-8"))
-            ledger = TaskLedger.from_json_data(data, self.topology.settings.queue_order)
-            self.held = bool(data.get("held", False))
-            log.info(
-                "%s: restored %d queued and %d reserved tasks from %s",
-                self.name,
-                len(ledger.queued),
-                ledger.reserved_count,
-                self.state_file,
-            )
+        """The stored ledger; a state file of the JSON format (earlier releases) is
+        imported once; a new server stores its initial tasks."""
+        order = self.topology.settings.queue_order
+        if self.store is None:
+            ledger = TaskLedger(order)
+            ledger.submit([self.new_task() for _ in range(self.spec.tasks)])
             return ledger
-        ledger = TaskLedger(self.topology.settings.queue_order)
-        ledger.submit([self.new_task() for _ in range(self.spec.tasks)])
+        ledger, held = self.store.open_ledger(
+            order, lambda: [self.new_task() for _ in range(self.spec.tasks)], self.cpus
+        )
+        self.held = held
         return ledger
 
-    def save(self) -> None:
-        """Write the ledger durably (`write_atomic`) before acknowledging."""
-        if self.state_file is None:
+    def save(self, point: CommitPoint) -> None:
+        """Commit what the ledger changed since the last save (one SQLite transaction,
+        synced) before acknowledging `point`: O(change), not O(queue)."""
+        if self.store is None:
             return
-        data = {**self.ledger.to_json_data(), "held": self.held, "cpus": self.cpus}
-        write_atomic(self.state_file, json.dumps(data))
+        flags = {"held": self.held, "cpus": self.cpus}
+        self.store.apply(point, self.ledger.take_changes(), self.ledger, flags)
 
     def save_soon(self) -> None:
-        """Coalesce frequent changes (task completions) into one write per tick."""
-        if self.state_file is None or self._save_pending:
+        """Group task completions into one commit per tick (50 ms). Nothing is
+        acknowledged on a completion, and losing one in a crash only runs that task again
+        (it is still stored as held, and is counted completed once), so they need not be
+        committed one by one; any acknowledged operation in between commits them too."""
+        if self.store is None or self._save_pending:
             return
         self._save_pending = True
 
         def flush() -> None:
             self._save_pending = False
-            self.save()
+            self.save("complete")
 
         asyncio.get_running_loop().call_later(0.05, flush)
 
@@ -166,7 +176,7 @@ class Server:
         reply carries it)."""
         version = (id(self.ledger), self.ledger.queue_version)
         if self._histogram[0] != version:
-            hist = duration_histogram(t.duration_s for t in self.ledger.queued)
+            hist = counts_histogram(self.ledger.queued_durations)
             self._histogram = (version, hist)
         return self._histogram[1]
 
@@ -303,7 +313,7 @@ class Server:
                 )
             added = led.submit(msg.tasks)
             self.metrics.submitted.inc(added)
-            self.save()
+            self.save("submit")
             self.wakeup.set()
             # Confirmed only once on disk: the API answers 202 on this.
             return [TasksAccepted(first=msg.tasks[0].id, added=added)] if msg.tasks else []
@@ -325,7 +335,7 @@ class Server:
         self.metrics.transferred_out.inc(led.transferred_out - before_out)
         if not isinstance(msg, TransferQuery):
             # On disk before the reply: the coordinator acts on it.
-            self.save()
+            self.save(TRANSFER_COMMIT_POINTS[msg.type])
         if isinstance(msg, (TransferDeliver, TransferAbort)):
             self.wakeup.set()
         return [reply]
@@ -343,7 +353,7 @@ class Server:
         if msg.hold != self.held:
             log.info("%s: %s", self.name, "held: leaving the topology" if msg.hold else "released")
         self.held = msg.hold
-        self.save()
+        self.save("drain")
         self.wakeup.set()
         return DrainReport(held=self.held, requeued=requeued, **self.ledger.drain_counts())
 
@@ -360,7 +370,7 @@ class Server:
                 self.metrics.submitted.inc(added)
                 # On disk before the sets that tell the others (and so the balancer) that
                 # this server decided go out: a crash just after must not lose its share.
-                self.save()
+                self.save("finn")
                 self.wakeup.set()
             elif isinstance(item, Send):
                 algorithm = "finn" if isinstance(item.message, FinnSets) else "echo"
@@ -533,13 +543,9 @@ def _leaving_topology(settings: NodeSettings, topology: Topology) -> Topology:
     """A server missing from the topology file but with a saved queue is leaving the
     topology (under Compose a retiring container restarts with the new, bind-mounted
     file): it comes back on its own, linked to the balancer only, to be drained."""
-    saved = settings.state_dir / f"{settings.name}.json" if settings.state_dir else None
-    if saved is None or not saved.is_file():
+    cpus = stored_cpus(settings.state_dir, settings.name) if settings.state_dir else None
+    if cpus is None:
         raise ValueError(f"server {settings.name!r} is not in the topology")
-    try:
-        cpus = int(json.loads(saved.read_text(encoding="utf-8")).get("cpus", 1))
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ValueError(f"server {settings.name!r}: cannot read {saved}: {exc}") from None
     log.warning(
         "%s is not in the topology but has a saved queue: starting alone, to be drained",
         settings.name,
@@ -584,4 +590,6 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, *server.running_tasks, return_exceptions=True)
     await server.links.close_all()
     await session.close()
-    server.save()
+    server.save("complete")
+    if server.store is not None:
+        server.store.close()
