@@ -25,7 +25,7 @@ from enum import Enum
 
 from treewave.core.errors import LocalProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import FinnDecided, FinnResult, Send
-from treewave.core.messages import FinnSets, FinnWork
+from treewave.core.messages import FinnSets, FinnWork, trusted
 from treewave.core.topology import BALANCER
 
 __all__ = ["FinnInitiator", "FinnInitiatorPhase", "FinnNodeWave", "FinnPhase"]
@@ -82,7 +82,7 @@ class FinnKnowledge:
             msg.sender not in msg.inc
             or not msg.ninc <= msg.inc
             or not msg.dec.keys() <= msg.ninc
-            or any(sent < 1 for sent in msg.dec.values())
+            or min(msg.dec.values(), default=1) < 1
         ):
             raise RemoteProtocolError(
                 f"finn wave {wave}: {msg.sender!r} sent inconsistent sets",
@@ -94,10 +94,12 @@ class FinnKnowledge:
         before = (len(self.inc), len(self.ninc), len(self.dec))
         self.inc |= msg.inc
         self.ninc |= msg.ninc
-        for who, sent in msg.dec.items():
-            if who not in self.dec:
-                self.dec[who] = sent
-                self.undecided_in.discard(who)
+        dec = self.dec
+        if not msg.dec.keys() <= dec.keys():  # (cost of msg.dec's size, not of dec's)
+            for who, sent in msg.dec.items():
+                if who not in dec:
+                    dec[who] = sent
+                    self.undecided_in.discard(who)
         self.unheard.discard(msg.sender)
         if not self.unheard:
             self.ninc.add(self.name)
@@ -152,28 +154,32 @@ class FinnNodeWave:
             raise StaleMessage(
                 f"finn wave {self.wave} expired before it reached {self.sets.name!r}"
             )
-        if msg.work != self.work:
+        if msg.work is not self.work and msg.work != self.work:
             raise RemoteProtocolError(
                 f"finn wave {self.wave}: {msg.sender!r} sent different work",
                 reason="invalid_fields",
             )
         out: list[Send | FinnDecided] = []
         grew = self.sets.merge(msg)
-        if self.sets.ready():
-            self.sets.phase = FinnPhase.DECIDED
+        k = self.sets
+        if k.ready():
+            k.phase = FinnPhase.DECIDED
             out.append(FinnDecided(self.wave, self.work))
             grew = True
         if not grew:
             return out
         self.sent += len(self.out)
         if self.phase is FinnPhase.DECIDED:
-            self.sets.dec[self.sets.name] = self.sent
-        sets = FinnSets(
+            k.dec[k.name] = self.sent
+        # Built unvalidated from sets this server validated on the way in: validating
+        # would copy every set a second time (13.5 us instead of 1.6 for 20 names).
+        sets = trusted(
+            FinnSets,
             wave=self.wave,
-            sender=self.sets.name,
-            inc=frozenset(self.sets.inc),
-            ninc=frozenset(self.sets.ninc),
-            dec=dict(self.sets.dec),
+            sender=k.name,
+            inc=frozenset(k.inc),
+            ninc=frozenset(k.ninc),
+            dec=dict(k.dec),
             work=self.work,
             budget_s=self.budget_s,
             expires_at=self.expires_at,
