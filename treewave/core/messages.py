@@ -440,21 +440,23 @@ def parse_message(raw: str | bytes | dict[str, Any]) -> Message:
 
 M = TypeVar("M", bound=BaseModel)
 
-_FIELDS: dict[type[BaseModel], tuple[dict[str, Any], frozenset[str]]] = {}
+_FIELDS: dict[type[BaseModel], tuple[dict[str, Any], frozenset[str], frozenset[str]]] = {}
 _setattr = object.__setattr__
+_REQUIRED = object()
 
 
-def _fields_of(cls: type[BaseModel]) -> tuple[dict[str, Any], frozenset[str]]:
-    """(defaults of the optional fields, every field name) of a model class, cached."""
+def _fields_of(cls: type[BaseModel]) -> tuple[dict[str, Any], frozenset[str], frozenset[str]]:
+    """(every field in order with its default, every field name, the required ones) of a
+    model class, cached. Values are kept in field order: the JSON follows it."""
     known = _FIELDS.get(cls)
     if known is None:
         fields = cls.model_fields
-        defaults = {
-            name: f.get_default(call_default_factory=True)
+        template = {
+            name: _REQUIRED if f.is_required() else f.get_default(call_default_factory=True)
             for name, f in fields.items()
-            if not f.is_required()
         }
-        known = _FIELDS[cls] = (defaults, frozenset(fields))
+        required = frozenset(n for n, f in fields.items() if f.is_required())
+        known = _FIELDS[cls] = (template, frozenset(fields), required)
     return known
 
 
@@ -463,12 +465,14 @@ def trusted(cls: type[M], **fields: Any) -> M:
     again. Validation is for what arrives; what a state machine sends is made of what it
     validated on the way in, and validating it again copies every set and every nested
     state (a Finn message with 20-name sets: 13.5 us validated, 1.6 us built here; an Echo
-    reply re-checks each state of its subtree). Unknown field names are refused."""
-    defaults, names = _fields_of(cls)
-    if not names.issuperset(fields):
-        raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(fields.keys() - names))}")
+    reply re-checks each state of its subtree). Unknown or missing fields are refused."""
+    template, names, required = _fields_of(cls)
+    if not names.issuperset(fields) or not required.issubset(fields):
+        unknown = sorted(fields.keys() - names)
+        missing = sorted(required - fields.keys())
+        raise TypeError(f"{cls.__name__}: unknown fields {unknown}, missing fields {missing}")
     model = cls.__new__(cls)
-    _setattr(model, "__dict__", {**defaults, **fields})
+    _setattr(model, "__dict__", {**template, **fields})
     _setattr(model, "__pydantic_fields_set__", set(fields))
     _setattr(model, "__pydantic_extra__", None)
     _setattr(model, "__pydantic_private__", None)
@@ -480,7 +484,7 @@ def trusted_copy(model: M, **update: Any) -> M:
     reason as `trusted`."""
     cls = type(model)
     if not _fields_of(cls)[1].issuperset(update):
-        raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(update))}")
+        raise TypeError(f"{cls.__name__}: unknown fields {sorted(update)}")
     copy = cls.__new__(cls)
     _setattr(copy, "__dict__", {**model.__dict__, **update})
     _setattr(copy, "__pydantic_fields_set__", model.__pydantic_fields_set__ | update.keys())

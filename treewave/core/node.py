@@ -8,8 +8,6 @@ a while so its late messages are told apart (`StaleMessage`) from unknown ones.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from treewave.core.echo import EchoNodeWave, EchoPhase, LocalState
 from treewave.core.errors import RemoteProtocolError, StaleMessage
 from treewave.core.events import Output
@@ -24,6 +22,18 @@ FINISHED_MEMORY = 4096
 
 
 class NodeProtocol:
+    __slots__ = (
+        "children",
+        "echo_neighbours",
+        "echo_waves",
+        "finished",
+        "finn_in",
+        "finn_out",
+        "finn_waves",
+        "name",
+        "parents",
+    )
+
     def __init__(self, name: str, topology: Topology) -> None:
         if name not in topology:
             raise ValueError(f"server {name!r} is not in the topology")
@@ -35,7 +45,8 @@ class NodeProtocol:
         self.children = topology.children(name)
         self.echo_waves: dict[str, EchoNodeWave] = {}
         self.finn_waves: dict[str, FinnNodeWave] = {}
-        self.finished: OrderedDict[str, None] = OrderedDict()
+        self.finished: dict[str, None] = {}
+        """Finished wave ids, oldest first (a plain dict: a simulator holds a million)."""
 
     def local_state(
         self,
@@ -147,4 +158,4 @@ class NodeProtocol:
         self.finn_waves.pop(wave_id, None)
         self.finished[wave_id] = None
         while len(self.finished) > FINISHED_MEMORY:
-            self.finished.popitem(last=False)
+            del self.finished[next(iter(self.finished))]
