@@ -80,7 +80,7 @@ class FinnKnowledge:
         self.check_sender(wave, msg.sender)
         if (
             msg.sender not in msg.inc
-            or not msg.ninc <= msg.inc
+            or (msg.ninc is not msg.inc and not msg.ninc <= msg.inc)
             or not msg.dec.keys() <= msg.ninc
             or min(msg.dec.values(), default=1) < 1
         ):
@@ -95,11 +95,14 @@ class FinnKnowledge:
         self.inc |= msg.inc
         self.ninc |= msg.ninc
         dec = self.dec
-        if not msg.dec.keys() <= dec.keys():  # (cost of msg.dec's size, not of dec's)
-            for who, sent in msg.dec.items():
-                if who not in dec:
-                    dec[who] = sent
-                    self.undecided_in.discard(who)
+        # Costs msg.dec's size, not dec's (the balancer's grows to every server); the
+        # first count heard for a server stays.
+        news = [who for who in msg.dec if who not in dec]
+        if news:
+            for who in news:
+                dec[who] = msg.dec[who]
+            if self.undecided_in:
+                self.undecided_in.difference_update(news)
         self.unheard.discard(msg.sender)
         if not self.unheard:
             self.ninc.add(self.name)
@@ -129,7 +132,8 @@ class FinnNodeWave:
     ) -> None:
         self.wave = wave
         self.sets = FinnKnowledge(name, in_neighbours)
-        self.sets.check_message(wave, first)
+        # `first` is checked by `receive`, which it is handed next (NodeProtocol keeps the
+        # wave only if that succeeds).
         self.out = out_neighbours
         self.work = first.work
         self.budget_s = first.budget_s
@@ -177,8 +181,10 @@ class FinnNodeWave:
             FinnSets,
             wave=self.wave,
             sender=k.name,
-            inc=frozenset(k.inc),
-            ninc=frozenset(k.ninc),
+            inc=(inc := frozenset(k.inc)),
+            # Equal sizes mean equal sets (ninc is within inc): true of every message a
+            # server sends when it decides, the only one it sends on a tree.
+            ninc=inc if len(k.ninc) == len(inc) else frozenset(k.ninc),
             dec=dict(k.dec),
             work=self.work,
             budget_s=self.budget_s,
