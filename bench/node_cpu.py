@@ -112,7 +112,21 @@ def start_profiler(pid: int, raw: Path) -> subprocess.Popen[bytes] | None:
     if not Path(spy).exists():
         print("--profile needs py-spy (pip install py-spy): not profiling", file=sys.stderr)
         return None
-    argv = [spy, "record", "-p", str(pid), "-o", str(raw), "-f", "raw", "-r", "250"]
+    # Non-blocking: py-spy reads the process without stopping it, so the CPU measured
+    # stays the server's own.
+    argv = [
+        spy,
+        "record",
+        "-p",
+        str(pid),
+        "-o",
+        str(raw),
+        "-f",
+        "raw",
+        "-r",
+        "250",
+        "--nonblocking",
+    ]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
