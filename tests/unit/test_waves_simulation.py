@@ -348,3 +348,13 @@ def test_release_drops_finn_waves_without_changing_the_waves() -> None:
     assert all("f" in s.protocol.finished for s in released.servers.values())
     assert all(s.inbound == 0 for s in released.servers.values())
     assert all("f" in s.protocol.finn_waves for s in kept.servers.values())
+
+
+def test_simulated_state_is_what_the_protocol_builds() -> None:
+    # The simulator builds each server's state unvalidated; it must be the same state.
+    topology = random_topology(30, 2, TreeShape(max_children=3, extra_parents=5))
+    net = SimNetwork(topology)
+    for name, server in net.servers.items():
+        server.running, server.completed = 1, 4
+        built = server.protocol.local_state(server.cpus, 1, server.queued, 4)
+        assert server.state() == built, name

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from treewave.core.echo import EchoInitiator
 from treewave.core.events import EchoResult, FinnDecided, FinnResult, Send
 from treewave.core.finn import FinnInitiator, FinnPhase
-from treewave.core.messages import EchoExplore, EchoReply, FinnSets, FinnWork, ServerState
+from treewave.core.messages import (
+    EchoExplore,
+    EchoReply,
+    FinnSets,
+    FinnWork,
+    ServerState,
+    trusted,
+)
 from treewave.core.node import NodeProtocol
 from treewave.core.topology import BALANCER, Topology
 from treewave.core.trace import TraceJson, TraceRecorder, assemble
@@ -43,7 +50,19 @@ class SimServer:
     """Messages in flight to this server (counted with `release=True` only)."""
 
     def state(self) -> ServerState:
-        return self.protocol.local_state(self.cpus, self.running, self.queued, self.completed)
+        """This server's state, as `NodeProtocol.local_state` makes it but unvalidated:
+        the counts are the simulator's own (one is built per server and Echo wave)."""
+        p = self.protocol
+        return trusted(
+            ServerState,
+            name=p.name,
+            cpus=self.cpus,
+            running=self.running,
+            queued=self.queued,
+            completed=self.completed,
+            parents=p.parents,
+            children=p.children,
+        )
 
 
 @dataclass
