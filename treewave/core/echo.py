@@ -63,6 +63,12 @@ class EchoPhase(Enum):
 class EchoNodeWave:
     """One server's part in one Echo wave. Created by the first explore it receives."""
 
+    # Slots: a simulated million servers each hold one while the wave passes.
+    __slots__ = (
+        "budget_s", "deadline", "hop_s", "name", "parent", "pending", "phase", "sent",
+        "states", "wave",
+    )  # fmt: skip
+
     def __init__(
         self,
         wave: str,

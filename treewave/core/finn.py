@@ -56,6 +56,8 @@ def expired(msg: FinnSets, wall_now: float | None) -> bool:
 class FinnKnowledge:
     """The three sets and the bookkeeping shared by servers and the balancer."""
 
+    __slots__ = ("dec", "in_neighbours", "inc", "name", "ninc", "phase", "undecided_in", "unheard")
+
     def __init__(self, name: str, in_neighbours: tuple[str, ...]) -> None:
         self.name = name
         # Most servers have one or two in-neighbours: a tuple answers `in` as fast as a
@@ -124,6 +126,8 @@ class FinnKnowledge:
 
 class FinnNodeWave:
     """One server's part in one Finn wave. Created by the first message it receives."""
+
+    __slots__ = ("budget_s", "deadline", "expires_at", "out", "sent", "sets", "wave", "work")
 
     def __init__(
         self,
