@@ -20,6 +20,12 @@ bench/results/node_cpu.json.
 with one fixed, pre-encoded Echo reply of the same size (no parsing, no state machine, no
 encoding): what reading and writing one frame costs in aiohttp and the event loop alone,
 the floor under the server's figure.
+
+`--profile` also samples the server with py-spy (the `bench` extra installs it) while the
+explores run and splits its busy samples into the parts of the frame path (`PARTS`: frame
+I/O and the event loop, parse, the state machine, the server's state, encode, metrics,
+the trace recorder, logging), each shown in us per message (its share of the samples
+times the CPU per message).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,6 +72,62 @@ async def drive(url: str, messages: int, rate: float) -> float:
             if ahead > 0:
                 await asyncio.sleep(ahead)
         return time.monotonic() - start
+
+
+PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # (part, markers of the frames that belong to it): a sample goes to the part of the
+    # innermost frame on its stack that has a marker (pydantic's own frames have none, so
+    # a validation is charged to whoever asked for it).
+    ("parse (pydantic validate_json)", ("parse_message",)),
+    ("encode (model_dump_json)", ("model_dump_json", "encode (")),
+    ("server state (ledger, histogram)", ("local_state",)),
+    ("trace recorder", ("core/trace.py",)),
+    ("metrics (prometheus)", ("prometheus_client",)),
+    ("logging", ("logging/",)),
+    ("state machine (core)", ("core/",)),
+    ("frame I/O, aiohttp, event loop", ("aiohttp/", "asyncio/", "selectors.py", "wire/links.py")),
+    ("node shell (handle, flood, outputs)", ("node/app.py",)),
+)
+OTHER = "other (start-up, interpreter)"
+
+
+def profile_parts(raw: Path) -> dict[str, int]:
+    """Busy samples of a py-spy raw file per part of `PARTS` (idle waits left out)."""
+    counts = dict.fromkeys([*(name for name, _ in PARTS), OTHER], 0)
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        if "select" in frames[-1] and "selectors.py" in frames[-1]:
+            continue  # waiting for the next frame
+        part = next(
+            (name for f in reversed(frames) for name, marks in PARTS if any(m in f for m in marks)),
+            OTHER,
+        )
+        counts[part] += int(n)
+    return counts
+
+
+def start_profiler(pid: int, raw: Path) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("--profile needs py-spy (pip install py-spy): not profiling", file=sys.stderr)
+        return None
+    # Non-blocking: py-spy reads the process without stopping it, so the CPU measured
+    # stays the server's own.
+    argv = [
+        spy,
+        "record",
+        "-p",
+        str(pid),
+        "-o",
+        str(raw),
+        "-f",
+        "raw",
+        "-r",
+        "250",
+        "--nonblocking",
+    ]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def serve_floor(port: int, reply: str) -> None:
@@ -111,6 +174,7 @@ def main() -> int:
     ap.add_argument(
         "--floor", action="store_true", help="measure a bare aiohttp server instead (see above)"
     )
+    ap.add_argument("--profile", action="store_true", help="sample the server (see above)")
     ap.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -154,9 +218,15 @@ def main() -> int:
         c0 = cpu_seconds(proc.pid)
         time.sleep(args.idle)
         idle_per_s = (cpu_seconds(proc.pid) - c0) / args.idle
+        spy = start_profiler(proc.pid, tmp / "profile.raw") if args.profile else None
         c1 = cpu_seconds(proc.pid)
         wall = asyncio.run(drive(f"ws://127.0.0.1:{port}/ws", args.messages, args.rate))
         busy = cpu_seconds(proc.pid) - c1
+        parts: dict[str, int] = {}
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
+            spy.wait(30)
+            parts = profile_parts(tmp / "profile.raw")
         handled = 2 * args.messages
         per_msg_us = 1e6 * max(0.0, busy - idle_per_s * wall) / handled
     finally:
@@ -170,6 +240,10 @@ def main() -> int:
         f"{per_msg_us:.1f} us CPU per message ({2 * per_msg_us:.1f} us per explore+reply); "
         f"load average {load[0]:.1f}"
     )
+    sampled = sum(parts.values())
+    breakdown = {k: round(per_msg_us * v / sampled, 2) for k, v in parts.items()} if sampled else {}
+    for name, us in breakdown.items():
+        print(f"  {name:38s} {us:6.2f} us per message ({parts[name]} samples)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     results[args.label or "latest"] = {
@@ -182,6 +256,7 @@ def main() -> int:
         "queued": args.queued,
         "server": "bare aiohttp (--floor)" if args.floor else "treewave node",
         "loadavg": load,
+        **({"profile_us_per_message": breakdown} if breakdown else {}),
     }
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

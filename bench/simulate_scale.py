@@ -1,4 +1,4 @@
-"""How `treewave simulate` scales: one Echo and one Finn wave on 1k, 10k and 100k servers.
+"""How `treewave simulate` scales: one Echo and one Finn wave on 10k, 100k and 1M servers.
 
 Each size runs in a fresh subprocess, so the peak resident memory reported (the child's
 own `ru_maxrss`) belongs to that size alone. The child runs the same function as
@@ -9,7 +9,7 @@ per wave; "total s" includes start-up and building the topology; "cpu s" is the 
 CPU time, which is what to compare on a busy machine). The parent prints a table and writes
 `bench/results/simulate_scale.json`.
 
-    .venv/bin/python -m bench.simulate_scale                  # 1k, 10k, 100k
+    .venv/bin/python -m bench.simulate_scale                  # 10k, 100k, 1M (some minutes)
     .venv/bin/python -m bench.simulate_scale --sizes 1000 5000 --seed 7
 """
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)

@@ -240,3 +240,33 @@ def test_frame_at_the_limit_is_parsed_not_rejected_for_size() -> None:
 def test_requeue_without_the_hold_is_refused() -> None:
     with pytest.raises(RemoteProtocolError, match="requeue_running needs hold"):
         m.parse_message('{"type": "server.drain", "hold": false, "requeue_running": true}')
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=example_id)
+def test_trusted_build_equals_the_validated_message(msg: m.Model) -> None:
+    # What the core sends unvalidated is the same message, field for field and on the wire.
+    given = {name: getattr(msg, name) for name in msg.model_fields_set}
+    built = m.trusted(type(msg), **given)
+    assert built == msg
+    assert m.parse_message(m.encode(built)) == msg
+    assert list(built.__dict__) == list(type(msg).model_fields)  # the JSON's key order
+    assert built.model_fields_set == msg.model_fields_set
+    field = next(iter(type(msg).model_fields))
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        setattr(built, field, getattr(msg, field))  # frozen like any other
+
+
+def test_trusted_copy_equals_model_copy() -> None:
+    copy = m.trusted_copy(STATE, echo_parent="beta", queued=0)
+    assert copy == STATE.model_copy(update={"echo_parent": "beta", "queued": 0})
+    assert STATE.echo_parent == "root"  # the original is untouched
+    assert copy.model_fields_set == STATE.model_fields_set | {"queued"}
+
+
+def test_trusted_refuses_unknown_fields() -> None:
+    with pytest.raises(
+        TypeError, match=r"EchoExplore: unknown fields \['budget'\], missing fields \['budget_s'\]"
+    ):
+        m.trusted(m.EchoExplore, wave="w", sender="a", budget=1.0)
+    with pytest.raises(TypeError, match=r"ServerState: unknown fields \['parent'\]"):
+        m.trusted_copy(STATE, parent="x")

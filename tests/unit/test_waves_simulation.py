@@ -323,3 +323,38 @@ class WaveMachine(RuleBasedStateMachine):
 
 WaveMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=80, deadline=None)
 TestWaves = WaveMachine.TestCase
+
+
+def test_release_drops_finn_waves_without_changing_the_waves() -> None:
+    # `release=True` (the simulator at scale) forgets a decided server's Finn wave once no
+    # message can reach it: the same waves, message for message, with nothing held after.
+    topology = random_topology(300, 4, TreeShape(max_children=3, extra_parents=40))
+    nets = {}
+    for release in (False, True):
+        net = SimNetwork(topology, release=release)
+        rng = random.Random(4)
+        net.start_echo("e")
+        net.run(rng)
+        net.start_finn("f", FinnWork(tasks_per_node=1))
+        net.run(rng)
+        nets[release] = net
+    kept, released = nets[False], nets[True]
+    for wave in ("e", "f"):
+        a, b = kept.logs[wave], released.logs[wave]
+        assert (a.messages, a.decide_order, a.result) == (b.messages, b.decide_order, b.result)
+    assert isinstance(released.logs["f"].result, FinnResult)
+    assert released.logs["f"].result.complete
+    assert all(not s.protocol.finn_waves for s in released.servers.values())
+    assert all("f" in s.protocol.finished for s in released.servers.values())
+    assert all(s.inbound == 0 for s in released.servers.values())
+    assert all("f" in s.protocol.finn_waves for s in kept.servers.values())
+
+
+def test_simulated_state_is_what_the_protocol_builds() -> None:
+    # The simulator builds each server's state unvalidated; it must be the same state.
+    topology = random_topology(30, 2, TreeShape(max_children=3, extra_parents=5))
+    net = SimNetwork(topology)
+    for name, server in net.servers.items():
+        server.running, server.completed = 1, 4
+        built = server.protocol.local_state(server.cpus, 1, server.queued, 4)
+        assert server.state() == built, name

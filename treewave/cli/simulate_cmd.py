@@ -72,45 +72,51 @@ def simulate(
     gc.disable()
     try:
         topology = random_topology(nodes, seed, TreeShape(max_children, extra_parents))
-        net = SimNetwork(topology, trace=trace_to is not None)
+        # Untraced, a server's part in the Finn wave is released once nothing more can
+        # reach it (a traced run keeps it: the recorder reads the sets' sizes).
+        net = SimNetwork(topology, trace=trace_to is not None, release=trace_to is None)
         rng = random.Random(seed)
         t0 = time.perf_counter()
         net.start_echo("echo-1")
-        net.run(rng)
+        net.run_quiet(rng)
         t1 = time.perf_counter()
         net.start_finn("finn-1", FinnWork(tasks_per_node=1))
-        net.run(rng)
+        net.run_quiet(rng)
         t2 = time.perf_counter()
+        echo, finn = net.logs["echo-1"], net.logs["finn-1"]
+        decisions = [s.decisions.count("finn-1") for s in net.servers.values()]
+        if trace_to is not None:
+            traces = {"waves": [net.trace("echo-1"), net.trace("finn-1")]}
+            try:
+                trace_to.write_text(json.dumps(traces, separators=(",", ":")), encoding="utf-8")
+            except OSError as exc:
+                raise CommandError(f"cannot write the trace file {trace_to}: {exc}") from None
+        report = {
+            "nodes": nodes,
+            "edges": topology.echo_edge_count,
+            "echo": {
+                "messages": echo.messages,
+                "participants": len(echo.participants),
+                "decided": echo.result is not None and echo.result.complete,
+                "seconds": round(t1 - t0, 3),
+            },
+            "finn": {
+                "messages": finn.messages,
+                "directed_edges": topology.finn_edge_count,
+                "decided_nodes": sum(1 for d in decisions if d),
+                "decided_once": all(d == 1 for d in decisions),
+                "decided": finn.result is not None and finn.result.complete,
+                "balancer_last": bool(finn.decide_order) and finn.decide_order[-1] == BALANCER,
+                "seconds": round(t2 - t1, 3),
+            },
+        }
+        # Freed while the collector is still off: switched on first, it would scan every
+        # object of the network again on the next allocations (tens of seconds at 1M).
+        del net, topology, echo, finn, decisions
     finally:
         if gc_was_enabled:
             gc.enable()
-    echo, finn = net.logs["echo-1"], net.logs["finn-1"]
-    decisions = [s.decisions.count("finn-1") for s in net.servers.values()]
-    if trace_to is not None:
-        traces = {"waves": [net.trace("echo-1"), net.trace("finn-1")]}
-        try:
-            trace_to.write_text(json.dumps(traces, separators=(",", ":")), encoding="utf-8")
-        except OSError as exc:
-            raise CommandError(f"cannot write the trace file {trace_to}: {exc}") from None
-    return {
-        "nodes": nodes,
-        "edges": topology.echo_edge_count,
-        "echo": {
-            "messages": echo.messages,
-            "participants": len(echo.participants),
-            "decided": echo.result is not None and echo.result.complete,
-            "seconds": round(t1 - t0, 3),
-        },
-        "finn": {
-            "messages": finn.messages,
-            "directed_edges": topology.finn_edge_count,
-            "decided_nodes": sum(1 for d in decisions if d),
-            "decided_once": all(d == 1 for d in decisions),
-            "decided": finn.result is not None and finn.result.complete,
-            "balancer_last": bool(finn.decide_order) and finn.decide_order[-1] == BALANCER,
-            "seconds": round(t2 - t1, 3),
-        },
-    }
+    return report
 
 
 def run(args: argparse.Namespace) -> int:

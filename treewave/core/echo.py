@@ -16,11 +16,12 @@ budget at its far end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 
 from treewave.core.errors import LocalProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import EchoResult, Send
-from treewave.core.messages import EchoExplore, EchoReply, ServerState
+from treewave.core.messages import EchoExplore, EchoReply, ServerState, trusted, trusted_copy
 from treewave.core.topology import BALANCER
 
 __all__ = [
@@ -29,11 +30,22 @@ __all__ = [
     "EchoNodeWave",
     "EchoPhase",
     "InitiatorPhase",
+    "LocalState",
     "next_budget",
 ]
 
 DEFAULT_HOPS = 20
 """Without a hint, the per-hop step is this fraction of the wave's budget."""
+
+
+LocalState = ServerState | Callable[[], ServerState]
+"""The server's own state, or how to get it: only a reply reads it, so a shell whose
+state costs something to build (a queue histogram, a validated model) hands over a
+function and most messages never call it."""
+
+
+def _resolve(local: LocalState) -> ServerState:
+    return local if isinstance(local, ServerState) else local()
 
 
 def next_budget(budget_s: float, hop_s: float) -> float:
@@ -50,6 +62,12 @@ class EchoPhase(Enum):
 
 class EchoNodeWave:
     """One server's part in one Echo wave. Created by the first explore it receives."""
+
+    # Slots: a simulated million servers each hold one while the wave passes.
+    __slots__ = (
+        "budget_s", "deadline", "hop_s", "name", "parent", "pending", "phase", "sent",
+        "states", "wave",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -75,17 +93,19 @@ class EchoNodeWave:
         self.deadline = now + first.budget_s
         self.phase = EchoPhase.EXPLORING
 
-    def start(self, local: ServerState) -> list[Send]:
+    def start(self, local: LocalState) -> list[Send]:
         """Explore every neighbour but the parent (or reply at once if there is none)."""
         if not self.pending:
             return [self._reply(local)]
         budget = next_budget(self.budget_s, self.hop_s)
-        explore = EchoExplore(wave=self.wave, sender=self.name, budget_s=budget, hop_s=self.hop_s)
+        explore = trusted(
+            EchoExplore, wave=self.wave, sender=self.name, budget_s=budget, hop_s=self.hop_s
+        )
         out = [Send(to, explore) for to in sorted(self.pending)]
         self.sent += len(out)
         return out
 
-    def receive(self, msg: EchoExplore | EchoReply, local: ServerState) -> list[Send]:
+    def receive(self, msg: EchoExplore | EchoReply, local: LocalState) -> list[Send]:
         if self.phase is EchoPhase.ECHOED:
             raise StaleMessage(f"echo wave {self.wave} is already over at {self.name!r}")
         if msg.sender not in self.pending:
@@ -109,18 +129,20 @@ class EchoNodeWave:
             return []
         return [self._reply(local)]
 
-    def handle_timer(self, now: float, local: ServerState) -> list[Send]:
+    def handle_timer(self, now: float, local: LocalState) -> list[Send]:
         """Past the deadline, answer the parent with whatever arrived."""
         if self.phase is EchoPhase.EXPLORING and now >= self.deadline:
             return [self._reply(local)]
         return []
 
-    def _reply(self, local: ServerState) -> Send:
+    def _reply(self, local: LocalState) -> Send:
         self.phase = EchoPhase.ECHOED
-        own = local.model_copy(update={"echo_parent": self.parent})
+        own = trusted_copy(_resolve(local), echo_parent=self.parent)
         self.sent += 1
-        reply = EchoReply(
-            wave=self.wave, sender=self.name, states=(own, *self.states), sent=self.sent
+        # Built unvalidated: every state in it was validated when it arrived (and one
+        # reply near the root of a big tree carries thousands of them).
+        reply = trusted(
+            EchoReply, wave=self.wave, sender=self.name, states=(own, *self.states), sent=self.sent
         )
         self.states = []
         return Send(self.parent, reply)

@@ -25,7 +25,7 @@ from enum import Enum
 
 from treewave.core.errors import LocalProtocolError, RemoteProtocolError, StaleMessage
 from treewave.core.events import FinnDecided, FinnResult, Send
-from treewave.core.messages import FinnSets, FinnWork
+from treewave.core.messages import FinnSets, FinnWork, trusted
 from treewave.core.topology import BALANCER
 
 __all__ = ["FinnInitiator", "FinnInitiatorPhase", "FinnNodeWave", "FinnPhase"]
@@ -56,9 +56,15 @@ def expired(msg: FinnSets, wall_now: float | None) -> bool:
 class FinnKnowledge:
     """The three sets and the bookkeeping shared by servers and the balancer."""
 
+    __slots__ = ("dec", "in_neighbours", "inc", "name", "ninc", "phase", "undecided_in", "unheard")
+
     def __init__(self, name: str, in_neighbours: tuple[str, ...]) -> None:
         self.name = name
-        self.in_neighbours = frozenset(in_neighbours)
+        # Most servers have one or two in-neighbours: a tuple answers `in` as fast as a
+        # set and costs a million servers no set each; the balancer's leaves get a set.
+        self.in_neighbours: tuple[str, ...] | frozenset[str] = (
+            in_neighbours if len(in_neighbours) <= 8 else frozenset(in_neighbours)
+        )
         self.inc: set[str] = {name}
         self.ninc: set[str] = set()
         self.dec: dict[str, int] = {}
@@ -80,9 +86,9 @@ class FinnKnowledge:
         self.check_sender(wave, msg.sender)
         if (
             msg.sender not in msg.inc
-            or not msg.ninc <= msg.inc
+            or (msg.ninc is not msg.inc and not msg.ninc <= msg.inc)
             or not msg.dec.keys() <= msg.ninc
-            or any(sent < 1 for sent in msg.dec.values())
+            or min(msg.dec.values(), default=1) < 1
         ):
             raise RemoteProtocolError(
                 f"finn wave {wave}: {msg.sender!r} sent inconsistent sets",
@@ -94,10 +100,15 @@ class FinnKnowledge:
         before = (len(self.inc), len(self.ninc), len(self.dec))
         self.inc |= msg.inc
         self.ninc |= msg.ninc
-        for who, sent in msg.dec.items():
-            if who not in self.dec:
-                self.dec[who] = sent
-                self.undecided_in.discard(who)
+        dec = self.dec
+        # Costs msg.dec's size, not dec's (the balancer's grows to every server); the
+        # first count heard for a server stays.
+        news = [who for who in msg.dec if who not in dec]
+        if news:
+            for who in news:
+                dec[who] = msg.dec[who]
+            if self.undecided_in:
+                self.undecided_in.difference_update(news)
         self.unheard.discard(msg.sender)
         if not self.unheard:
             self.ninc.add(self.name)
@@ -116,6 +127,8 @@ class FinnKnowledge:
 class FinnNodeWave:
     """One server's part in one Finn wave. Created by the first message it receives."""
 
+    __slots__ = ("budget_s", "deadline", "expires_at", "out", "sent", "sets", "wave", "work")
+
     def __init__(
         self,
         wave: str,
@@ -127,7 +140,8 @@ class FinnNodeWave:
     ) -> None:
         self.wave = wave
         self.sets = FinnKnowledge(name, in_neighbours)
-        self.sets.check_message(wave, first)
+        # `first` is checked by `receive`, which it is handed next (NodeProtocol keeps the
+        # wave only if that succeeds).
         self.out = out_neighbours
         self.work = first.work
         self.budget_s = first.budget_s
@@ -152,28 +166,34 @@ class FinnNodeWave:
             raise StaleMessage(
                 f"finn wave {self.wave} expired before it reached {self.sets.name!r}"
             )
-        if msg.work != self.work:
+        if msg.work is not self.work and msg.work != self.work:
             raise RemoteProtocolError(
                 f"finn wave {self.wave}: {msg.sender!r} sent different work",
                 reason="invalid_fields",
             )
         out: list[Send | FinnDecided] = []
         grew = self.sets.merge(msg)
-        if self.sets.ready():
-            self.sets.phase = FinnPhase.DECIDED
+        k = self.sets
+        if k.ready():
+            k.phase = FinnPhase.DECIDED
             out.append(FinnDecided(self.wave, self.work))
             grew = True
         if not grew:
             return out
         self.sent += len(self.out)
         if self.phase is FinnPhase.DECIDED:
-            self.sets.dec[self.sets.name] = self.sent
-        sets = FinnSets(
+            k.dec[k.name] = self.sent
+        # Built unvalidated from sets this server validated on the way in: validating
+        # would copy every set a second time (13.5 us instead of 1.6 for 20 names).
+        sets = trusted(
+            FinnSets,
             wave=self.wave,
-            sender=self.sets.name,
-            inc=frozenset(self.sets.inc),
-            ninc=frozenset(self.sets.ninc),
-            dec=dict(self.sets.dec),
+            sender=k.name,
+            inc=(inc := frozenset(k.inc)),
+            # Equal sizes mean equal sets (ninc is within inc): true of every message a
+            # server sends when it decides, the only one it sends on a tree.
+            ninc=inc if len(k.ninc) == len(inc) else frozenset(k.ninc),
+            dec=dict(k.dec),
             work=self.work,
             budget_s=self.budget_s,
             expires_at=self.expires_at,

@@ -7,7 +7,7 @@ unknown keys, so a message is either entirely valid or rejected.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -56,6 +56,8 @@ __all__ = [
     "describe_errors",
     "encode",
     "parse_message",
+    "trusted",
+    "trusted_copy",
 ]
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -434,6 +436,61 @@ def parse_message(raw: str | bytes | dict[str, Any]) -> Message:
         raise RemoteProtocolError(
             "invalid message: " + describe_errors(exc), reason=_reason(exc)
         ) from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+_FIELDS: dict[type[BaseModel], tuple[dict[str, Any], frozenset[str], frozenset[str]]] = {}
+_setattr = object.__setattr__
+_REQUIRED = object()
+
+
+def _fields_of(cls: type[BaseModel]) -> tuple[dict[str, Any], frozenset[str], frozenset[str]]:
+    """(every field in order with its default, every field name, the required ones) of a
+    model class, cached. Values are kept in field order: the JSON follows it."""
+    known = _FIELDS.get(cls)
+    if known is None:
+        fields = cls.model_fields
+        template = {
+            name: _REQUIRED if f.is_required() else f.get_default(call_default_factory=True)
+            for name, f in fields.items()
+        }
+        required = frozenset(n for n, f in fields.items() if f.is_required())
+        known = _FIELDS[cls] = (template, frozenset(fields), required)
+    return known
+
+
+def trusted(cls: type[M], **fields: Any) -> M:
+    """A message the core builds from values it already holds, without validating them
+    again. Validation is for what arrives; what a state machine sends is made of what it
+    validated on the way in, and validating it again copies every set and every nested
+    state (a Finn message with 20-name sets: 13.5 us validated, 1.6 us built here; an Echo
+    reply re-checks each state of its subtree). Unknown or missing fields are refused."""
+    template, names, required = _fields_of(cls)
+    if not names.issuperset(fields) or not required.issubset(fields):
+        unknown = sorted(fields.keys() - names)
+        missing = sorted(required - fields.keys())
+        raise TypeError(f"{cls.__name__}: unknown fields {unknown}, missing fields {missing}")
+    model = cls.__new__(cls)
+    _setattr(model, "__dict__", {**template, **fields})
+    _setattr(model, "__pydantic_fields_set__", set(fields))
+    _setattr(model, "__pydantic_extra__", None)
+    _setattr(model, "__pydantic_private__", None)
+    return model
+
+
+def trusted_copy(model: M, **update: Any) -> M:
+    """`model` with some fields replaced, like `model_copy(update=...)`, for the same
+    reason as `trusted`."""
+    cls = type(model)
+    if not _fields_of(cls)[1].issuperset(update):
+        raise TypeError(f"{cls.__name__}: unknown fields {sorted(update)}")
+    copy = cls.__new__(cls)
+    _setattr(copy, "__dict__", {**model.__dict__, **update})
+    _setattr(copy, "__pydantic_fields_set__", model.__pydantic_fields_set__ | update.keys())
+    _setattr(copy, "__pydantic_extra__", None)
+    _setattr(copy, "__pydantic_private__", None)
+    return copy
 
 
 def _size(raw: str | bytes) -> int:

@@ -8,9 +8,7 @@ a while so its late messages are told apart (`StaleMessage`) from unknown ones.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
-from treewave.core.echo import EchoNodeWave, EchoPhase
+from treewave.core.echo import EchoNodeWave, EchoPhase, LocalState
 from treewave.core.errors import RemoteProtocolError, StaleMessage
 from treewave.core.events import Output
 from treewave.core.finn import FinnNodeWave, FinnPhase
@@ -24,6 +22,18 @@ FINISHED_MEMORY = 4096
 
 
 class NodeProtocol:
+    __slots__ = (
+        "children",
+        "echo_neighbours",
+        "echo_waves",
+        "finished",
+        "finn_in",
+        "finn_out",
+        "finn_waves",
+        "name",
+        "parents",
+    )
+
     def __init__(self, name: str, topology: Topology) -> None:
         if name not in topology:
             raise ValueError(f"server {name!r} is not in the topology")
@@ -35,7 +45,8 @@ class NodeProtocol:
         self.children = topology.children(name)
         self.echo_waves: dict[str, EchoNodeWave] = {}
         self.finn_waves: dict[str, FinnNodeWave] = {}
-        self.finished: OrderedDict[str, None] = OrderedDict()
+        self.finished: dict[str, None] = {}
+        """Finished wave ids, oldest first (a plain dict: a simulator holds a million)."""
 
     def local_state(
         self,
@@ -68,12 +79,13 @@ class NodeProtocol:
         self,
         msg: EchoExplore | EchoReply | FinnSets,
         now: float,
-        local: ServerState,
+        local: LocalState,
         wall_now: float | None = None,
     ) -> list[Output]:
         """Feed one validated wave message; raises a `RemoteProtocolError` (state
         unchanged) when it does not fit. `now` is the monotonic clock for deadlines,
-        `wall_now` the Unix time for Finn's expiry (None: no expiry check)."""
+        `wall_now` the Unix time for Finn's expiry (None: no expiry check). `local` (the
+        server's state, or a function returning it) is read only by an Echo reply."""
         if msg.wave in self.finished:
             raise StaleMessage(f"wave {msg.wave} is already over at {self.name!r}")
         if isinstance(msg, FinnSets):
@@ -114,7 +126,7 @@ class NodeProtocol:
         self.finn_waves[msg.wave] = wave
         return out
 
-    def handle_timer(self, now: float, local: ServerState) -> list[Output]:
+    def handle_timer(self, now: float, local: LocalState) -> list[Output]:
         """Answer Echo waves past their deadline; forget Finn waves past theirs."""
         out: list[Output] = []
         for wave_id, echo in list(self.echo_waves.items()):
@@ -136,9 +148,14 @@ class NodeProtocol:
         finn = self.finn_waves.get(wave)
         return None if finn is None else (len(finn.sets.inc), len(finn.sets.ninc))
 
+    def forget(self, wave_id: str) -> None:
+        """Drop a wave's state now, as if its deadline had passed: for a shell that knows
+        no message of it can arrive any more (the simulator does)."""
+        self._finish(wave_id)
+
     def _finish(self, wave_id: str) -> None:
         self.echo_waves.pop(wave_id, None)
         self.finn_waves.pop(wave_id, None)
         self.finished[wave_id] = None
         while len(self.finished) > FINISHED_MEMORY:
-            self.finished.popitem(last=False)
+            del self.finished[next(iter(self.finished))]

@@ -6,6 +6,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from treewave.core.messages import trusted
 from treewave.core.topology import ServerSpec, Settings, Topology
 
 __all__ = ["TreeShape", "random_topology"]
@@ -64,12 +65,18 @@ def random_topology(
             continue
         children[parent].append(child)
         added += 1
+    # The draws lie within these ranges: checked once at both ends, each server is then
+    # built without validating it again (a million validations cost seconds).
+    for cpus, tasks in zip(shape.cpus, shape.tasks, strict=True):
+        ServerSpec(name=names[0], cpus=cpus, tasks=tasks)
+    randint = rng.randint
     servers = [
-        ServerSpec(
+        trusted(
+            ServerSpec,
             name=names[i],
-            cpus=rng.randint(*shape.cpus),
-            tasks=rng.randint(*shape.tasks),
-            children=tuple(names[c] for c in children[i]),
+            cpus=randint(*shape.cpus),
+            tasks=randint(*shape.tasks),
+            children=tuple([names[c] for c in children[i]]),
         )
         for i in range(nodes)
     ]

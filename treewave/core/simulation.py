@@ -5,6 +5,13 @@ receiver, so a test (or a seeded random generator) picks any delivery order. Ser
 loads are plain counters: a Finn decision adds its tasks to the server's queue.
 With `trace=True` every participant records its part of each wave as the real services
 do (the simulated clock is everyone's clock), and `trace(wave)` assembles it.
+
+With `release=True` (what `treewave simulate` uses for a million servers) a server's part
+in a Finn wave is dropped as soon as no message of the wave can reach it any more: it has
+decided (so every in-neighbour decided before it and sends nothing more) and no message
+to it is in flight. A real server keeps it until the wave's deadline, since it cannot
+know; the simulator can, and a million decided servers' sets would otherwise be held
+until the end of the run.
 """
 
 from __future__ import annotations
@@ -14,8 +21,15 @@ from dataclasses import dataclass, field
 
 from treewave.core.echo import EchoInitiator
 from treewave.core.events import EchoResult, FinnDecided, FinnResult, Send
-from treewave.core.finn import FinnInitiator
-from treewave.core.messages import EchoExplore, EchoReply, FinnSets, FinnWork, ServerState
+from treewave.core.finn import FinnInitiator, FinnPhase
+from treewave.core.messages import (
+    EchoExplore,
+    EchoReply,
+    FinnSets,
+    FinnWork,
+    ServerState,
+    trusted,
+)
 from treewave.core.node import NodeProtocol
 from treewave.core.topology import BALANCER, Topology
 from treewave.core.trace import TraceJson, TraceRecorder, assemble
@@ -23,7 +37,7 @@ from treewave.core.trace import TraceJson, TraceRecorder, assemble
 __all__ = ["SimNetwork", "SimServer", "WaveLog"]
 
 
-@dataclass
+@dataclass(slots=True)
 class SimServer:
     protocol: NodeProtocol
     cpus: int
@@ -32,9 +46,23 @@ class SimServer:
     completed: int = 0
     decisions: list[str] = field(default_factory=list)
     """Finn waves this server decided, in order."""
+    inbound: int = 0
+    """Messages in flight to this server (counted with `release=True` only)."""
 
     def state(self) -> ServerState:
-        return self.protocol.local_state(self.cpus, self.running, self.queued, self.completed)
+        """This server's state, as `NodeProtocol.local_state` makes it but unvalidated:
+        the counts are the simulator's own (one is built per server and Echo wave)."""
+        p = self.protocol
+        return trusted(
+            ServerState,
+            name=p.name,
+            cpus=self.cpus,
+            running=self.running,
+            queued=self.queued,
+            completed=self.completed,
+            parents=p.parents,
+            children=p.children,
+        )
 
 
 @dataclass
@@ -52,9 +80,12 @@ class WaveLog:
 
 
 class SimNetwork:
-    def __init__(self, topology: Topology, now: float = 0.0, trace: bool = False) -> None:
+    def __init__(
+        self, topology: Topology, now: float = 0.0, trace: bool = False, release: bool = False
+    ) -> None:
         self.topology = topology
         self.now = now
+        self.release = release
         self.servers = {
             s.name: SimServer(NodeProtocol(s.name, topology), s.cpus, queued=s.tasks)
             for s in topology.servers
@@ -90,18 +121,24 @@ class SimNetwork:
     def deliver(self, index: int) -> None:
         """Deliver the in-flight message at `index` (swap-remove: O(1))."""
         pool = self.in_flight
-        pool[index], pool[-1] = pool[-1], pool[index]
-        _sender, to, msg = pool.pop()
+        last = pool.pop()
+        if index < len(pool):
+            sender, to, msg = pool[index]
+            pool[index] = last
+        else:
+            sender, to, msg = last
         log = self.logs[msg.wave]
         if to == BALANCER:
-            self._to_balancer(_sender, msg)
+            self._to_balancer(sender, msg)
             return
         server = self.servers[to]
         log.participants.add(to)
-        out = server.protocol.receive(msg, self.now, server.state())
-        recorder = self.recorders.get(to)
+        protocol = server.protocol
+        # The state is built only if the server replies (an Echo reply reads it).
+        out = protocol.receive(msg, self.now, server.state)
+        recorder = self.recorders.get(to) if self.recorders else None
         if recorder is not None:
-            recorder.received(_sender, msg, self.now, server.protocol.finn_sets(msg.wave))
+            recorder.received(sender, msg, self.now, protocol.finn_sets(msg.wave))
         sends: list[Send] = []
         for item in out:
             if isinstance(item, FinnDecided):
@@ -109,10 +146,30 @@ class SimNetwork:
                 server.queued += item.work.tasks_per_node
                 log.decide_order.append(to)
                 if recorder is not None:
-                    recorder.decided(item.wave, self.now, server.protocol.finn_sets(item.wave))
+                    recorder.decided(item.wave, self.now, protocol.finn_sets(item.wave))
             else:
                 sends.append(item)
-        self._post(to, sends)
+        if self.release:
+            server.inbound -= 1
+            if server.inbound == 0 and isinstance(msg, FinnSets):
+                finn = protocol.finn_waves.get(msg.wave)
+                if finn is not None and finn.phase is FinnPhase.DECIDED:
+                    protocol.forget(msg.wave)
+        if not sends:
+            return
+        if recorder is not None:
+            for s in sends:
+                recorder.sent(s.to, s.message, self.now)
+        # One receipt sends messages of its own wave only.
+        log.messages += len(sends)
+        if log.result is not None:
+            log.sent_after_decision += len(sends)
+        if self.release:
+            servers = self.servers
+            for s in sends:
+                if s.to != BALANCER:
+                    servers[s.to].inbound += 1
+        pool.extend([(to, s.to, s.message) for s in sends])
 
     def _to_balancer(self, sender: str, msg: EchoExplore | EchoReply | FinnSets) -> None:
         known: tuple[int, int] | None = None
@@ -137,6 +194,8 @@ class SimNetwork:
             log.messages += 1
             if log.result is not None:
                 log.sent_after_decision += 1
+            if self.release and s.to != BALANCER:
+                self.servers[s.to].inbound += 1
             self.in_flight.append((sender, s.to, s.message))
 
     def advance(self, now: float) -> None:
@@ -197,3 +256,12 @@ class SimNetwork:
                 pool.pop()
                 continue
             self.deliver(i)
+
+    def run_quiet(self, rng: random.Random) -> None:
+        """`run` without drops, cheaper per message (a million servers send millions):
+        the index is drawn as `int(random() * n)`, another seeded order than `run`'s."""
+        pool = self.in_flight
+        deliver = self.deliver
+        uniform = rng.random
+        while pool:
+            deliver(int(uniform() * len(pool)))

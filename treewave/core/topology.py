@@ -385,6 +385,11 @@ def _graph_problems(servers: ServerEdges) -> tuple[list[str], str | None]:
         problems.append(
             f"several roots ({', '.join(sorted(roots))}): exactly one server may be nobody's child"
         )
+    if len(roots) == 1 and _acyclic(children):
+        # One root and no cycle: every server has a parent, so following parents from any
+        # of them ends at the root, which therefore reaches all (a million servers: the
+        # search for a cycle and for lost servers below is only needed to name them).
+        return problems, roots[0]
     cycle = _find_cycle(children)
     if cycle:
         problems.append(f"cycle: {' -> '.join(cycle)}")
@@ -414,6 +419,24 @@ def _readable_servers(data: Any) -> list[tuple[str, list[str]]]:
             kids = []
         readable.append((name, [k for k in kids if isinstance(k, str)]))
     return readable
+
+
+def _acyclic(children: Mapping[str, Sequence[str]]) -> bool:
+    """Whether the graph has no cycle (Kahn: every server can be taken once all its
+    parents were)."""
+    indegree: dict[str, int] = dict.fromkeys(children, 0)
+    for kids in children.values():
+        for c in kids:
+            indegree[c] += 1
+    todo = [name for name, d in indegree.items() if d == 0]
+    taken = 0
+    while todo:
+        taken += 1
+        for c in children[todo.pop()]:
+            indegree[c] -= 1
+            if indegree[c] == 0:
+                todo.append(c)
+    return taken == len(indegree)
 
 
 def _find_cycle(children: Mapping[str, Sequence[str]]) -> list[str] | None:

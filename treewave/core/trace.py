@@ -154,15 +154,20 @@ class TraceRecorder:
         at: float,
         known: tuple[int, int] | None,
     ) -> None:
-        if not self.enabled:
+        if self.max_waves <= 0:
             return
-        sizes: tuple[int | None, int | None, int | None, int | None, int | None]
-        if isinstance(msg, FinnSets):
+        if type(msg) is FinnSets:
             k_inc, k_ninc = known if known is not None else (None, None)
-            sizes = (len(msg.inc), len(msg.ninc), len(msg.dec), k_inc, k_ninc)
+            raw: Raw = (
+                event, "finn", peer, at, len(msg.inc), len(msg.ninc), len(msg.dec), k_inc, k_ninc
+            )  # fmt: skip
         else:
-            sizes = (None, None, None, None, None)
-        self._keep(wave, (event, message_kind(msg), peer, at, *sizes))
+            raw = (event, message_kind(msg), peer, at, None, None, None, None, None)
+        buf = self.waves.get(wave)
+        if buf is not None and len(buf.events) < self.events_per_wave:
+            buf.events.append(raw)  # the common case, without the checks of a new wave
+        else:
+            self._keep(wave, raw)
 
     def events(self, wave: str) -> tuple[TraceEvent, ...]:
         buf = self.waves.get(wave)

@@ -108,7 +108,6 @@ class Server:
         self.rejections = RejectionLog()
         """Refused link handshakes are logged once per client per minute (always counted)."""
         self._histogram: tuple[tuple[int, int], tuple[tuple[float, int], ...]] = ((0, -1), ())
-        self._last_state = self.local_state()
 
     # --- ledger persistence --------------------------------------------------------------------
 
@@ -160,7 +159,7 @@ class Server:
 
     def local_state(self) -> ServerState:
         led = self.ledger
-        self._last_state = self.protocol.local_state(
+        return self.protocol.local_state(
             self.cpus,
             len(led.running),
             len(led.queued),
@@ -169,7 +168,6 @@ class Server:
             running_left_s=tuple(led.running_left(time.monotonic())),
             queued_s=self._queue_histogram(),
         )
-        return self._last_state
 
     def _queue_histogram(self) -> tuple[tuple[float, int], ...]:
         """The queue's duration histogram, rebuilt only when the queue changed (every Echo
@@ -257,7 +255,8 @@ class Server:
         return True
 
     def _maybe_crash(self, when: str, msg_type: str) -> None:
-        if f"{when}:{msg_type}" in self.settings.crash_points:
+        points = self.settings.crash_points
+        if points and f"{when}:{msg_type}" in points:
             log.error("%s: injected crash %s %s", self.name, when, msg_type)
             logging.shutdown()
             os._exit(70)
@@ -276,10 +275,12 @@ class Server:
                     f"{self.name!r} is leaving the topology: it takes no part in waves",
                     reason="retiring",
                 )
-            # Finn never reads the local state: build it (a queue histogram) for Echo only.
-            local = self._last_state if algorithm == "finn" else self.local_state()
+            # Only an Echo reply reads the local state (a queue histogram, a validated
+            # model): hand over how to build it, so the other messages never do.
             waves = len(self.protocol.echo_waves) + len(self.protocol.finn_waves)
-            out = self.protocol.receive(msg, time.monotonic(), local, wall_now=time.time())
+            out = self.protocol.receive(
+                msg, time.monotonic(), self.local_state, wall_now=time.time()
+            )
             if len(self.protocol.echo_waves) + len(self.protocol.finn_waves) > waves:
                 self.timers.moved()
             if self.trace.enabled:
