@@ -45,11 +45,11 @@ def test_docs_page_lists_every_operation_and_submits_tasks_with_the_token(
         balancer_args=("--require-token", "--api-token-file", str(token_file)),
     )
     # The status page links to the reference.
-    open_page(driver, cluster.url)
+    open_page(driver, cluster.balancer_url)
     link = wait_for("the API link", lambda: driver.find_element(By.CSS_SELECTOR, "a.api-link"))
-    assert link.get_attribute("href") == cluster.url + "/api/docs"
+    assert link.get_attribute("href") == cluster.balancer_url + "/api/docs"
 
-    open_page(driver, cluster.url + "/api/docs")
+    open_page(driver, cluster.balancer_url + "/api/docs")
     documented = {(m, p) for p, ops in openapi_document()["paths"].items() for m in ops}
 
     def listed() -> set[tuple[str, str]] | None:
@@ -75,7 +75,7 @@ def test_docs_page_lists_every_operation_and_submits_tasks_with_the_token(
     driver.find_element(By.CSS_SELECTOR, ".modal-ux .btn-done").click()
 
     # Try it out: POST /api/tasks, 3 tasks at delta.
-    before = queued_at(cluster.url, "delta")
+    before = queued_at(cluster.balancer_url, "delta")
     block = driver.find_element(By.ID, "operations-cluster-post_api_tasks")
     block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
     wait_for(
@@ -100,4 +100,4 @@ def test_docs_page_lists_every_operation_and_submits_tasks_with_the_token(
     status = wait_for("the live response", answered, timeout=30)
     assert status == "202", block.text
     assert '"accepted": 3' in block.text.replace("\n", " ") or '"accepted":3' in block.text
-    assert queued_at(cluster.url, "delta") == before + 3
+    assert queued_at(cluster.balancer_url, "delta") == before + 3

@@ -40,7 +40,7 @@ def test_page_shows_the_cluster_and_finn_raises_every_queue(
         assert s["queued"] is not None
     assert "live" in driver.find_element(By.ID, "conn").text
     # The policy in force, as the API reports it.
-    policy = get_json(small_cluster.url + "/api/status")["policy"]
+    policy = get_json(small_cluster.balancer_url + "/api/status")["policy"]
     assert driver.find_element(By.ID, "policy-name").text == policy == "lpt"
 
     tasks = driver.find_element(By.ID, "finn-tasks")

@@ -128,7 +128,19 @@ def test_a_server_imports_the_previous_release_s_json_state_with_every_task(
     assert set(final["beta"]["reserved"]) == reserved
     assert not book.check(final)
 
-    # A restart reads the database, not the file put aside, and loses nothing.
+    # A restart reads the database, not the file put aside, and loses nothing. Completions
+    # are committed in groups, one per tick (node.app `save_soon`: a lost one only reruns
+    # its task), so wait until the last of them is in the database before the kill -9.
+    def completed_in_database() -> int:
+        with closing(sqlite3.connect(f"file:{state / 'beta.sqlite3'}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT value FROM flags WHERE key = 'completed'").fetchone()
+        return int(row[0])
+
+    wait_for(
+        "beta's last completions committed",
+        lambda: completed_in_database() == final["beta"]["completed_count"],
+        timeout=30,
+    )
     cluster.kill("beta")
     cluster.restart("beta")
     again = cluster.node_tasks("beta")
