@@ -13,6 +13,12 @@ p95. With tracing on, every wave's trace is fetched (`GET /api/waves/{id}`) befo
 next wave starts, so the wave figure is the wave's own cost (recording) and the fetch's
 time is how long after its wave a trace is ready (gathering and assembling).
 
+CPU per wave (`--cpu-runs`, after the timed waves): back-to-back waves of one kind,
+alternating between the clusters, no trace fetched; the CPU time (user + system) of each
+cluster's balancer and servers over them (`/proc`), per wave, once the last traces are
+gathered. Each cluster's figure includes its idle work (keep-alives, timers) during the
+other's waves: the same on both sides.
+
 Memory at the bound: the balancer keeps at most `trace_history` (50) assembled traces;
 each server at most `trace_waves` (64) waves of its own events. Both are measured with
 tracemalloc on traces of the same topologies built by the simulator (the same format the
@@ -38,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.local_waves import Api, git_commit, stats
+from bench.waves_scale import Cluster
 from tests.support.commands import clean_env
 from tests.support.ports import port_free
 from tests.support.run import RunProcess, start_run
@@ -132,7 +139,33 @@ def start(
     return cluster, range(base, base + servers)
 
 
-def run_pair(topo_file: Path, servers: int, runs: int) -> dict[str, Any]:
+def cpu_per_wave(
+    clusters: list[RunProcess], apis: list[Api], runs: int, topo: Topology
+) -> dict[str, dict[str, float]]:
+    """CPU ms per wave of each kind on each cluster (off, on): `runs` back-to-back waves."""
+    cpu = [
+        Cluster(topo, c.balancer_url, pids={n: pid for n, (_, pid) in c.servers.items()})
+        for c in clusters
+    ]
+    out: dict[str, dict[str, float]] = {"off": {}, "on": {}}
+    for kind in ("echo", "finn"):
+        before = [sum(c.cpu_seconds()) for c in cpu]
+        for i in range(runs):
+            for j in (0, 1) if i % 2 == 0 else (1, 0):
+                if kind == "echo":
+                    apis[j].call("GET", "/api/tree")
+                else:
+                    apis[j].call("POST", "/api/finn", {"tasks_per_node": 0})
+        time.sleep(1.0)  # the last traces gathered
+        after = [sum(c.cpu_seconds()) for c in cpu]
+        for side, b, a in zip(("off", "on"), before, after, strict=True):
+            out[side][kind] = round(1000 * (a - b) / runs, 2)
+    return out
+
+
+def run_pair(
+    topo_file: Path, servers: int, runs: int, cpu_runs: int, topo: Topology
+) -> dict[str, Any]:
     """Both clusters up at once, waves alternating between them (off, on, on, off, ...),
     so both see the same machine: on a shared machine the load moves by the minute."""
     clusters: list[RunProcess] = []
@@ -154,6 +187,8 @@ def run_pair(topo_file: Path, servers: int, runs: int) -> dict[str, Any]:
                 for j in order:
                     sides[j].wave(apis[j], kind)
         result: dict[str, Any] = {"off": sides[0].report(), "on": sides[1].report()}
+        if cpu_runs:
+            result["cpu_ms_per_wave"] = cpu_per_wave(clusters, apis, cpu_runs, topo)
         result["on"]["history_kept"] = len(apis[1].call("GET", "/api/waves")[1]["waves"])
         result["off"]["history_kept"] = len(apis[0].call("GET", "/api/waves")[1]["waves"])
     finally:
@@ -251,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=200, help="waves of each kind (200)")
     parser.add_argument("--runs-100", type=int, default=60, help="at 100 servers (60)")
     parser.add_argument("--sizes", nargs="+", default=["default", "100"])
+    parser.add_argument(
+        "--cpu-runs", type=int, default=30, help="back-to-back waves of each kind for CPU (30)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--memory-only",
@@ -285,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = args.runs if size == "default" else args.runs_100
             entry: dict[str, Any] = {"servers": len(topo), "runs": runs}
             entry["load_before"] = [round(x, 2) for x in os.getloadavg()]
-            entry.update(run_pair(topo_file, len(topo), runs))
+            entry.update(run_pair(topo_file, len(topo), runs, args.cpu_runs, topo))
             entry["load_after"] = [round(x, 2) for x in os.getloadavg()]
             entry["memory"] = memory(topo)
             entry["when"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -306,6 +344,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{on['median_ms']:>9.2f} ms{on['p95_ms']:>6.2f} ms"
                 f"{on['median_ms'] / off['median_ms']:>8.2f}"
             )
+        cpu = e.get("cpu_ms_per_wave")
+        if cpu:
+            for kind in ("echo", "finn"):
+                off_ms, on_ms = cpu["off"][kind], cpu["on"][kind]
+                print(
+                    f"{size}: CPU per back-to-back {kind} wave: off {off_ms:.1f} ms, "
+                    f"on {on_ms:.1f} ms, on/off {on_ms / off_ms:.2f}"
+                )
         ready = e["on"]["trace_ready"]
         m = e["memory"]
         print(

@@ -13,13 +13,20 @@ from typing import Any
 
 import pytest
 
-from treewave.balancer.traces import WaveTraces, sampled_waves
+from treewave.balancer.traces import WaveTraces, sampled_waves, unsettled
 from treewave.cli.main import main
 from treewave.core.events import EchoResult
-from treewave.core.messages import EchoExplore, FinnSets, FinnWork, TraceEvent, encode
+from treewave.core.messages import (
+    EchoExplore,
+    EchoReply,
+    FinnSets,
+    FinnWork,
+    TraceEvent,
+    encode,
+)
 from treewave.core.randomtree import TreeShape, random_topology
 from treewave.core.simulation import SimNetwork
-from treewave.core.topology import BALANCER
+from treewave.core.topology import BALANCER, Topology
 from treewave.core.trace import TraceRecorder, assemble, shiviz_log
 from treewave.wire.links import LinkSet
 
@@ -265,3 +272,96 @@ async def test_history_zero_turns_tracing_off() -> None:
     assert traces.recorder.waves == {}
     assert traces.history == {}
     assert await traces.get("api-1", 0.1) is None
+
+
+# --- parts pushed by the servers ---------------------------------------------------------------
+
+
+def test_a_part_is_due_when_done_and_again_after_a_later_event() -> None:
+    reply = EchoReply(wave="w", sender="b", states=(), sent=1)
+    rec = TraceRecorder("b")
+    rec.received("a", EchoExplore(wave="w", sender="a", budget_s=1), 1.0)
+    assert rec.take_due() == []  # not done: nothing pushed
+    rec.sent("a", reply, 2.0)
+    rec.done("w")
+    [part] = rec.take_due()
+    assert (part.wave, part.server, part.pushed, len(part.events)) == ("w", "b", True, 2)
+    assert rec.take_due() == []  # pushed once
+    rec.received("c", EchoExplore(wave="w", sender="c", budget_s=1), 3.0)
+    [again] = rec.take_due()
+    assert [e.seq for e in again.events] == [0, 1, 2]  # the whole part, not the new event
+    assert rec.part("w").pushed is False  # the answer to a request
+
+
+def simulated_wave(topo: Topology, algorithm: str) -> SimNetwork:
+    net = SimNetwork(topo, trace=True)
+    if algorithm == "echo":
+        net.start_echo("w")
+    else:
+        net.start_finn("w", FinnWork())
+    net.run(random.Random(3))
+    return net
+
+
+@pytest.mark.parametrize("algorithm", ["echo", "finn"])
+async def test_pushed_parts_make_the_trace_without_a_request(algorithm: str) -> None:
+    """Every server's part pushed: the trace is whole and exact, and nobody was asked (no
+    server is linked here: one asked would be named missing)."""
+    topo = random_topology(20, 4, TreeShape(3, 2))
+    net = simulated_wave(topo, algorithm)
+    traces = WaveTraces(Settings(), topo, LinkSet(), lambda _: None)
+    for e in net.recorders[BALANCER].events("w"):
+        if e.event != "decide":  # the balancer's decision is recorded by `finished`
+            traces.recorder.record("w", e)
+    early = topo.names[: len(topo.names) // 2]
+    for name in early:  # some parts come before the balancer decides, the rest after
+        traces.on_part(name, net.recorders[name].part("w", pushed=True))
+    record = Record("w", "api")
+    record.algorithm = algorithm
+    traces.finished(record)
+    for name in topo.names[len(early) :]:
+        traces.on_part(name, net.recorders[name].part("w", pushed=True))
+    trace = await traces.get("w", 5.0)
+    assert trace is not None
+    assert trace["missing"] == []
+    assert trace["complete"] is True
+    assert trace["messages"] == net.logs["w"].messages == net.trace("w")["messages"]
+
+    def events(trace: dict[str, Any]) -> Counter[tuple[Any, ...]]:
+        """Every message and decision, with its sets and whether it was received (the
+        balancer's own decision is recorded at another moment here: steps differ)."""
+        keys = ("kind", "from", "to", "inc", "ninc", "dec", "known_inc", "known_ninc")
+        return Counter(
+            (*(e.get(k) for k in keys), e.get("received") is not None)
+            for e in trace["events"]
+            if e["kind"] != "decide" or e["from"] != BALANCER
+        )
+
+    assert events(trace) == events(net.trace("w"))
+    assert traces.pushed == {}
+    await traces.close()
+
+
+async def test_a_stale_or_missing_pushed_part_is_asked_for_then_named() -> None:
+    topo = random_topology(8, 2, TreeShape(2, 0))
+    net = simulated_wave(topo, "echo")
+    parts = {n: net.recorders[n].part("w", pushed=True) for n in topo.names}
+    own = net.recorders[BALANCER].events("w")
+    assert unsettled(topo.names, own, parts) == set()
+    leaf = next(n for n in topo.names if not topo.children(n))
+    parent = next(n for n in topo.names if leaf in topo.children(n))
+    cut = parts[leaf].model_copy(update={"events": parts[leaf].events[:-1]})  # no reply sent
+    assert unsettled(topo.names, own, {**parts, leaf: cut}) == {leaf}
+    assert unsettled(topo.names, own, {n: p for n, p in parts.items() if n != parent}) == {parent}
+    traces = WaveTraces(Settings(), topo, LinkSet(), lambda _: None)
+    for e in own[:-1]:  # not its decision: `finished` records that
+        traces.recorder.record("w", e)
+    for name, part in parts.items():
+        if name != parent:
+            traces.on_part(name, part)
+    traces.finished(Record("w", "api"))
+    trace = await traces.get("w", 5.0)  # half the step timeout, then asked: no link
+    assert trace is not None
+    assert trace["missing"] == [parent]
+    assert trace["complete"] is False
+    await traces.close()

@@ -4,10 +4,15 @@ after a traced wave, a bounded history, and the API (`/api/waves`, `/api/waves/{
 Which waves are traced: every wave started from the API (and so from the page's buttons);
 periodic rebalancing waves with probability `trace_sample`; the page's own refresh Echoes
 never (they run every few seconds and would push everything else out of the history).
-Gathering happens after the wave has decided, on the balancer's direct links
-(`trace.request` -> `trace.part`), so the wave's own messages are exactly what they are
-without tracing. A server that does not answer within `step_timeout_s` is named in the
-trace's `missing` and makes it partial.
+Every server pushes its part (`trace.part`, `pushed`) on its direct link to the balancer
+as soon as it is done with a wave (an Echo server replied to its parent, a Finn server
+decided) and again if it records more of it later, after the wave's own messages: the
+wave's messages are exactly what they are without tracing, and no request round follows
+the wave. A traced wave's trace is assembled once every server's part is in and every
+message sent is received in some part; a server still short of that after half of
+`step_timeout_s` (at once for a partial wave) is asked (`trace.request` -> `trace.part`),
+and one that does not answer within the step timeout is named in the trace's `missing`
+and makes it partial (docs/traces.md).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import contextvars
 import logging
 import random
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -48,6 +53,7 @@ __all__ = [
     "WaveTraces",
     "sampled_waves",
     "setup_traces",
+    "unsettled",
 ]
 
 log = logging.getLogger("treewave.traces")
@@ -139,6 +145,14 @@ class WaveTraces:
         self.initiators: dict[str, EchoInitiator | FinnInitiator] = {}
         self.history: OrderedDict[str, StoredTrace] = OrderedDict()
         self.parts: dict[tuple[str, str], asyncio.Future[TracePart]] = {}
+        """Parts asked for, by (server, wave)."""
+        self.pushed: OrderedDict[str, dict[str, TracePart]] = OrderedDict()
+        """Parts pushed for waves not decided yet here, by wave and server (at most
+        `OWN_WAVES` waves)."""
+        self.gathering: dict[str, tuple[dict[str, TracePart], asyncio.Event]] = {}
+        """Traced waves being gathered: their parts so far, and an event set on each push."""
+        self.closed: OrderedDict[str, None] = OrderedDict()
+        """Waves whose pushed parts are no longer wanted (not traced, or gathered)."""
         self.tasks: set[asyncio.Task[None]] = set()
         self.skipped = 0
         """Finished waves not traced (page refreshes, unsampled periodic waves)."""
@@ -177,6 +191,7 @@ class WaveTraces:
         self.recorder.waves.pop(record.wave_id, None)
         if not self._traced(record.trigger):
             self.skipped += 1
+            self._close(record.wave_id)
             return
         stored = StoredTrace(
             summary={
@@ -198,11 +213,30 @@ class WaveTraces:
         task.add_done_callback(self.tasks.discard)
 
     def on_part(self, peer: str, part: TracePart) -> None:
-        fut = self.parts.get((peer, part.wave))
-        if fut is None or fut.done() or part.server != peer:
-            log.debug("unexpected trace part for %s from %s", part.wave, peer)
+        wave = part.wave
+        if part.server != peer:
+            log.debug("trace part for %s from %s claims to be %s's", wave, peer, part.server)
             return
-        fut.set_result(part)
+        if not part.pushed:
+            fut = self.parts.get((peer, wave))
+            if fut is None or fut.done():
+                log.debug("unexpected trace part for %s from %s", wave, peer)
+                return
+            fut.set_result(part)
+            return
+        if not self.enabled or wave in self.closed:
+            return
+        gathering = self.gathering.get(wave)
+        if gathering is not None:
+            gathering[0][peer] = part
+            gathering[1].set()
+            return
+        parts = self.pushed.get(wave)
+        if parts is None:
+            parts = self.pushed[wave] = {}
+            while len(self.pushed) > OWN_WAVES:
+                self.pushed.popitem(last=False)
+        parts[peer] = part
 
     # --- gathering -------------------------------------------------------------------------
 
@@ -213,29 +247,67 @@ class WaveTraces:
             return self.rng.random() < self.settings.trace_sample
         return True
 
-    async def _ask(self, server: str, wave: str) -> TracePart | None:
+    def _close(self, wave: str) -> None:
+        self.pushed.pop(wave, None)
+        self.closed[wave] = None
+        while len(self.closed) > OWN_WAVES:
+            self.closed.popitem(last=False)
+
+    async def _ask(self, server: str, wave: str, timeout_s: float) -> TracePart | None:
         key = (server, wave)
         fut: asyncio.Future[TracePart] = asyncio.get_running_loop().create_future()
         self.parts[key] = fut
         try:
             if not await self.links.send(server, TraceRequest(wave=wave)):
                 return None
-            return await asyncio.wait_for(fut, self.settings.step_timeout_s)
+            return await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
             return None
         finally:
             self.parts.pop(key, None)
+
+    async def _collect(
+        self, wave: str, names: tuple[str, ...], own: tuple[TraceEvent, ...], complete: bool
+    ) -> dict[str, TracePart]:
+        """Every server's part: the pushed ones, waited for (half the step timeout, not
+        at all for a partial wave), then asked of the servers still short."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        step = self.settings.step_timeout_s
+        parts = self.pushed.pop(wave, {})
+        pushed = asyncio.Event()
+        self.gathering[wave] = (parts, pushed)
+        try:
+            short = unsettled(names, own, parts, quick=True)
+            while short and complete and (left := start + step / 2 - loop.time()) > 0:
+                pushed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(pushed.wait(), left)
+                short = unsettled(names, own, parts, quick=True)
+        finally:
+            del self.gathering[wave]
+        if short or not complete:
+            short = unsettled(names, own, parts)
+        if short:
+            log.debug("trace of %s: asking %d servers for their parts", wave, len(short))
+            timeout = max(start + step - loop.time(), step / 2)
+            asked = sorted(short)
+            got = await asyncio.gather(*(self._ask(n, wave, timeout) for n in asked))
+            parts.update((n, p) for n, p in zip(asked, got, strict=True) if p is not None)
+        return parts
 
     async def _gather(self, stored: StoredTrace, own: tuple[TraceEvent, ...]) -> None:
         summary = stored.summary
         wave = summary["wave_id"]
         try:
             names = self.topology.names
-            got = await asyncio.gather(*(self._ask(n, wave) for n in names))
+            got = await self._collect(wave, names, own, summary["wave_complete"])
+            self._close(wave)
             parts: dict[str, tuple[TraceEvent, ...]] = {BALANCER: own}
             missing: list[str] = []
             truncated: list[str] = []
-            for name, part in zip(names, got, strict=True):
+            for name in names:
+                part = got.get(name)
                 if part is None:
                     missing.append(name)
                     continue
@@ -293,6 +365,34 @@ class WaveTraces:
         for fut in self.parts.values():
             if not fut.done():
                 fut.cancel()
+
+
+def unsettled(
+    names: tuple[str, ...],
+    own: tuple[TraceEvent, ...],
+    parts: dict[str, TracePart],
+    quick: bool = False,
+) -> set[str]:
+    """The servers whose part is not in or not final: no part yet, or a message between two
+    participants that one part says was sent and the other's does not say was received
+    (or the other way round). Empty when the parts make a whole wave. `quick`: only the
+    servers without a part, if there are any (the messages are counted once all are in)."""
+    short = {n for n in names if n not in parts}
+    if short and quick:
+        return short
+    sent: Counter[tuple[str, str]] = Counter()
+    got: Counter[tuple[str, str]] = Counter()
+    for who, events in ((BALANCER, own), *((n, p.events) for n, p in parts.items())):
+        for e in events:
+            if e.event == "send":
+                sent[who, e.peer] += 1
+            elif e.event == "receive":
+                got[e.peer, who] += 1
+    if sent != got:
+        short.update(b for _, b in (sent - got))
+        short.update(a for a, _ in (got - sent))
+        short.intersection_update(names)
+    return short
 
 
 # --- HTTP ------------------------------------------------------------------------------------

@@ -230,7 +230,8 @@ class TraceRequest(Model):
 
 class TracePart(Model):
     """Server -> balancer: what this server recorded of the wave (possibly nothing: it
-    never heard of it, or it has been pushed out of the server's bounded buffer)."""
+    never heard of it, or it has been pushed out of the server's bounded buffer); pushed
+    unasked when the server is done with the wave, or as the answer to a request."""
 
     type: Literal["trace.part"] = "trace.part"
     wave: WaveId
@@ -238,6 +239,9 @@ class TracePart(Model):
     events: tuple[TraceEvent, ...] = Field(max_length=100_000)
     truncated: bool = False
     """The server hit its per-wave event limit and dropped the rest."""
+    pushed: bool = False
+    """Sent unasked, when the server finished its part of the wave (or recorded more of it
+    after that), rather than as the answer to a `trace.request`."""
 
 
 # --- tasks and transfers (balancer <-> server) ----------------------------------------------

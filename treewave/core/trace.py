@@ -82,6 +82,9 @@ _FIELDS = ("event", "message", "peer", "at", "inc", "ninc", "dec", "known_inc", 
 class _WaveBuffer:
     events: list[Raw] = field(default_factory=list)
     truncated: bool = False
+    done: bool = False
+    """This participant finished its part: its part is pushed (and pushed again on any
+    later event)."""
 
 
 class TraceRecorder:
@@ -98,6 +101,8 @@ class TraceRecorder:
         self.max_waves = max_waves
         self.events_per_wave = events_per_wave
         self.waves: OrderedDict[str, _WaveBuffer] = OrderedDict()
+        self.due: set[str] = set()
+        """Finished waves with events not pushed yet (`take_due`)."""
 
     @property
     def enabled(self) -> bool:
@@ -116,6 +121,23 @@ class TraceRecorder:
         """`sets`: Finn only, the decider's (inc, ninc) sizes."""
         inc, ninc = sets if sets is not None else (None, None)
         self._keep(wave, ("decide", "", "", at, inc, ninc, None, None, None))
+
+    def done(self, wave: str) -> None:
+        """This participant finished its part of `wave` (an Echo server replied to its
+        parent, a Finn server decided): its part is due to be pushed, and again after any
+        later event of the wave (a Finn message still in flight when it decided)."""
+        buf = self.waves.get(wave)
+        if buf is not None:
+            buf.done = True
+            self.due.add(wave)
+
+    def take_due(self) -> list[TracePart]:
+        """The parts due (`done`), each whole, marked pushed; empty when none is."""
+        if not self.due:
+            return []
+        parts = [self.part(wave, pushed=True) for wave in self.due if wave in self.waves]
+        self.due.clear()
+        return parts
 
     def record(self, wave: str, event: TraceEvent) -> None:
         """Keep an event as it is (its `seq` becomes the next one here)."""
@@ -144,6 +166,8 @@ class TraceRecorder:
             buf.truncated = True
             return
         buf.events.append(raw)
+        if buf.done:
+            self.due.add(wave)
 
     def _add(
         self,
@@ -166,6 +190,8 @@ class TraceRecorder:
         buf = self.waves.get(wave)
         if buf is not None and len(buf.events) < self.events_per_wave:
             buf.events.append(raw)  # the common case, without the checks of a new wave
+            if buf.done:
+                self.due.add(wave)
         else:
             self._keep(wave, raw)
 
@@ -178,11 +204,17 @@ class TraceRecorder:
             for i, raw in enumerate(buf.events)
         )
 
-    def part(self, wave: str) -> TracePart:
+    def part(self, wave: str, pushed: bool = False) -> TracePart:
         """This participant's part of `wave` (empty if it never took part or forgot)."""
         buf = self.waves.get(wave)
         truncated = buf.truncated if buf is not None else False
-        return TracePart(wave=wave, server=self.name, events=self.events(wave), truncated=truncated)
+        return TracePart(
+            wave=wave,
+            server=self.name,
+            events=self.events(wave),
+            truncated=truncated,
+            pushed=pushed,
+        )
 
 
 # --- putting a wave together -----------------------------------------------------------------

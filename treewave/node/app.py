@@ -363,6 +363,7 @@ class Server:
         for item in out:
             if isinstance(item, FinnDecided):
                 self.trace.decided(item.wave, time.time(), self.protocol.finn_sets(item.wave))
+                self.trace.done(item.wave)
                 tasks = [
                     self.new_task(item.wave, item.work.duration_s)
                     for _ in range(item.work.tasks_per_node)
@@ -378,6 +379,11 @@ class Server:
                 self.metrics.wave_out[algorithm].inc()
                 self.trace.sent(item.to, item.message, time.time())
                 sends.append((item.to, item.message))
+                if type(item.message) is EchoReply:
+                    self.trace.done(item.message.wave)
+        # This server's part of a wave it is done with goes to the balancer unasked, after
+        # the wave's own messages and on the link it has anyway (docs/traces.md).
+        sends.extend((BALANCER, part) for part in self.trace.take_due())
         return sends
 
     # --- background work -----------------------------------------------------------------------
