@@ -180,11 +180,13 @@ class Cluster:
         for name in sorted(names, key=lambda n: n != BALANCER):  # servers first
             self.services[name].start()
 
-    def release(self) -> None:
-        """Start the held-back services and wait until the whole cluster is linked."""
+    def release(self, wait: bool = True) -> None:
+        """Start the held-back services and (with `wait`) wait until the whole cluster is
+        linked."""
         held, self.held = self.held, set()
         self.start(held)
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
 
     def running(self) -> list[str]:
         return [n for n in self.services if n not in self.held]
