@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.policies import check_applied
 from treewave.core.policies import get_policy, policy_names
 from treewave.core.policies_builtin import LabPolicy, StealPolicy, plan_by_count
 from treewave.core.policy import Load, Move, apply_moves
@@ -63,14 +64,7 @@ def test_conservation_running_tasks_stay_known_servers_only(
         taken[m.source] += m.tasks
     for source, k in taken.items():
         assert k <= len(by[source].queued), f"{source} gave more than it had queued"
-    after = apply_moves(loads, moves)
-    assert [x.name for x in after] == [x.name for x in loads]
-    for a in after:
-        assert a.cpus == by[a.name].cpus
-        assert a.running_left == by[a.name].running_left, "running tasks never move"
-    assert Counter(d for x in after for d in x.queued) == Counter(
-        d for x in loads for d in x.queued
-    ), "queued tasks are conserved"
+    check_applied(loads, moves)
 
 
 @settings(max_examples=120, deadline=None)

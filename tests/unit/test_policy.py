@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.policies import check_applied
 from treewave.core.messages import ServerState
 from treewave.core.policy import (
     Load,
@@ -74,15 +75,7 @@ def check_moves(loads: list[Load], moves: list[Move]) -> list[Load]:
         given_away[m.source].update(m.durations)
     for name, gave in given_away.items():
         assert not gave - Counter(by[name].queued), f"{name} gave tasks it had not queued"
-    after = apply_moves(loads, moves)
-    assert [x.name for x in after] == [x.name for x in loads]
-    for a in after:
-        assert a.cpus == by[a.name].cpus
-        assert a.running_left == by[a.name].running_left, "running tasks never move"
-    assert Counter(d for x in after for d in x.queued) == Counter(
-        d for x in loads for d in x.queued
-    ), "queued work is conserved"
-    return after
+    return check_applied(loads, moves)
 
 
 @settings(max_examples=150, deadline=None)
