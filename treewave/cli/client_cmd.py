@@ -456,8 +456,8 @@ def policy_of(client: Client) -> str:
 
 def status_text(client: Client, *, colour: bool) -> str:
     """The tree, the policy in force, then the servers still draining (if any)."""
-    text = render_tree(status_json(client, with_migration=False), colour=colour)
-    text = f"{text} · policy {policy_of(client)}"  # on the summary line
+    tree = status_json(client, with_migration=False)
+    text = f"{render_tree(tree, colour=colour)} · policy {tree['policy']}"  # on the summary line
     migration = migration_of(client)
     draining = render_migration(migration) if migration else ""
     return f"{text}\n{draining}" if draining else text
