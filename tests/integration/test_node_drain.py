@@ -68,8 +68,8 @@ async def tasks(client: Client) -> dict[str, Any]:
     return body
 
 
-def drain(hold: bool, requeue: bool = False) -> dict[str, Any]:
-    return {"type": "server.drain", "hold": hold, "requeue_running": requeue}
+def drain(hold: bool, requeue: bool = False, seq: int = 0) -> dict[str, Any]:
+    return {"type": "server.drain", "hold": hold, "requeue_running": requeue, "seq": seq}
 
 
 async def test_a_held_server_drains_requeues_and_is_released(
@@ -83,7 +83,7 @@ async def test_a_held_server_drains_requeues_and_is_released(
         await asyncio.sleep(0.01)
     balancer = await link(client, "balancer")
 
-    report = await ask(balancer, drain(hold=True))
+    report = await ask(balancer, drain(hold=True, seq=7))
     assert report == {
         "type": "server.drain_report",
         "held": True,
@@ -93,6 +93,7 @@ async def test_a_held_server_drains_requeues_and_is_released(
         "completed": 0,
         "transferred_out": 0,
         "requeued": 0,
+        "answers": 7,  # the number of the request it answers
     }
     with closing(TaskStore(database_path(tmp_path, "beta"))) as store:
         assert store.load_flags()["held"] is True  # on disk before the answer

@@ -342,7 +342,11 @@ class MigrationOverTransfers(RuleBasedStateMachine):
         self.net.hold(intent.server, not isinstance(intent, ReleaseServer))
         self.reports.append(
             ServerReport(
-                server=intent.server, held=p.held, requeued=requeued, **p.ledger.drain_counts()
+                server=intent.server,
+                held=p.held,
+                requeued=requeued,
+                answers=intent.seq,
+                **p.ledger.drain_counts(),
             )
         )
 

@@ -24,6 +24,16 @@ hands its shell intents to carry out and consumes their outcomes:
   (`DrainRequest(hold=False)`); it keeps what it still holds. Re-sent until a report says
   it is no longer held.
 
+Request numbers: every `DrainRequest` the drain intents become carries a number (`seq`,
+from one counter that only grows and is persisted), and its `DrainReport` echoes it
+(`answers`). A hold after a release (or a release after a hold) gets a new number; a
+request re-sent as a poll keeps its own (or no answer slower than the probe interval would
+ever count). Only a report answering the latest request sent to its server counts; an
+older one is a `StaleMessage`. Without that, a "held, holds nothing" report answering a
+hold could overtake the release that followed it (the server came back) and, once the
+server was removed again, pass for the answer to the new hold: the migration would retire
+a server that had taken work meanwhile, or was about to.
+
 A newer topology adopted mid-way supersedes the migration: servers it removes start
 retiring too, retiring servers it brings back are released, the rest go on draining.
 
@@ -87,16 +97,22 @@ class MigrationPhase(Enum):
 @dataclass(frozen=True, slots=True)
 class HoldServer:
     server: str
+    seq: int = field(default=0, compare=False)
+    """The request's number (`DrainRequest.seq`); not part of what is asked."""
 
 
 @dataclass(frozen=True, slots=True)
 class RequeueRunning:
     server: str
+    seq: int = field(default=0, compare=False)
+    """The request's number (`DrainRequest.seq`); not part of what is asked."""
 
 
 @dataclass(frozen=True, slots=True)
 class ReleaseServer:
     server: str
+    seq: int = field(default=0, compare=False)
+    """The request's number (`DrainRequest.seq`); not part of what is asked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +148,8 @@ class ServerReport:
     transferred_out: int = 0
     requeued: int = 0
     in_doubt: int = 0
+    answers: int = 0
+    """The number of the request it answers (`DrainReport.answers`)."""
 
     @property
     def holds_nothing(self) -> bool:
@@ -202,6 +220,12 @@ class Migration:
         self._retiring: dict[str, _Retiring] = {}
         self._releasing: dict[str, float] = {}
         """Servers to release -> when to ask next."""
+        self._seq = 0
+        """The last request number given out."""
+        self._asked: dict[str, tuple[int, bool]] = {}
+        """Server -> the number of the latest request sent to it (only its answer counts),
+        and whether it holds: a request re-sent as a poll keeps its number (a new number at
+        every probe would make every answer slower than `probe_interval_s` stale)."""
         self._retired: dict[str, dict[str, int]] = {}
         """Servers retired (in this or an earlier migration, until one brings them back)
         -> what the drain did there."""
@@ -230,6 +254,10 @@ class Migration:
     @property
     def grace_s(self) -> float:
         return self.topology.settings.drain_grace_s
+
+    def latest_request(self, server: str) -> int:
+        """The number of the latest drain request sent to `server` (0: none)."""
+        return self._asked.get(server, (0, False))[0]
 
     def status(self, now: float) -> MigrationStatus:
         """The `migration` object of `GET /api/topology`."""
@@ -269,18 +297,23 @@ class Migration:
             if name in desired:
                 del self._retired[name]
                 self._releasing[name] = now + self.probe_interval_s
-                out.append(ReleaseServer(name))
+                out.append(ReleaseServer(name, self._number(name, False)))
         for name in self.topology.names:
             if name not in desired and name not in self._retiring:
                 self._retiring[name] = _Retiring(name, since=now)
+                # Removed again before its release got through: it is held anew instead
+                # (else its held reports would pass for a release still on its way).
+                self._releasing.pop(name, None)
         for name in sorted(self._retiring):
             if name in desired:
                 del self._retiring[name]
                 self._releasing[name] = now + self.probe_interval_s
-                out.append(ReleaseServer(name))
+                out.append(ReleaseServer(name, self._number(name, False)))
         self.topology = desired
         self._loads = {n: x for n, x in self._loads.items() if n in desired}
         self._planned_in = {}
+        keep = set(desired.names) | set(self._retiring) | set(self._retired)
+        self._asked = {n: k for n, k in self._asked.items() if n in keep}
         for _, r in sorted(self._retiring.items()):
             out.append(self._probe(r, now))
         return out
@@ -307,7 +340,7 @@ class Migration:
         for name, when in sorted(self._releasing.items()):
             if now >= when:
                 self._releasing[name] = now + self.probe_interval_s
-                out.append(ReleaseServer(name))
+                out.append(ReleaseServer(name, self._number(name, False)))
         return out
 
     def next_deadline(self) -> float | None:
@@ -324,13 +357,23 @@ class Migration:
 
     # --- internals ----------------------------------------------------------------------------
 
+    def _number(self, server: str, hold: bool) -> int:
+        """The number of a request to `server`: a new one (making every earlier answer
+        stale) when it turns a release into a hold or back, else the latest one again."""
+        seq, held = self._asked.get(server, (0, not hold))
+        if held != hold:
+            self._seq += 1
+            seq = self._seq
+            self._asked[server] = (seq, hold)
+        return seq
+
     def _probe(self, r: _Retiring, now: float) -> Intent:
         """Hold-and-report, or requeue once the grace has passed and tasks still run."""
         r.next_probe = now + self.probe_interval_s
         past_grace = now >= r.since + self.grace_s
         if past_grace and (r.report is None or r.report.running > 0):
-            return RequeueRunning(r.name)
-        return HoldServer(r.name)
+            return RequeueRunning(r.name, self._number(r.name, True))
+        return HoldServer(r.name, self._number(r.name, True))
 
     def _on_report(self, rep: ServerReport, now: float) -> list[Intent]:
         counts = (
@@ -341,10 +384,18 @@ class Migration:
             rep.transferred_out,
             rep.requeued,
             rep.in_doubt,
+            rep.answers,
         )
         if any(not isinstance(c, int) or c < 0 for c in counts):
             raise RemoteProtocolError(
                 f"report of {rep.server!r}: counts must be whole numbers >= 0", "invalid_fields"
+            )
+        latest = self.latest_request(rep.server)
+        if rep.answers != latest:
+            # Older: a newer request was sent since (its answer is the one that counts).
+            # Newer: not a request this machine sent (a restart from older state).
+            raise StaleMessage(
+                f"report of {rep.server!r} answers request {rep.answers}, not the latest ({latest})"
             )
         if rep.server in self._releasing:
             if rep.held:
@@ -353,9 +404,9 @@ class Migration:
             return self._plan(now)  # it can take drained tasks now
         r = self._retiring.get(rep.server)
         if r is None and rep.held and rep.server in self.topology:
-            # A hold that overtook its release (or outlived a restart): release it again.
+            # A hold that outlived a restart: release it again.
             self._releasing[rep.server] = now + self.probe_interval_s
-            return [ReleaseServer(rep.server)]
+            return [ReleaseServer(rep.server, self._number(rep.server, False))]
         if r is None:
             raise StaleMessage(f"report of {rep.server!r}, which is not retiring")
         if r.baseline_out is None:
@@ -450,6 +501,8 @@ class Migration:
             },
             "releasing": sorted(self._releasing),
             "retired": dict(self._retired.items()),
+            "seq": self._seq,
+            "asked": {n: list(a) for n, a in sorted(self._asked.items())},
         }
 
     @classmethod
@@ -475,6 +528,12 @@ class Migration:
             m._retired = {
                 str(n): {k: int(v) for k, v in d.items()} for n, d in data["retired"].items()
             }
+            # Absent from state saved before requests were numbered: numbering starts over
+            # (a restart drops every link, and with it every answer still under way).
+            m._seq = int(data.get("seq", 0))
+            m._asked = {str(n): (int(k), bool(h)) for n, (k, h) in data.get("asked", {}).items()}
+            if any(k > m._seq or k < 0 for k, _ in m._asked.values()):
+                raise ValueError("a request number above the last one given out")
         except (TopologyError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise LocalProtocolError(f"saved migration is damaged: {exc}") from None
         return m

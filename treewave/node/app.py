@@ -356,7 +356,9 @@ class Server:
         self.held = msg.hold
         self.save("drain")
         self.wakeup.set()
-        return DrainReport(held=self.held, requeued=requeued, **self.ledger.drain_counts())
+        return DrainReport(
+            held=self.held, requeued=requeued, answers=msg.seq, **self.ledger.drain_counts()
+        )
 
     def _outputs(self, out: list[Output]) -> list[tuple[str, MessageModel]]:
         sends: list[tuple[str, MessageModel]] = []
