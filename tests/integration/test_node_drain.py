@@ -147,6 +147,24 @@ async def test_a_held_server_drains_requeues_and_is_released(
     await balancer.close()
 
 
+async def test_a_request_older_than_one_applied_is_answered_but_not_applied(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """A release overtaken by a newer hold (or replayed) must not lift that hold: the
+    balancer may be retiring the server on the strength of the hold's answer."""
+    client: Client = await aiohttp_client(app(tmp_path))
+    balancer = await link(client, "balancer")
+    assert (await ask(balancer, drain(hold=True, seq=7)))["held"] is True
+    old_release = await ask(balancer, drain(hold=False, seq=5))
+    assert (old_release["held"], old_release["answers"]) == (True, 5)
+    with closing(TaskStore(database_path(tmp_path, "beta"))) as store:
+        flags = store.load_flags()
+        assert (flags["held"], flags["drain_seq"]) == (True, 7)
+    newer = await ask(balancer, drain(hold=False, seq=8))
+    assert (newer["held"], newer["answers"]) == (False, 8)
+    await balancer.close()
+
+
 async def test_the_hold_survives_a_restart_even_outside_the_topology(
     aiohttp_client: Any, tmp_path: Path
 ) -> None:

@@ -52,7 +52,7 @@ from treewave.core.messages import (
     Task,
     TasksAccepted,
 )
-from treewave.core.migration import Migration
+from treewave.core.migration import HoldState, Migration
 from treewave.core.node import NodeProtocol
 from treewave.core.precedence import SettingOverrides, effective_settings
 from treewave.core.randomtree import TreeShape, random_topology
@@ -80,6 +80,7 @@ class SimServer:
     cpus: int
     ledger: TaskLedger = field(default_factory=TaskLedger)
     held: bool = False
+    drain_seq: int = 0
 
     def state(self) -> ServerState:
         queued = Counter(t.duration_s or 2.0 for t in self.ledger.queued)
@@ -207,8 +208,11 @@ class SimCluster:
                 return  # it takes no new tasks (the node answers an error)
             reply = TasksAccepted(first=msg.tasks[0].id, added=s.ledger.submit(msg.tasks))
         elif isinstance(msg, DrainRequest):
-            s.held = msg.hold
-            requeued = s.ledger.requeue_running() if msg.requeue_running else 0
+            state = HoldState(s.held, s.drain_seq)
+            applies = state.applies(msg.seq)
+            requeued = s.ledger.requeue_running() if applies and msg.requeue_running else 0
+            state = state.after(msg.hold, msg.seq)
+            s.held, s.drain_seq = state.held, state.seq
             reply = DrainReport(
                 held=s.held, requeued=requeued, answers=msg.seq, **s.ledger.drain_counts()
             )
@@ -227,7 +231,12 @@ class SimCluster:
     def settle(self, rounds: int = 200) -> None:
         """Deliver everything, in order, ticking past deadlines until nothing is pending."""
         for _ in range(rounds):
+            delivered = 0
             while self.in_flight:
+                # Bounded: a livelock (messages causing messages at one instant) fails
+                # with what is in flight instead of hanging the test run.
+                delivered += 1
+                assert delivered <= 100_000, f"no quiescence, in flight: {self.in_flight[:4]}"
                 self.deliver(0)
             m = self.machine
             due = m.next_deadline()

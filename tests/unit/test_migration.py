@@ -36,6 +36,7 @@ from treewave.core.ledger import TaskLedger
 from treewave.core.messages import Task
 from treewave.core.migration import (
     HoldServer,
+    HoldState,
     Intent,
     Migration,
     MigrationPhase,
@@ -594,3 +595,50 @@ def test_request_numbers_survive_a_restart_and_older_state_still_loads() -> None
     assert old.latest_request("new") == 0
     with pytest.raises(LocalProtocolError, match="damaged"):
         Migration.from_json_data({**saved, "seq": 0})  # a number above the last one
+
+
+def test_numbers_keep_growing_when_a_balancer_starts_over_without_its_state() -> None:
+    """New request numbers are at least the wall clock in microseconds: a balancer whose
+    saved state is lost numbers above what the servers applied from its predecessor."""
+    m = Migration(A)
+    [hold] = m.adopt(B, 1_000.0)
+    assert isinstance(hold, HoldServer)
+    assert hold.seq >= 1_000 * 1_000_000
+    fresh = Migration(A)
+    [later] = fresh.adopt(B, 1_001.0)
+    assert isinstance(later, HoldServer)
+    assert later.seq > hold.seq
+
+
+def test_a_server_applies_no_request_numbered_below_one_it_applied() -> None:
+    """The server's side: an old hold overtaken by its release (or an old release by a
+    newer hold) is answered but changes nothing; unnumbered requests always apply."""
+    held = HoldState().after(True, 7)
+    assert held == HoldState(True, 7)
+    assert not held.applies(5)
+    assert held.after(False, 5) == held  # a release older than the hold
+    assert held.after(True, 7) == held  # the same request again (a poll)
+    assert held.after(False, 8) == HoldState(False, 8)
+    assert held.after(False, 0) == HoldState(False, 7)  # an unnumbered one (older balancer)
+
+
+def test_a_move_that_moved_nothing_releases_its_target_and_waits_for_the_probe() -> None:
+    """Found by the stateful test of the balancer machine: a target held by a hold that
+    outlived its release refuses every move, and re-probing the source at once planned
+    the same move again, in a loop of transfers at one instant. Now the target is asked
+    to release (idempotent) and the source is probed at its next probe only."""
+    m = Migration(A)
+    m.adopt(B, 0.0)  # "old" retiring
+    moves = m.receive(current(m, "old", True, 1, 0, 0), 0.1)
+    assert moves == [MoveQueued("old", "new", 1)]
+    out = m.receive(TransferDone("old", "new", 0), 0.2)
+    assert out == [ReleaseServer("new")]  # no probe of "old" at once
+    assert m.releasing == {"new"}
+    assert m.handle_timer(0.3) == []
+    # Its release answered (not held), the next probe of "old" plans the move again.
+    assert m.receive(current(m, "new", False, 0, 0, 0), 0.4) == []
+    probe = m.handle_timer(1.2)
+    assert [type(x) for x in probe] == [HoldServer]
+    assert m.receive(current(m, "old", True, 1, 0, 0), 1.3) == [MoveQueued("old", "new", 1)]
+    # A move that moved something probes its source at once, as before.
+    assert m.receive(TransferDone("old", "new", 1), 1.4) == [HoldServer("old")]

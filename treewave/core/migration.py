@@ -32,7 +32,15 @@ ever count). Only a report answering the latest request sent to its server count
 older one is a `StaleMessage`. Without that, a "held, holds nothing" report answering a
 hold could overtake the release that followed it (the server came back) and, once the
 server was removed again, pass for the answer to the new hold: the migration would retire
-a server that had taken work meanwhile, or was about to.
+a server that had taken work meanwhile, or was about to. The server keeps the number of
+the latest request it applied (`HoldState`, persisted with its hold) and does not apply
+an older one, so a release overtaken by the newer hold cannot lift it either. New numbers
+are at least the wall clock in microseconds: they grow across a balancer that lost its
+saved state, too.
+
+A drain move that moved nothing (its target refused: a hold that outlived its release, a
+state restored from disk) sends its target a release and leaves its source to its next
+probe, so a move that keeps failing is retried at the probe interval, not in a loop.
 
 A newer topology adopted mid-way supersedes the migration: servers it removes start
 retiring too, retiring servers it brings back are released, the rest go on draining.
@@ -60,6 +68,7 @@ __all__ = [
     "MAX_TASKS_PER_MOVE",
     "MOVE_TIMEOUT_S",
     "HoldServer",
+    "HoldState",
     "Intent",
     "Migration",
     "MigrationPhase",
@@ -92,6 +101,28 @@ class MigrationPhase(Enum):
 
 
 # --- intents (machine -> shell) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HoldState:
+    """A server's side of the drain requests: whether it is held, and the number of the
+    latest request it applied. A request numbered below that one is answered but not
+    applied: an old hold replayed or overtaken after its release (or an old release after
+    a newer hold) must not undo the newer request, or a server could take work while the
+    balancer retires it on the strength of an answer to the newer hold. Unnumbered
+    requests (`seq` 0, from a balancer older than the numbering) are always applied."""
+
+    held: bool = False
+    seq: int = 0
+
+    def applies(self, seq: int) -> bool:
+        return seq == 0 or seq >= self.seq
+
+    def after(self, hold: bool, seq: int) -> HoldState:
+        """The state once a request (`hold`, `seq`) has arrived."""
+        if not self.applies(seq):
+            return self
+        return HoldState(hold, max(self.seq, seq))
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +328,7 @@ class Migration:
             if name in desired:
                 del self._retired[name]
                 self._releasing[name] = now + self.probe_interval_s
-                out.append(ReleaseServer(name, self._number(name, False)))
+                out.append(ReleaseServer(name, self._number(name, False, now)))
         for name in self.topology.names:
             if name not in desired and name not in self._retiring:
                 self._retiring[name] = _Retiring(name, since=now)
@@ -308,7 +339,7 @@ class Migration:
             if name in desired:
                 del self._retiring[name]
                 self._releasing[name] = now + self.probe_interval_s
-                out.append(ReleaseServer(name, self._number(name, False)))
+                out.append(ReleaseServer(name, self._number(name, False, now)))
         self.topology = desired
         self._loads = {n: x for n, x in self._loads.items() if n in desired}
         self._planned_in = {}
@@ -340,7 +371,7 @@ class Migration:
         for name, when in sorted(self._releasing.items()):
             if now >= when:
                 self._releasing[name] = now + self.probe_interval_s
-                out.append(ReleaseServer(name, self._number(name, False)))
+                out.append(ReleaseServer(name, self._number(name, False, now)))
         return out
 
     def next_deadline(self) -> float | None:
@@ -357,12 +388,15 @@ class Migration:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _number(self, server: str, hold: bool) -> int:
+    def _number(self, server: str, hold: bool, now: float) -> int:
         """The number of a request to `server`: a new one (making every earlier answer
-        stale) when it turns a release into a hold or back, else the latest one again."""
+        stale) when it turns a release into a hold or back, else the latest one again.
+        New numbers are at least the wall clock in microseconds, so they keep growing
+        across a balancer that starts over without its saved state (servers ignore a
+        request numbered below one they applied: `HoldState`)."""
         seq, held = self._asked.get(server, (0, not hold))
         if held != hold:
-            self._seq += 1
+            self._seq = max(self._seq + 1, int(now * 1_000_000))
             seq = self._seq
             self._asked[server] = (seq, hold)
         return seq
@@ -372,8 +406,8 @@ class Migration:
         r.next_probe = now + self.probe_interval_s
         past_grace = now >= r.since + self.grace_s
         if past_grace and (r.report is None or r.report.running > 0):
-            return RequeueRunning(r.name, self._number(r.name, True))
-        return HoldServer(r.name, self._number(r.name, True))
+            return RequeueRunning(r.name, self._number(r.name, True, now))
+        return HoldServer(r.name, self._number(r.name, True, now))
 
     def _on_report(self, rep: ServerReport, now: float) -> list[Intent]:
         counts = (
@@ -406,7 +440,7 @@ class Migration:
         if r is None and rep.held and rep.server in self.topology:
             # A hold that outlived a restart: release it again.
             self._releasing[rep.server] = now + self.probe_interval_s
-            return [ReleaseServer(rep.server, self._number(rep.server, False))]
+            return [ReleaseServer(rep.server, self._number(rep.server, False, now))]
         if r is None:
             raise StaleMessage(f"report of {rep.server!r}, which is not retiring")
         if r.baseline_out is None:
@@ -441,10 +475,22 @@ class Migration:
             )
         del r.outstanding[done.target]
         r.fresh = False  # what it holds changed: plan again from a newer report
+        out: list[Intent] = []
+        if done.moved == 0 and done.target in self.topology and done.target not in self._releasing:
+            # Nothing arrived: the target may be held by a hold that outlived its release
+            # (a request replayed or overtaken, a state restored from disk), and it would
+            # refuse every move planned onto it. Releasing is idempotent: it is asked to,
+            # and planned onto again once it answers that it is not held.
+            self._releasing[done.target] = now + self.probe_interval_s
+            out.append(ReleaseServer(done.target, self._number(done.target, False, now)))
         if r.outstanding:
-            return []
+            return out
+        if done.moved == 0:
+            # Asked again at its next probe, not at once: a move that keeps failing is
+            # retried at the probe interval, not in a loop of transfers at one instant.
+            return out
         # Ask at once rather than at the next probe: the drain goes on without a pause.
-        return [self._probe(r, now)]
+        return [*out, self._probe(r, now)]
 
     def _plan(self, now: float) -> list[Intent]:
         """Moves for every retiring server with a fresh report, queued tasks and nothing in
