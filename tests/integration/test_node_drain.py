@@ -68,8 +68,8 @@ async def tasks(client: Client) -> dict[str, Any]:
     return body
 
 
-def drain(hold: bool, requeue: bool = False) -> dict[str, Any]:
-    return {"type": "server.drain", "hold": hold, "requeue_running": requeue}
+def drain(hold: bool, requeue: bool = False, seq: int = 0) -> dict[str, Any]:
+    return {"type": "server.drain", "hold": hold, "requeue_running": requeue, "seq": seq}
 
 
 async def test_a_held_server_drains_requeues_and_is_released(
@@ -83,7 +83,7 @@ async def test_a_held_server_drains_requeues_and_is_released(
         await asyncio.sleep(0.01)
     balancer = await link(client, "balancer")
 
-    report = await ask(balancer, drain(hold=True))
+    report = await ask(balancer, drain(hold=True, seq=7))
     assert report == {
         "type": "server.drain_report",
         "held": True,
@@ -93,6 +93,7 @@ async def test_a_held_server_drains_requeues_and_is_released(
         "completed": 0,
         "transferred_out": 0,
         "requeued": 0,
+        "answers": 7,  # the number of the request it answers
     }
     with closing(TaskStore(database_path(tmp_path, "beta"))) as store:
         assert store.load_flags()["held"] is True  # on disk before the answer
@@ -143,6 +144,24 @@ async def test_a_held_server_drains_requeues_and_is_released(
             break
         await asyncio.sleep(0.01)
     assert len((await tasks(client))["running"]) == 2
+    await balancer.close()
+
+
+async def test_a_request_older_than_one_applied_is_answered_but_not_applied(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """A release overtaken by a newer hold (or replayed) must not lift that hold: the
+    balancer may be retiring the server on the strength of the hold's answer."""
+    client: Client = await aiohttp_client(app(tmp_path))
+    balancer = await link(client, "balancer")
+    assert (await ask(balancer, drain(hold=True, seq=7)))["held"] is True
+    old_release = await ask(balancer, drain(hold=False, seq=5))
+    assert (old_release["held"], old_release["answers"]) == (True, 5)
+    with closing(TaskStore(database_path(tmp_path, "beta"))) as store:
+        flags = store.load_flags()
+        assert (flags["held"], flags["drain_seq"]) == (True, 7)
+    newer = await ask(balancer, drain(hold=False, seq=8))
+    assert (newer["held"], newer["answers"]) == (False, 8)
     await balancer.close()
 
 

@@ -36,6 +36,7 @@ from treewave.core.ledger import TaskLedger
 from treewave.core.messages import Task
 from treewave.core.migration import (
     HoldServer,
+    HoldState,
     Intent,
     Migration,
     MigrationPhase,
@@ -63,12 +64,13 @@ class SimServer:
     held: bool = False
     retired: bool = False
 
-    def report(self, in_doubt: int, requeued: int = 0) -> ServerReport:
+    def report(self, in_doubt: int, requeued: int = 0, answers: int = 0) -> ServerReport:
         return ServerReport(
             server=self.name,
             held=self.held,
             requeued=requeued,
             in_doubt=in_doubt,
+            answers=answers,
             **self.ledger.drain_counts(),
         )
 
@@ -190,7 +192,7 @@ class MigrationWorld(RuleBasedStateMachine):
             server.held = True
             if isinstance(intent, RequeueRunning):
                 requeued = server.ledger.requeue_running()
-        report = server.report(0, requeued)  # in_doubt is the balancer's, on arrival
+        report = server.report(0, requeued, intent.seq)  # in_doubt is the balancer's, on arrival
         self.report_epochs[id(report)] = self.move_epochs[server.name]
         self.outcomes.append(report)
 
@@ -383,6 +385,13 @@ A = topo(("root", 1, ("old", "keep")), ("old", 2, ()), ("keep", 1, ()))
 B = topo(("root", 1, ("keep", "new")), ("keep", 1, ()), ("new", 3, ()))
 
 
+def current(m: Migration, server: str, *counts: int, **fields: int) -> ServerReport:
+    """A report answering the latest request `m` sent to `server`."""
+    held, *rest = counts
+    report = ServerReport(server, bool(held), *rest, **fields)
+    return dataclasses.replace(report, answers=m.latest_request(server))
+
+
 def test_a_removed_server_is_held_drained_to_the_least_pressed_and_retired() -> None:
     m = Migration(A)
     # Each phase read into a variable: asserting on `m.phase` itself would narrow that
@@ -395,23 +404,21 @@ def test_a_removed_server_is_held_drained_to_the_least_pressed_and_retired() -> 
     assert m.retiring == {"old"}
     busy = Load("keep", 1, (1.0,), (1.0, 1.0, 1.0))
     m.receive(TargetLoads((Load("root", 1), busy)), 0.0)
-    moves = m.receive(ServerReport("old", True, queued=6, running=1, reserved=0), 0.1)
+    moves = m.receive(current(m, "old", True, queued=6, running=1, reserved=0), 0.1)
     # "new" (3 idle cpus) takes most, idle "root" one; "keep" (pressed) nothing.
     assert moves == [MoveQueued("old", "new", 5), MoveQueued("old", "root", 1)]
     assert m.receive(TransferDone("old", "new", 5), 0.2) == []
     assert m.receive(TransferDone("old", "root", 1), 0.3) == [HoldServer("old")]
     # Still running one task: not retired, nothing to move.
-    assert m.receive(ServerReport("old", True, 0, 1, 0, transferred_out=6), 0.4) == []
+    assert m.receive(current(m, "old", True, 0, 1, 0, transferred_out=6), 0.4) == []
     assert m.handle_timer(1.0) == []  # the next probe is due at 1.3
     assert m.handle_timer(1.3) == [HoldServer("old")]
     # Past the grace with a task still running: requeue it.
     assert m.handle_timer(10.0) == [RequeueRunning("old")]
-    out = m.receive(ServerReport("old", True, 1, 0, 0, transferred_out=6, requeued=1), 10.1)
+    out = m.receive(current(m, "old", True, 1, 0, 0, transferred_out=6, requeued=1), 10.1)
     assert out == [MoveQueued("old", "new", 1)]
     m.receive(TransferDone("old", "new", 1), 10.2)
-    assert m.receive(ServerReport("old", True, 0, 0, 0, transferred_out=7), 10.3) == [
-        Retired("old")
-    ]
+    assert m.receive(current(m, "old", True, 0, 0, 0, transferred_out=7), 10.3) == [Retired("old")]
     assert m.phase is MigrationPhase.STEADY
     assert m.status(11.0).model_dump()["retired"] == {
         "old": {"moved": 7, "completed": 0, "requeued": 1}
@@ -421,15 +428,16 @@ def test_a_removed_server_is_held_drained_to_the_least_pressed_and_retired() -> 
 def test_not_retired_before_the_hold_nor_with_a_transfer_in_doubt() -> None:
     m = Migration(A)
     m.adopt(B, 0.0)
-    assert m.receive(ServerReport("old", False, 0, 0, 0), 0.1) == []
-    assert m.receive(ServerReport("old", True, 0, 0, 0, in_doubt=1), 0.2) == []
-    assert m.receive(ServerReport("old", True, 0, 0, 0), 0.3) == [Retired("old")]
+    assert m.receive(current(m, "old", False, 0, 0, 0), 0.1) == []
+    assert m.receive(current(m, "old", True, 0, 0, 0, in_doubt=1), 0.2) == []
+    assert m.receive(current(m, "old", True, 0, 0, 0), 0.3) == [Retired("old")]
 
 
 def test_a_newer_topology_releases_a_retiring_server_that_comes_back() -> None:
     m = Migration(A)
     m.adopt(B, 0.0)
-    m.receive(ServerReport("old", True, 4, 0, 0), 0.1)
+    hold = m.latest_request("old")
+    m.receive(current(m, "old", True, 4, 0, 0), 0.1)
     out = m.adopt(A, 0.5)
     assert out == [ReleaseServer("old"), HoldServer("new")]
     assert m.retiring == {"new"}
@@ -437,13 +445,14 @@ def test_a_newer_topology_releases_a_retiring_server_that_comes_back() -> None:
     # Its move in flight is stale now; reports keep the release going until it is lifted.
     with pytest.raises(StaleMessage):
         m.receive(TransferDone("old", "new", 4), 0.6)
-    assert m.receive(ServerReport("old", True, 0, 0, 0), 0.7) == []
+    assert m.receive(current(m, "old", True, 0, 0, 0), 0.7) == []
     assert m.handle_timer(1.5) == [HoldServer("new"), ReleaseServer("old")]
-    m.receive(ServerReport("old", False, 0, 0, 0), 1.6)
+    m.receive(current(m, "old", False, 0, 0, 0), 1.6)
     assert m.releasing == frozenset()
-    # A late hold (it overtook the release) is undone.
-    assert m.receive(ServerReport("old", True, 0, 0, 0), 1.7) == [ReleaseServer("old")]
-    assert m.releasing == {"old"}
+    # A late answer to the hold (it overtook the release) is stale: nothing to undo.
+    with pytest.raises(StaleMessage, match="answers request 1, not the latest"):
+        m.receive(ServerReport("old", True, 0, 0, 0, answers=hold), 1.7)
+    assert m.releasing == frozenset()
     assert m.adopt(A, 2.0) == []  # the same topology again changes nothing
 
 
@@ -459,17 +468,17 @@ def test_no_move_to_a_server_still_being_released() -> None:
     assert ReleaseServer("old") in out
     assert m.releasing == {"old"}
     # "keep" reports queued tasks; the only server of the topology is still held.
-    assert m.receive(ServerReport("keep", True, 3, 0, 0), 1.1) == []
-    assert m.receive(ServerReport("old", True, 0, 0, 0), 1.2) == []  # release not through
+    assert m.receive(current(m, "keep", True, 3, 0, 0), 1.1) == []
+    assert m.receive(current(m, "old", True, 0, 0, 0), 1.2) == []  # release not through
     # Its release is through: the waiting tasks go to it at once.
-    assert m.receive(ServerReport("old", False, 0, 0, 0), 1.3) == [MoveQueued("keep", "old", 3)]
+    assert m.receive(current(m, "old", False, 0, 0, 0), 1.3) == [MoveQueued("keep", "old", 3)]
     assert m.releasing == frozenset()
 
 
 def test_it_resumes_from_json_after_a_restart() -> None:
     m = Migration(A)
     m.adopt(B, 100.0)
-    m.receive(ServerReport("old", True, 3, 1, 0, transferred_out=2), 100.1)
+    m.receive(current(m, "old", True, 3, 1, 0, transferred_out=2), 100.1)
     saved = m.to_json_data()
     back = Migration.from_json_data(saved)
     assert back.to_json_data() == saved
@@ -485,10 +494,10 @@ def test_bad_inputs_change_nothing() -> None:
     m.adopt(B, 0.0)
     before = m.to_json_data()
     with pytest.raises(RemoteProtocolError, match="counts"):
-        m.receive(ServerReport("old", True, -1, 0, 0), 0.1)
+        m.receive(current(m, "old", True, -1, 0, 0), 0.1)
     with pytest.raises(StaleMessage):
-        m.receive(ServerReport("keep", False, 0, 0, 0), 0.1)
-    m.receive(ServerReport("old", True, 2, 0, 0), 0.1)
+        m.receive(current(m, "keep", False, 0, 0, 0), 0.1)
+    m.receive(current(m, "old", True, 2, 0, 0), 0.1)
     with pytest.raises(RemoteProtocolError, match="moved 5 of 2"):
         m.receive(TransferDone("old", "new", 5), 0.2)
     with pytest.raises(LocalProtocolError):
@@ -520,8 +529,116 @@ def test_a_retired_server_that_comes_back_is_released() -> None:
     # storage survived): without a release it would never start a task again.
     m = Migration(A)
     m.adopt(B, 0.0)
-    assert m.receive(ServerReport("old", True, 0, 0, 0), 0.1) == [Retired("old")]
+    assert m.receive(current(m, "old", True, 0, 0, 0), 0.1) == [Retired("old")]
     assert m.phase is MigrationPhase.STEADY
     assert m.adopt(A, 1.0) == [ReleaseServer("old"), HoldServer("new")]
     assert m.releasing == {"old"}
     assert "old" not in m.retired
+
+
+def test_an_old_answer_to_a_hold_does_not_retire_a_server_removed_again() -> None:
+    """The overtaking sequence: "old" is removed (held), answers "held, holds nothing",
+    but that answer is slow; meanwhile "old" comes back (released), takes work, and is
+    removed again (held anew). The slow answer must not pass for the new hold's: it
+    answers an older request, so it is stale, and "old" retires only once the answer to
+    the latest hold says it holds nothing."""
+    m = Migration(A)
+    [first_hold] = m.adopt(B, 0.0)
+    assert isinstance(first_hold, HoldServer)
+    assert first_hold.server == "old"
+    slow = ServerReport("old", True, 0, 0, 0, answers=first_hold.seq)
+    back = m.adopt(A, 1.0)
+    assert back[0] == ReleaseServer("old")
+    release = back[0]
+    assert isinstance(release, ReleaseServer)
+    assert release.seq > first_hold.seq
+    # Released, "old" takes 2 tasks; its answer to the release is slow too.
+    released = ServerReport("old", False, 2, 0, 0, answers=release.seq)
+    again = m.adopt(B, 2.0)
+    assert again == [ReleaseServer("new"), HoldServer("old")]
+    second_hold = again[1]
+    assert isinstance(second_hold, HoldServer)
+    assert second_hold.seq > release.seq
+    assert m.latest_request("old") == second_hold.seq
+    for stale in (slow, released):
+        with pytest.raises(StaleMessage):
+            m.receive(stale, 2.1)
+    assert m.retiring == {"old"}
+    assert m.retired == frozenset()
+    # The answer to the latest hold counts: 2 queued, to be moved first.
+    moves = m.receive(ServerReport("old", True, 2, 0, 0, answers=second_hold.seq), 2.2)
+    assert moves
+    assert all(isinstance(x, MoveQueued) and x.source == "old" for x in moves)
+    assert m.retiring == {"old"}
+
+
+def test_request_numbers_survive_a_restart_and_older_state_still_loads() -> None:
+    m = Migration(A)
+    m.adopt(B, 0.0)
+    m.adopt(A, 1.0)  # "old" released, "new" held
+    saved = m.to_json_data()
+    back = Migration.from_json_data(saved)
+    assert back.to_json_data() == saved
+    assert back.latest_request("old") == m.latest_request("old") > 0
+    # Re-sent as polls, its requests keep their numbers (their answers still count)...
+    drains = (HoldServer, RequeueRunning, ReleaseServer)
+    resent = {x.server: x.seq for x in back.handle_timer(5.0) if isinstance(x, drains)}
+    assert resent == {"old": m.latest_request("old"), "new": m.latest_request("new")}
+    assert back.handle_timer(6.0) == m.handle_timer(6.0)
+    # ...and a change numbers on from where it stopped: no number is reused.
+    again = [x for x in back.adopt(B, 7.0) if isinstance(x, drains)]
+    assert again
+    assert min(x.seq for x in again) > saved["seq"]
+    # State saved before requests were numbered still loads; numbering starts over.
+    old = Migration.from_json_data({k: v for k, v in saved.items() if k not in ("seq", "asked")})
+    assert old.retiring == {"new"}
+    assert old.latest_request("new") == 0
+    with pytest.raises(LocalProtocolError, match="damaged"):
+        Migration.from_json_data({**saved, "seq": 0})  # a number above the last one
+
+
+def test_numbers_keep_growing_when_a_balancer_starts_over_without_its_state() -> None:
+    """New request numbers are at least the wall clock in microseconds: a balancer whose
+    saved state is lost numbers above what the servers applied from its predecessor."""
+    m = Migration(A)
+    [hold] = m.adopt(B, 1_000.0)
+    assert isinstance(hold, HoldServer)
+    assert hold.seq >= 1_000 * 1_000_000
+    fresh = Migration(A)
+    [later] = fresh.adopt(B, 1_001.0)
+    assert isinstance(later, HoldServer)
+    assert later.seq > hold.seq
+
+
+def test_a_server_applies_no_request_numbered_below_one_it_applied() -> None:
+    """The server's side: an old hold overtaken by its release (or an old release by a
+    newer hold) is answered but changes nothing; unnumbered requests always apply."""
+    held = HoldState().after(True, 7)
+    assert held == HoldState(True, 7)
+    assert not held.applies(5)
+    assert held.after(False, 5) == held  # a release older than the hold
+    assert held.after(True, 7) == held  # the same request again (a poll)
+    assert held.after(False, 8) == HoldState(False, 8)
+    assert held.after(False, 0) == HoldState(False, 7)  # an unnumbered one (older balancer)
+
+
+def test_a_move_that_moved_nothing_releases_its_target_and_waits_for_the_probe() -> None:
+    """Found by the stateful test of the balancer machine: a target held by a hold that
+    outlived its release refuses every move, and re-probing the source at once planned
+    the same move again, in a loop of transfers at one instant. Now the target is asked
+    to release (idempotent) and the source is probed at its next probe only."""
+    m = Migration(A)
+    m.adopt(B, 0.0)  # "old" retiring
+    moves = m.receive(current(m, "old", True, 1, 0, 0), 0.1)
+    assert moves == [MoveQueued("old", "new", 1)]
+    out = m.receive(TransferDone("old", "new", 0), 0.2)
+    assert out == [ReleaseServer("new")]  # no probe of "old" at once
+    assert m.releasing == {"new"}
+    assert m.handle_timer(0.3) == []
+    # Its release answered (not held), the next probe of "old" plans the move again.
+    assert m.receive(current(m, "new", False, 0, 0, 0), 0.4) == []
+    probe = m.handle_timer(1.2)
+    assert [type(x) for x in probe] == [HoldServer]
+    assert m.receive(current(m, "old", True, 1, 0, 0), 1.3) == [MoveQueued("old", "new", 1)]
+    # A move that moved something probes its source at once, as before.
+    assert m.receive(TransferDone("old", "new", 1), 1.4) == [HoldServer("old")]

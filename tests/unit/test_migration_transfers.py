@@ -30,6 +30,7 @@ from treewave.core.errors import LocalProtocolError, StaleMessage
 from treewave.core.messages import Task
 from treewave.core.migration import (
     HoldServer,
+    HoldState,
     Intent,
     Migration,
     MigrationPhase,
@@ -99,6 +100,8 @@ class MigrationOverTransfers(RuleBasedStateMachine):
             if source != target:
                 self.net.start(source, target, count)
         self.drains: list[Drain] = []
+        self.applied: Counter[str] = Counter()
+        """Server -> the number of the latest drain request it applied."""
         """Drain requests on their way to servers."""
         self.reports: list[ServerReport] = []
         """Drain reports on their way to the balancer (`in_doubt` is added on arrival)."""
@@ -338,11 +341,21 @@ class MigrationOverTransfers(RuleBasedStateMachine):
         p = self.net.servers[intent.server]
         if not p.up:
             return
-        requeued = p.ledger.requeue_running() if isinstance(intent, RequeueRunning) else 0
-        self.net.hold(intent.server, not isinstance(intent, ReleaseServer))
+        state = HoldState(p.held, self.applied[intent.server])
+        applies = state.applies(intent.seq)
+        requeued = (
+            p.ledger.requeue_running() if applies and isinstance(intent, RequeueRunning) else 0
+        )
+        state = state.after(not isinstance(intent, ReleaseServer), intent.seq)
+        self.applied[intent.server] = state.seq  # on disk with `held` (`Server._drain`)
+        self.net.hold(intent.server, state.held)
         self.reports.append(
             ServerReport(
-                server=intent.server, held=p.held, requeued=requeued, **p.ledger.drain_counts()
+                server=intent.server,
+                held=p.held,
+                requeued=requeued,
+                answers=intent.seq,
+                **p.ledger.drain_counts(),
             )
         )
 

@@ -367,11 +367,14 @@ class DrainRequest(Model):
     hold, once `drain_grace_s` has passed) also stops every running task and queues it
     again from scratch, as after a crash. `hold=False` lifts the hold. Idempotent; always
     answered with a `DrainReport`, so the balancer also polls a retiring server with it.
+    `seq` numbers the request (growing per balancer); the report echoes it, so the
+    balancer can tell the answer to its latest request from an older one still under way.
     """
 
     type: Literal["server.drain"] = "server.drain"
     hold: bool
     requeue_running: bool = False
+    seq: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _requeue_needs_hold(self) -> DrainRequest:
@@ -394,6 +397,8 @@ class DrainReport(Model):
     """Cumulative counters: the balancer measures what a drain moved from their growth."""
     requeued: Count = 0
     """Running tasks this request stopped and queued again."""
+    answers: int = Field(default=0, ge=0)
+    """The `seq` of the request this answers."""
 
 
 Message = Annotated[

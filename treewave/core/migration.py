@@ -24,6 +24,24 @@ hands its shell intents to carry out and consumes their outcomes:
   (`DrainRequest(hold=False)`); it keeps what it still holds. Re-sent until a report says
   it is no longer held.
 
+Request numbers: every `DrainRequest` the drain intents become carries a number (`seq`,
+from one counter that only grows and is persisted), and its `DrainReport` echoes it
+(`answers`). A hold after a release (or a release after a hold) gets a new number; a
+request re-sent as a poll keeps its own (or no answer slower than the probe interval would
+ever count). Only a report answering the latest request sent to its server counts; an
+older one is a `StaleMessage`. Without that, a "held, holds nothing" report answering a
+hold could overtake the release that followed it (the server came back) and, once the
+server was removed again, pass for the answer to the new hold: the migration would retire
+a server that had taken work meanwhile, or was about to. The server keeps the number of
+the latest request it applied (`HoldState`, persisted with its hold) and does not apply
+an older one, so a release overtaken by the newer hold cannot lift it either. New numbers
+are at least the wall clock in microseconds: they grow across a balancer that lost its
+saved state, too.
+
+A drain move that moved nothing (its target refused: a hold that outlived its release, a
+state restored from disk) sends its target a release and leaves its source to its next
+probe, so a move that keeps failing is retried at the probe interval, not in a loop.
+
 A newer topology adopted mid-way supersedes the migration: servers it removes start
 retiring too, retiring servers it brings back are released, the rest go on draining.
 
@@ -50,6 +68,7 @@ __all__ = [
     "MAX_TASKS_PER_MOVE",
     "MOVE_TIMEOUT_S",
     "HoldServer",
+    "HoldState",
     "Intent",
     "Migration",
     "MigrationPhase",
@@ -85,18 +104,46 @@ class MigrationPhase(Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class HoldState:
+    """A server's side of the drain requests: whether it is held, and the number of the
+    latest request it applied. A request numbered below that one is answered but not
+    applied: an old hold replayed or overtaken after its release (or an old release after
+    a newer hold) must not undo the newer request, or a server could take work while the
+    balancer retires it on the strength of an answer to the newer hold. Unnumbered
+    requests (`seq` 0, from a balancer older than the numbering) are always applied."""
+
+    held: bool = False
+    seq: int = 0
+
+    def applies(self, seq: int) -> bool:
+        return seq == 0 or seq >= self.seq
+
+    def after(self, hold: bool, seq: int) -> HoldState:
+        """The state once a request (`hold`, `seq`) has arrived."""
+        if not self.applies(seq):
+            return self
+        return HoldState(hold, max(self.seq, seq))
+
+
+@dataclass(frozen=True, slots=True)
 class HoldServer:
     server: str
+    seq: int = field(default=0, compare=False)
+    """The request's number (`DrainRequest.seq`); not part of what is asked."""
 
 
 @dataclass(frozen=True, slots=True)
 class RequeueRunning:
     server: str
+    seq: int = field(default=0, compare=False)
+    """The request's number (`DrainRequest.seq`); not part of what is asked."""
 
 
 @dataclass(frozen=True, slots=True)
 class ReleaseServer:
     server: str
+    seq: int = field(default=0, compare=False)
+    """The request's number (`DrainRequest.seq`); not part of what is asked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +179,8 @@ class ServerReport:
     transferred_out: int = 0
     requeued: int = 0
     in_doubt: int = 0
+    answers: int = 0
+    """The number of the request it answers (`DrainReport.answers`)."""
 
     @property
     def holds_nothing(self) -> bool:
@@ -202,6 +251,12 @@ class Migration:
         self._retiring: dict[str, _Retiring] = {}
         self._releasing: dict[str, float] = {}
         """Servers to release -> when to ask next."""
+        self._seq = 0
+        """The last request number given out."""
+        self._asked: dict[str, tuple[int, bool]] = {}
+        """Server -> the number of the latest request sent to it (only its answer counts),
+        and whether it holds: a request re-sent as a poll keeps its number (a new number at
+        every probe would make every answer slower than `probe_interval_s` stale)."""
         self._retired: dict[str, dict[str, int]] = {}
         """Servers retired (in this or an earlier migration, until one brings them back)
         -> what the drain did there."""
@@ -230,6 +285,10 @@ class Migration:
     @property
     def grace_s(self) -> float:
         return self.topology.settings.drain_grace_s
+
+    def latest_request(self, server: str) -> int:
+        """The number of the latest drain request sent to `server` (0: none)."""
+        return self._asked.get(server, (0, False))[0]
 
     def status(self, now: float) -> MigrationStatus:
         """The `migration` object of `GET /api/topology`."""
@@ -269,18 +328,23 @@ class Migration:
             if name in desired:
                 del self._retired[name]
                 self._releasing[name] = now + self.probe_interval_s
-                out.append(ReleaseServer(name))
+                out.append(ReleaseServer(name, self._number(name, False, now)))
         for name in self.topology.names:
             if name not in desired and name not in self._retiring:
                 self._retiring[name] = _Retiring(name, since=now)
+                # Removed again before its release got through: it is held anew instead
+                # (else its held reports would pass for a release still on its way).
+                self._releasing.pop(name, None)
         for name in sorted(self._retiring):
             if name in desired:
                 del self._retiring[name]
                 self._releasing[name] = now + self.probe_interval_s
-                out.append(ReleaseServer(name))
+                out.append(ReleaseServer(name, self._number(name, False, now)))
         self.topology = desired
         self._loads = {n: x for n, x in self._loads.items() if n in desired}
         self._planned_in = {}
+        keep = set(desired.names) | set(self._retiring) | set(self._retired)
+        self._asked = {n: k for n, k in self._asked.items() if n in keep}
         for _, r in sorted(self._retiring.items()):
             out.append(self._probe(r, now))
         return out
@@ -307,7 +371,7 @@ class Migration:
         for name, when in sorted(self._releasing.items()):
             if now >= when:
                 self._releasing[name] = now + self.probe_interval_s
-                out.append(ReleaseServer(name))
+                out.append(ReleaseServer(name, self._number(name, False, now)))
         return out
 
     def next_deadline(self) -> float | None:
@@ -324,13 +388,26 @@ class Migration:
 
     # --- internals ----------------------------------------------------------------------------
 
+    def _number(self, server: str, hold: bool, now: float) -> int:
+        """The number of a request to `server`: a new one (making every earlier answer
+        stale) when it turns a release into a hold or back, else the latest one again.
+        New numbers are at least the wall clock in microseconds, so they keep growing
+        across a balancer that starts over without its saved state (servers ignore a
+        request numbered below one they applied: `HoldState`)."""
+        seq, held = self._asked.get(server, (0, not hold))
+        if held != hold:
+            self._seq = max(self._seq + 1, int(now * 1_000_000))
+            seq = self._seq
+            self._asked[server] = (seq, hold)
+        return seq
+
     def _probe(self, r: _Retiring, now: float) -> Intent:
         """Hold-and-report, or requeue once the grace has passed and tasks still run."""
         r.next_probe = now + self.probe_interval_s
         past_grace = now >= r.since + self.grace_s
         if past_grace and (r.report is None or r.report.running > 0):
-            return RequeueRunning(r.name)
-        return HoldServer(r.name)
+            return RequeueRunning(r.name, self._number(r.name, True, now))
+        return HoldServer(r.name, self._number(r.name, True, now))
 
     def _on_report(self, rep: ServerReport, now: float) -> list[Intent]:
         counts = (
@@ -341,10 +418,18 @@ class Migration:
             rep.transferred_out,
             rep.requeued,
             rep.in_doubt,
+            rep.answers,
         )
         if any(not isinstance(c, int) or c < 0 for c in counts):
             raise RemoteProtocolError(
                 f"report of {rep.server!r}: counts must be whole numbers >= 0", "invalid_fields"
+            )
+        latest = self.latest_request(rep.server)
+        if rep.answers != latest:
+            # Older: a newer request was sent since (its answer is the one that counts).
+            # Newer: not a request this machine sent (a restart from older state).
+            raise StaleMessage(
+                f"report of {rep.server!r} answers request {rep.answers}, not the latest ({latest})"
             )
         if rep.server in self._releasing:
             if rep.held:
@@ -353,9 +438,9 @@ class Migration:
             return self._plan(now)  # it can take drained tasks now
         r = self._retiring.get(rep.server)
         if r is None and rep.held and rep.server in self.topology:
-            # A hold that overtook its release (or outlived a restart): release it again.
+            # A hold that outlived a restart: release it again.
             self._releasing[rep.server] = now + self.probe_interval_s
-            return [ReleaseServer(rep.server)]
+            return [ReleaseServer(rep.server, self._number(rep.server, False, now))]
         if r is None:
             raise StaleMessage(f"report of {rep.server!r}, which is not retiring")
         if r.baseline_out is None:
@@ -390,10 +475,22 @@ class Migration:
             )
         del r.outstanding[done.target]
         r.fresh = False  # what it holds changed: plan again from a newer report
+        out: list[Intent] = []
+        if done.moved == 0 and done.target in self.topology and done.target not in self._releasing:
+            # Nothing arrived: the target may be held by a hold that outlived its release
+            # (a request replayed or overtaken, a state restored from disk), and it would
+            # refuse every move planned onto it. Releasing is idempotent: it is asked to,
+            # and planned onto again once it answers that it is not held.
+            self._releasing[done.target] = now + self.probe_interval_s
+            out.append(ReleaseServer(done.target, self._number(done.target, False, now)))
         if r.outstanding:
-            return []
+            return out
+        if done.moved == 0:
+            # Asked again at its next probe, not at once: a move that keeps failing is
+            # retried at the probe interval, not in a loop of transfers at one instant.
+            return out
         # Ask at once rather than at the next probe: the drain goes on without a pause.
-        return [self._probe(r, now)]
+        return [*out, self._probe(r, now)]
 
     def _plan(self, now: float) -> list[Intent]:
         """Moves for every retiring server with a fresh report, queued tasks and nothing in
@@ -450,6 +547,8 @@ class Migration:
             },
             "releasing": sorted(self._releasing),
             "retired": dict(self._retired.items()),
+            "seq": self._seq,
+            "asked": {n: list(a) for n, a in sorted(self._asked.items())},
         }
 
     @classmethod
@@ -475,6 +574,12 @@ class Migration:
             m._retired = {
                 str(n): {k: int(v) for k, v in d.items()} for n, d in data["retired"].items()
             }
+            # Absent from state saved before requests were numbered: numbering starts over
+            # (a restart drops every link, and with it every answer still under way).
+            m._seq = int(data.get("seq", 0))
+            m._asked = {str(n): (int(k), bool(h)) for n, (k, h) in data.get("asked", {}).items()}
+            if any(k > m._seq or k < 0 for k, _ in m._asked.values()):
+                raise ValueError("a request number above the last one given out")
         except (TopologyError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise LocalProtocolError(f"saved migration is damaged: {exc}") from None
         return m

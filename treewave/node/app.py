@@ -48,6 +48,7 @@ from treewave.core.messages import (
     parse_message,
 )
 from treewave.core.messages import Model as MessageModel
+from treewave.core.migration import HoldState
 from treewave.core.node import NodeProtocol
 from treewave.core.topology import BALANCER, ServerSpec, Topology
 from treewave.core.trace import TraceRecorder
@@ -101,6 +102,8 @@ class Server:
         self._task_counter = 0
         self.held = False
         """Leaving the topology: start no queued task, take no new work (persisted)."""
+        self.drain_seq = 0
+        """The number of the latest drain request applied (persisted; `HoldState`)."""
         self.ledger = self._load_ledger()
         self._save_pending = False
         self.allowed_inbound = {*topology.parents(self.name), BALANCER}
@@ -119,10 +122,11 @@ class Server:
             ledger = TaskLedger(order)
             ledger.submit([self.new_task() for _ in range(self.spec.tasks)])
             return ledger
-        ledger, held = self.store.open_ledger(
+        ledger, flags = self.store.open_ledger(
             order, lambda: [self.new_task() for _ in range(self.spec.tasks)], self.cpus
         )
-        self.held = held
+        self.held = bool(flags.get("held", False))
+        self.drain_seq = int(flags.get("drain_seq", 0))
         return ledger
 
     def save(self, point: CommitPoint) -> None:
@@ -130,7 +134,7 @@ class Server:
         synced) before acknowledging `point`: O(change), not O(queue)."""
         if self.store is None:
             return
-        flags = {"held": self.held, "cpus": self.cpus}
+        flags = {"held": self.held, "cpus": self.cpus, "drain_seq": self.drain_seq}
         self.store.apply(point, self.ledger.take_changes(), self.ledger, flags)
 
     def save_soon(self) -> None:
@@ -345,18 +349,24 @@ class Server:
         """Hold (or release) this server, requeueing its running tasks if asked; answered
         once on disk, with what it still holds."""
         requeued = 0
-        if msg.requeue_running:
+        state = HoldState(self.held, self.drain_seq)
+        if not state.applies(msg.seq):
+            log.info("%s: drain request %d ignored (%d applied)", self.name, msg.seq, state.seq)
+        elif msg.requeue_running:
             for runner in list(self.running_tasks):
                 runner.cancel()
             requeued = self.ledger.requeue_running()
             if requeued:
                 log.info("%s: stopped and requeued %d running tasks", self.name, requeued)
-        if msg.hold != self.held:
+        state = state.after(msg.hold, msg.seq)
+        if state.held != self.held:
             log.info("%s: %s", self.name, "held: leaving the topology" if msg.hold else "released")
-        self.held = msg.hold
+        self.held, self.drain_seq = state.held, state.seq
         self.save("drain")
         self.wakeup.set()
-        return DrainReport(held=self.held, requeued=requeued, **self.ledger.drain_counts())
+        return DrainReport(
+            held=self.held, requeued=requeued, answers=msg.seq, **self.ledger.drain_counts()
+        )
 
     def _outputs(self, out: list[Output]) -> list[tuple[str, MessageModel]]:
         sends: list[tuple[str, MessageModel]] = []

@@ -107,7 +107,7 @@ CREATE TABLE flags (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 """`tasks`: every task queued or running here (a running task runs again after a crash),
 in arrival order; `reservations`: the donor side of open transfers; `done`, `incoming`,
-`settled`: the ledger's bounded memories of ids; `flags`: the server's `held` and `cpus`
+`settled`: the ledger's bounded memories of ids; `flags`: the server's `held`, `cpus`, `drain_seq`
 and the ledger's counters, as JSON values."""
 
 COUNTERS = ("completed", "transferred_in", "transferred_out")
@@ -216,8 +216,8 @@ class TaskStore:
 
     def open_ledger(
         self, order: QueueOrder, initial: Callable[[], list[Task]], cpus: int
-    ) -> tuple[TaskLedger, bool]:
-        """The server's ledger and whether it is held: as stored; else imported from a
+    ) -> tuple[TaskLedger, dict[str, Any]]:
+        """The server's ledger and its flags (`held`, `drain_seq`): as stored; else imported from a
         JSON state file of an earlier release beside the database; else a new ledger
         with the `initial` tasks, stored before the server starts."""
         legacy = legacy_json_path(self.path.parent, self.path.name.removesuffix(DB_SUFFIX))
@@ -231,17 +231,18 @@ class TaskStore:
                 ledger.reserved_count,
                 self.path,
             )
-            return ledger, bool(flags.get("held", False))
+            return ledger, flags
         ledger = TaskLedger(order, track_changes=True)
         ledger.submit(initial())
-        self.write_full("start", ledger, {"held": False, "cpus": cpus})
-        return ledger, False
+        flags = {"held": False, "cpus": cpus, "drain_seq": 0}
+        self.write_full("start", ledger, flags)
+        return ledger, flags
 
     def load_ledger(self, order: QueueOrder) -> tuple[TaskLedger, dict[str, Any]]:
         """The stored ledger (tracking its changes from now on) and the stored flags."""
         data = self.load_data()
         ledger = TaskLedger.from_json_data(data, order, track_changes=True)
-        return ledger, {k: data[k] for k in ("held", "cpus") if k in data}
+        return ledger, {k: data[k] for k in ("held", "cpus", "drain_seq") if k in data}
 
     # --- writing ---------------------------------------------------------------------------
 

@@ -485,6 +485,7 @@ class BalancerMachine:
             completed=msg.completed,
             transferred_out=msg.transferred_out,
             requeued=msg.requeued,
+            answers=msg.answers,
             in_doubt=self.coordinator.involving(peer) + self.pending_moves[peer],
         )
         intents = self.migration.receive(report, wall_now)
@@ -494,11 +495,12 @@ class BalancerMachine:
         effects: list[Effect] = []
         for intent in intents:
             if isinstance(intent, HoldServer):
-                effects.append(SendTo(intent.server, DrainRequest(hold=True)))
+                effects.append(SendTo(intent.server, DrainRequest(hold=True, seq=intent.seq)))
             elif isinstance(intent, RequeueRunning):
-                effects.append(SendTo(intent.server, DrainRequest(hold=True, requeue_running=True)))
+                request = DrainRequest(hold=True, requeue_running=True, seq=intent.seq)
+                effects.append(SendTo(intent.server, request))
             elif isinstance(intent, ReleaseServer):
-                effects.append(SendTo(intent.server, DrainRequest(hold=False)))
+                effects.append(SendTo(intent.server, DrainRequest(hold=False, seq=intent.seq)))
             elif isinstance(intent, MoveQueued):
                 # Counted at once, not when the transfer starts: a report of either server
                 # that arrives before it starts must see it as unsettled.
@@ -576,6 +578,7 @@ class BalancerMachine:
         effects += self._start_ready_moves(now)
         if migration_wall is not None:
             intents = self.migration.handle_timer(migration_wall)
+            # Only re-sent requests (their numbers unchanged): nothing new to save.
             effects += [ShowMigration(), *self._carry_out(intents, now)]
         if self.next_round_at is not None and now >= self.next_round_at and self.round is None:
             self.next_round_at = None
