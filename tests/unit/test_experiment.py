@@ -15,6 +15,7 @@ import pytest
 from treewave.cli.main import main
 from treewave.core.policies import get_policy
 from treewave.core.topology import Settings
+from treewave.experiment.compose import project_name, published_ports
 from treewave.experiment.model import simulate
 from treewave.experiment.spec import SpecError, load_spec, parse_spec
 from treewave.experiment.workloads import Shape, benchmark, benchmark_names, generate
@@ -272,3 +273,21 @@ def test_without_matplotlib_out_is_a_one_line_error_naming_the_install(
     assert not out.exists(), "refused before anything ran"
     # The table alone needs no plotting library.
     assert main(["experiment", str(write(tmp_path, SMALL))]) == 0
+
+
+def test_compose_project_names_are_valid_and_unique_per_run() -> None:
+    names = {project_name("My_Policy.v2", 7) for _ in range(20)}
+    assert len(names) == 20
+    for name in names:
+        assert re.fullmatch(r"treewave-experiment-my-policy-v2-s7-[0-9a-f]{6}", name), name
+
+
+def test_published_ports_are_read_from_either_ps_format() -> None:
+    rows = [
+        {"Service": "s0", "Publishers": [{"TargetPort": 8000, "PublishedPort": 32768}]},
+        {"Service": "balancer", "Publishers": [{"TargetPort": 7999, "PublishedPort": 40001}]},
+        {"Service": "secret", "Publishers": None},
+    ]
+    lines = "\n".join(json.dumps(r) for r in rows)  # Compose >= 2.21: one object a line
+    assert published_ports(lines) == {"s0": 32768, "balancer": 40001}
+    assert published_ports(json.dumps(rows)) == {"s0": 32768, "balancer": 40001}

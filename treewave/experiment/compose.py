@@ -59,6 +59,7 @@ __all__ = [
     "compose_cluster",
     "compose_problem",
     "project_name",
+    "published_ports",
 ]
 
 HOST = "127.0.0.1"
@@ -217,7 +218,7 @@ def build_image(topology: Topology, image: str | None = None) -> str:
         return env["TREEWAVE_IMAGE"]
 
 
-def _published(ps: str) -> dict[str, int]:
+def published_ports(ps: str) -> dict[str, int]:
     """Service -> published host port of its HTTP port, from `docker compose ps --format
     json` (one object per line, or one array on older Compose)."""
     text = ps.strip()
@@ -327,7 +328,7 @@ def compose_cluster(
                 tail = "\n".join((up.stdout + up.stderr).strip().splitlines()[-20:])
                 raise ComposeRunError(f"`docker compose up` of {project} failed:\n{tail}")
             ps = cluster.compose("ps", "--format", "json", *services)
-            ports = _published(ps.stdout)
+            ports = published_ports(ps.stdout)
             missing = sorted(set(services) - set(ports))
             if ps.returncode != 0 or missing:
                 raise ComposeRunError(
