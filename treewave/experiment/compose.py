@@ -268,29 +268,27 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def _take_down(c: ComposeCluster, log: Path | None, progress: Progress) -> str | None:
-    """Save the services' logs (if asked), `down -v`, and remove any volume of the project
-    left behind; what went wrong, or None."""
+    """Save the services' logs (if asked) and `down -v`; what went wrong, or None. Never
+    raises: it runs while another error may be on its way out."""
     with _shielded_from_ctrl_c():
         progress(f"taking {c.project} down (docker compose down -v)")
         if log is not None:
-            logs = c.compose("logs", "--no-color", "--timestamps", timeout=120, new_session=True)
-            log.write_text(logs.stdout + logs.stderr, encoding="utf-8")
-        down = c.compose(
-            "down", "-v", "--remove-orphans", "--timeout", "10",
-            timeout=DOWN_TIMEOUT_S, new_session=True,
-        )  # fmt: skip
+            try:
+                logs = c.compose(
+                    "logs", "--no-color", "--timestamps", timeout=120, new_session=True
+                )
+                log.write_text(logs.stdout + logs.stderr, encoding="utf-8")
+            except (ComposeRunError, OSError) as exc:
+                progress(f"{c.project}: its logs could not be saved: {exc}")
+        try:
+            down = c.compose(
+                "down", "-v", "--remove-orphans", "--timeout", "10",
+                timeout=DOWN_TIMEOUT_S, new_session=True,
+            )  # fmt: skip
+        except (ComposeRunError, OSError) as exc:
+            return f"{exc}: remove it with `docker compose -p {c.project} down -v`"
         if down.returncode != 0:
             return f"`docker compose down -v` of {c.project} failed: {_first_line(down.stderr)}"
-        label = f"label=com.docker.compose.project={c.project}"
-        left = subprocess.run(
-            ["docker", "volume", "ls", "-q", "--filter", label],
-            capture_output=True, text=True, timeout=60, start_new_session=True, check=False,
-        ).stdout.split()  # fmt: skip
-        if left:
-            subprocess.run(
-                ["docker", "volume", "rm", "-f", *left],
-                capture_output=True, timeout=60, start_new_session=True, check=False,
-            )  # fmt: skip
     return None
 
 
