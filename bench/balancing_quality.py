@@ -17,7 +17,8 @@ workload runs on
   balanced expected work, run with FIFO queues as then; and `lpt`, the current one, with
   longest-first queues), chosen through `settings.policy` in the topology file and
   rebalancing every `--interval`: `treewave experiment`'s local runner
-  (treewave/experiment/local.py: the same cluster launch, arrival loop and polling);
+  (treewave/experiment/local.py and drive.py: the same cluster launch, arrival loop and
+  polling);
 - Dask distributed: a local cluster of one worker process (Nanny) per server with as many
   threads as the server has cpus (started individually, since cpus differ), tasks are
   `time.sleep(duration)`, each submitted to the worker standing for the server the
@@ -52,7 +53,8 @@ from typing import Any
 from bench.waves_scale import bench_topology
 from tests.support.http import get_text
 from treewave.core.topology import Topology
-from treewave.experiment.local import LocalCluster, local_cluster, run_workload
+from treewave.experiment.drive import run_workload
+from treewave.experiment.local import LocalCluster, local_cluster
 from treewave.experiment.run import with_policy
 from treewave.experiment.workloads import Batch, Workload, all_workloads
 

@@ -58,6 +58,22 @@ def compose_problem() -> str | None:
     return None
 
 
+def _skip_without_compose() -> None:
+    """Skip the test when Docker Compose v2 is unusable; fail it instead under
+    TREEWAVE_REQUIRE_DOCKER=1 (CI), where a skip would hide a broken set-up."""
+    problem = compose_problem()
+    if problem:
+        if os.environ.get("TREEWAVE_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"TREEWAVE_REQUIRE_DOCKER=1 but Docker Compose is unusable: {problem}")
+        pytest.skip(f"needs Docker Compose v2: {problem}")
+
+
+@pytest.fixture
+def require_compose() -> None:
+    """For tests that start Compose projects themselves (not through `launch_stack`)."""
+    _skip_without_compose()
+
+
 _NODE_TASKS = (
     "import urllib.request; print(urllib.request.urlopen("
     "'http://127.0.0.1:8000/api/tasks', timeout=10).read().decode())"
@@ -196,12 +212,7 @@ def _launch(
     purpose: str,
     bind_address: str = "127.0.0.1",
 ) -> Iterator[Stack]:
-    problem = compose_problem()
-    if problem:
-        if os.environ.get("TREEWAVE_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"TREEWAVE_REQUIRE_DOCKER=1 but Docker Compose is unusable: {problem}")
-        pytest.skip(f"needs Docker Compose v2: {problem}")
-
+    _skip_without_compose()
     directory = tmp_path_factory.mktemp(f"compose-{purpose}")
     (directory / "topology.json").write_text(topology.dumps(), encoding="utf-8")
     render(topology, "topology.json", directory, build_context=str(REPO))

@@ -6,6 +6,7 @@ import csv
 import json
 import random
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from treewave.cli.main import main
 from treewave.core.policies import get_policy
 from treewave.core.topology import Settings
+from treewave.experiment.compose import project_name, published_ports
 from treewave.experiment.model import simulate
 from treewave.experiment.spec import SpecError, load_spec, parse_spec
 from treewave.experiment.workloads import Shape, benchmark, benchmark_names, generate
@@ -36,6 +38,14 @@ rebalance_interval_s = 0.2
 [workload]
 durations = "bimodal"
 tasks = 60
+"""
+
+
+COMPOSE_SMALL = """
+policies = ["lpt"]
+runner = "compose"
+[topology]
+servers = 3
 """
 
 
@@ -141,10 +151,53 @@ def test_a_missing_topology_file_is_named(tmp_path: Path) -> None:
         parse_spec(data, "spec", tmp_path)
 
 
-def test_compose_is_a_clear_not_available(tmp_path: Path) -> None:
-    data = {"policies": ["lpt"], "runner": "compose", "topology": {"servers": 3}}
-    with pytest.raises(SpecError, match="`compose` is not available"):
+def test_a_compose_spec_is_accepted_with_the_wave_plot(tmp_path: Path) -> None:
+    data = {"policies": ["lpt", "lab"], "runner": "compose", "topology": {"servers": 3}}
+    spec, topology = parse_spec(data, "spec", tmp_path)
+    assert spec.runner == "compose"
+    assert spec.policies == ("lpt", "lab")
+    assert len(topology) == 3
+    assert spec.wanted_figures() == ("makespan", "gantt", "imbalance", "waves")
+
+
+def test_a_compose_spec_still_lists_every_problem_at_once(tmp_path: Path) -> None:
+    data = {"policies": ["nope"], "runner": "compose", "repetitions": 0, "topology": {}}
+    with pytest.raises(SpecError) as caught:
         parse_spec(data, "spec", tmp_path)
+    problems = "\n".join(caught.value.problems)
+    assert "unknown policy 'nope'" in problems
+    assert "repetitions:" in problems
+    assert "give either `file` or `servers`" in problems
+    assert len(caught.value.problems) == 3
+
+
+def test_the_compose_runner_without_docker_is_one_line_exit_2_and_starts_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no `docker` command to be found
+    spec = write(tmp_path, COMPOSE_SMALL)
+    out = tmp_path / "out"
+    assert main(["experiment", str(spec), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        "treewave experiment: the compose runner needs Docker: no `docker` command on PATH"
+    ]
+    assert captured.out == ""
+    assert not out.exists(), "refused before anything ran"
+
+
+def test_the_compose_runner_without_an_engine_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("docker") is None:
+        pytest.skip("no docker CLI here: the test above covers a missing one")
+    # A real docker CLI pointed at a socket where no engine listens.
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'no-engine.sock'}")
+    assert main(["experiment", str(write(tmp_path, COMPOSE_SMALL))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("treewave experiment: the compose runner needs ")
+    assert "Docker Compose v2 plugin" in err[0] or "running Docker engine" in err[0]
 
 
 def test_the_command_refuses_a_bad_spec_with_exit_2_and_runs_nothing(
@@ -220,3 +273,21 @@ def test_without_matplotlib_out_is_a_one_line_error_naming_the_install(
     assert not out.exists(), "refused before anything ran"
     # The table alone needs no plotting library.
     assert main(["experiment", str(write(tmp_path, SMALL))]) == 0
+
+
+def test_compose_project_names_are_valid_and_unique_per_run() -> None:
+    names = {project_name("My_Policy.v2", 7) for _ in range(20)}
+    assert len(names) == 20
+    for name in names:
+        assert re.fullmatch(r"treewave-experiment-my-policy-v2-s7-[0-9a-f]{6}", name), name
+
+
+def test_published_ports_are_read_from_either_ps_format() -> None:
+    rows = [
+        {"Service": "s0", "Publishers": [{"TargetPort": 8000, "PublishedPort": 32768}]},
+        {"Service": "balancer", "Publishers": [{"TargetPort": 7999, "PublishedPort": 40001}]},
+        {"Service": "secret", "Publishers": None},
+    ]
+    lines = "\n".join(json.dumps(r) for r in rows)  # Compose >= 2.21: one object a line
+    assert published_ports(lines) == {"s0": 32768, "balancer": 40001}
+    assert published_ports(json.dumps(rows)) == {"s0": 32768, "balancer": 40001}

@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Run the policies a spec file (TOML or JSON) names on its topology and "
         "workload, print a table (makespan / lower bound, tasks and bytes moved, mean wait, "
         "imbalance; mean ± spread over the seeds) and, with --out, write the raw results "
-        "(results.json, results.csv) and an offline HTML report with plots (report.html).",
+        "(results.json, results.csv) and an offline HTML report with plots (report.html). "
+        "The spec's runner is `model` (a fast model), `local` (a `treewave run` cluster) "
+        "or `compose` (a Docker Compose stack per policy and seed; needs Docker).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  treewave experiment examples/experiment-bimodal.toml --out results/",
     )
@@ -28,9 +30,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from treewave.experiment.local import LocalRunError
+    from treewave.experiment.drive import RunError
     from treewave.experiment.report import PlotsMissing, require_plots, table, write_outputs
-    from treewave.experiment.run import run_experiment
+    from treewave.experiment.run import RunnerUnavailable, check_runner, run_experiment
     from treewave.experiment.spec import SpecError, load_spec
 
     try:
@@ -38,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     except SpecError as exc:
         lines = "\n".join(f"  - {p}" for p in exc.problems)
         raise ConfigError(f"{exc.source}: {len(exc.problems)} problem(s):\n{lines}") from None
+    try:
+        check_runner(spec)
+    except RunnerUnavailable as exc:
+        raise ConfigError(str(exc)) from None
     if args.out is not None:
         try:
             require_plots()
@@ -57,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
         results = run_experiment(
             spec, topology, lambda line: print(line, file=sys.stderr, flush=True), logs
         )
-    except LocalRunError as exc:
+    except RunnerUnavailable as exc:
+        raise ConfigError(str(exc)) from None
+    except RunError as exc:
         raise CommandError(str(exc)) from None
     print(table(results))
     if args.out is not None:

@@ -41,6 +41,10 @@ class RunResult:
     wave_latency_mean_s: float | None = None
     reported_policy: str | None = None
     """Real runners: the policy the balancer said it ran (`/api/status`)."""
+    completed: int | None = None
+    """Real runners: the tasks the servers reported completed during the run."""
+    compose_project: str | None = None
+    """The `compose` runner: the Compose project the run was (taken down after it)."""
 
     @property
     def ratio(self) -> float:
@@ -67,6 +71,7 @@ class RunResult:
             "rounds": self.rounds,
             "wave_latency_mean_s": self.wave_latency_mean_s,
             "reported_policy": self.reported_policy,
+            "completed": self.completed,
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -181,8 +181,6 @@ def parse_spec(data: Any, source: str, base: Path) -> tuple[ExperimentSpec, Topo
             problems += [f"topology: {p}" for p in exc.problems]
         except (OSError, ValueError) as exc:
             problems.append(f"topology: {exc}")
-        if spec.runner == "compose":
-            problems.append("runner: `compose` is not available yet (use `model` or `local`)")
     elif isinstance(raw.get("topology"), dict) and isinstance(raw["topology"].get("file"), str):
         file = base / raw["topology"]["file"]
         if not file.is_file():
