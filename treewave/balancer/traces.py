@@ -10,7 +10,7 @@ and again if it records more of it later, batched with the other waves it finish
 its push window (`trace.parts`, one frame): the wave's messages are exactly what they are
 without tracing, and no request round follows the wave. A traced wave's trace is
 assembled once every server's part is in and every message sent is received in some
-part; a server still short of that after half of `step_timeout_s` (at once for a partial
+part; a server still short of that after `step_timeout_s` (at once for a partial
 wave, or when the trace is read before then: `get`) is asked (`trace.request` ->
 `trace.part`), and one that does not answer within the step timeout is named in the
 trace's `missing` and makes it partial (docs/traces.md).
@@ -278,7 +278,7 @@ class WaveTraces:
     async def _collect(
         self, wave: str, names: tuple[str, ...], own: tuple[TraceEvent, ...], complete: bool
     ) -> dict[str, TracePart]:
-        """Every server's part: the pushed ones, waited for (half the step timeout, not
+        """Every server's part: the pushed ones, waited for (the step timeout, not
         at all for a partial wave), then asked of the servers still short."""
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -292,7 +292,7 @@ class WaveTraces:
                 short
                 and complete
                 and wave not in self.wanted
-                and (left := start + step / 2 - loop.time()) > 0
+                and (left := start + step - loop.time()) > 0
             ):
                 pushed.clear()
                 with contextlib.suppress(TimeoutError):

@@ -199,7 +199,7 @@ TRACE_PUSH = Option(
     "seconds a server gathers its finished waves' trace parts before pushing them to the "
     "balancer in one frame, 0 = each at once",
     "TREEWAVE_TRACE_PUSH_S",
-    0.25,
+    1.0,
     "SECONDS",
 )
 TRACE_WAVES = Option(
