@@ -11,7 +11,9 @@ and on (the defaults: every API wave traced). After warm-up waves it runs Echo
 two clusters (so both see the same machine), and takes the balancer-reported median and
 p95. With tracing on, every wave's trace is fetched (`GET /api/waves/{id}`) before the
 next wave starts, so the wave figure is the wave's own cost (recording) and the fetch's
-time is how long after its wave a trace is ready (gathering and assembling).
+time is how long after its wave a trace is ready (gathering and assembling). A trace read
+this soon is asked for at once (the servers' push window has not ended): that figure is
+the request path's, the CPU figure below the push path's.
 
 CPU per wave (`--cpu-runs`, after the timed waves): back-to-back waves of one kind,
 alternating between the clusters, no trace fetched; the CPU time (user + system) of each

@@ -67,6 +67,17 @@ EXAMPLES: list[m.Model] = [
             m.TraceEvent(seq=1, event="decide", at=1.6, inc=3, ninc=3),
         ),
     ),
+    m.TraceParts(
+        parts=(
+            m.TracePart(wave="echo-1", server="beta", events=(), pushed=True),
+            m.TracePart(
+                wave="echo-2",
+                server="beta",
+                events=(m.TraceEvent(seq=0, event="send", message="reply", peer="alpha", at=2),),
+                pushed=True,
+            ),
+        )
+    ),
 ]
 """One example of every message type; `test_examples_cover_every_message_type` fails
 when a type is added to the union without one here."""

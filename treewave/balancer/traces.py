@@ -5,14 +5,15 @@ Which waves are traced: every wave started from the API (and so from the page's 
 periodic rebalancing waves with probability `trace_sample`; the page's own refresh Echoes
 never (they run every few seconds and would push everything else out of the history).
 Every server pushes its part (`trace.part`, `pushed`) on its direct link to the balancer
-as soon as it is done with a wave (an Echo server replied to its parent, a Finn server
-decided) and again if it records more of it later, after the wave's own messages: the
-wave's messages are exactly what they are without tracing, and no request round follows
-the wave. A traced wave's trace is assembled once every server's part is in and every
-message sent is received in some part; a server still short of that after half of
-`step_timeout_s` (at once for a partial wave) is asked (`trace.request` -> `trace.part`),
-and one that does not answer within the step timeout is named in the trace's `missing`
-and makes it partial (docs/traces.md).
+once it is done with a wave (an Echo server replied to its parent, a Finn server decided)
+and again if it records more of it later, batched with the other waves it finished within
+its push window (`trace.parts`, one frame): the wave's messages are exactly what they are
+without tracing, and no request round follows the wave. A traced wave's trace is
+assembled once every server's part is in and every message sent is received in some
+part; a server still short of that after `step_timeout_s` (at once for a partial
+wave, or when the trace is read before then: `get`) is asked (`trace.request` ->
+`trace.part`), and one that does not answer within the step timeout is named in the
+trace's `missing` and makes it partial (docs/traces.md).
 """
 
 from __future__ import annotations
@@ -149,8 +150,12 @@ class WaveTraces:
         self.pushed: OrderedDict[str, dict[str, TracePart]] = OrderedDict()
         """Parts pushed for waves not decided yet here, by wave and server (at most
         `OWN_WAVES` waves)."""
-        self.gathering: dict[str, tuple[dict[str, TracePart], asyncio.Event]] = {}
-        """Traced waves being gathered: their parts so far, and an event set on each push."""
+        self.gathering: dict[str, tuple[dict[str, TracePart], asyncio.Event, int]] = {}
+        """Traced waves being gathered: their parts so far, an event set when a part comes
+        and there may be all of them (and when the trace is wanted), how many servers."""
+        self.wanted: set[str] = set()
+        """Waves whose trace someone waits for (`get`): the servers still short are asked
+        now rather than after their push window."""
         self.closed: OrderedDict[str, None] = OrderedDict()
         """Waves whose pushed parts are no longer wanted (not traced, or gathered)."""
         self.tasks: set[asyncio.Task[None]] = set()
@@ -228,8 +233,12 @@ class WaveTraces:
             return
         gathering = self.gathering.get(wave)
         if gathering is not None:
-            gathering[0][peer] = part
-            gathering[1].set()
+            got, pushed, servers = gathering
+            got[peer] = part
+            # The gatherer looks again only once every server may be in (a part pushed
+            # again then too): not once per server, which costs a wake-up per frame.
+            if len(got) >= servers:
+                pushed.set()
             return
         parts = self.pushed.get(wave)
         if parts is None:
@@ -269,17 +278,22 @@ class WaveTraces:
     async def _collect(
         self, wave: str, names: tuple[str, ...], own: tuple[TraceEvent, ...], complete: bool
     ) -> dict[str, TracePart]:
-        """Every server's part: the pushed ones, waited for (half the step timeout, not
+        """Every server's part: the pushed ones, waited for (the step timeout, not
         at all for a partial wave), then asked of the servers still short."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         step = self.settings.step_timeout_s
         parts = self.pushed.pop(wave, {})
         pushed = asyncio.Event()
-        self.gathering[wave] = (parts, pushed)
+        self.gathering[wave] = (parts, pushed, len(names))
         try:
             short = unsettled(names, own, parts, quick=True)
-            while short and complete and (left := start + step / 2 - loop.time()) > 0:
+            while (
+                short
+                and complete
+                and wave not in self.wanted
+                and (left := start + step - loop.time()) > 0
+            ):
                 pushed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(pushed.wait(), left)
@@ -332,6 +346,7 @@ class WaveTraces:
             if missing:
                 log.warning("trace of %s is partial: no part from %s", wave, ", ".join(missing))
         finally:
+            self.wanted.discard(wave)
             stored.ready.set()
         self.publish(
             {
@@ -348,6 +363,12 @@ class WaveTraces:
         stored = self.history.get(wave)
         if stored is None:
             return None
+        if not stored.ready.is_set():
+            # Wanted now: the servers whose part has not come are asked at once.
+            self.wanted.add(wave)
+            gathering = self.gathering.get(wave)
+            if gathering is not None:
+                gathering[1].set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stored.ready.wait(), wait_s)
         return stored.trace

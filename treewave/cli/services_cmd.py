@@ -60,6 +60,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         opts.PORT.with_default(NODE_PORT),
         opts.STATE_DIR,
         opts.TRACE_WAVES,
+        opts.TRACE_PUSH,
     )
     p.set_defaults(handler=serve_node)
     b = sub.add_parser(
@@ -142,6 +143,7 @@ def node_settings(args: argparse.Namespace) -> NodeSettings:
         state_dir=args.state_dir,
         secret=read_link_secret(args.secret_file),
         trace_waves=args.trace_waves,
+        trace_push_s=args.trace_push,
         crash_points=crash_points(),
     )
 

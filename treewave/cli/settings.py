@@ -44,6 +44,7 @@ __all__ = [
     "TOKEN_FOR_READS",
     "TOPOLOGY",
     "TRACE_HISTORY",
+    "TRACE_PUSH",
     "TRACE_SAMPLE",
     "TRACE_WAVES",
     "WAVE_TIMEOUT",
@@ -191,6 +192,15 @@ TRACE_SAMPLE = Option(
     "TREEWAVE_TRACE_SAMPLE",
     0.1,
     "SHARE",
+)
+TRACE_PUSH = Option(
+    "--trace-push",
+    argtypes.non_negative_float,
+    "seconds a server gathers its finished waves' trace parts before pushing them to the "
+    "balancer in one frame, 0 = each at once",
+    "TREEWAVE_TRACE_PUSH_S",
+    1.0,
+    "SECONDS",
 )
 TRACE_WAVES = Option(
     "--trace-waves",

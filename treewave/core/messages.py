@@ -41,6 +41,7 @@ __all__ = [
     "TasksAccepted",
     "TraceEvent",
     "TracePart",
+    "TraceParts",
     "TraceRequest",
     "TransferAbort",
     "TransferCancel",
@@ -244,6 +245,14 @@ class TracePart(Model):
     after that), rather than as the answer to a `trace.request`."""
 
 
+class TraceParts(Model):
+    """Server -> balancer: several pushed parts in one frame (the waves a server finished
+    within one push window: back-to-back waves share a frame)."""
+
+    type: Literal["trace.parts"] = "trace.parts"
+    parts: tuple[TracePart, ...] = Field(min_length=1, max_length=1_000)
+
+
 # --- tasks and transfers (balancer <-> server) ----------------------------------------------
 
 
@@ -422,6 +431,7 @@ Message = Annotated[
     | TransferReservations
     | TraceRequest
     | TracePart
+    | TraceParts
     | DrainRequest
     | DrainReport,
     Field(discriminator="type"),

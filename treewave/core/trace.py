@@ -29,10 +29,13 @@ from treewave.core.messages import (
     FinnSets,
     TraceEvent,
     TracePart,
+    TraceParts,
+    trusted,
 )
 
 __all__ = [
     "DEFAULT_EVENTS_PER_WAVE",
+    "EVENTS_PER_FRAME",
     "SHIVIZ_DEFAULT_PARSER",
     "SHIVIZ_DELIMITER",
     "TraceJson",
@@ -48,6 +51,10 @@ DEFAULT_EVENTS_PER_WAVE = 5_000
 A server sends and receives about twice its degree in an Echo wave and a few messages per
 in- and out-neighbour in a Finn wave, so this only cuts off pathological waves; it keeps a
 server's buffer of 64 waves below 64 x 5,000 events (37 MiB: bench/trace_overhead.py)."""
+
+EVENTS_PER_FRAME = 20_000
+"""`push_frames` starts a new frame past this many events (about 3 MiB of JSON, well
+under a frame's 8 MiB limit)."""
 
 SHIVIZ_DEFAULT_PARSER = r"(?<event>.*)\n(?<host>\S*) (?<clock>{.*})"
 """ShiViz's default log parser (`defaultParser` in its js/shiviz.js), which
@@ -139,6 +146,29 @@ class TraceRecorder:
         self.due.clear()
         return parts
 
+    def push_frames(self) -> list[TracePart | TraceParts]:
+        """The parts due, batched: as few frames as fit (`EVENTS_PER_FRAME`), a lone part
+        as itself. A server pushes these once per push window, so the waves it finished
+        in that window share one frame to the balancer."""
+        frames: list[TracePart | TraceParts] = []
+        batch: list[TracePart] = []
+        size = 0
+        for part in self.take_due():
+            if batch and (size + len(part.events) > EVENTS_PER_FRAME or len(batch) >= 1_000):
+                frames.append(_frame(batch))
+                batch, size = [], 0
+            batch.append(part)
+            size += len(part.events)
+        if batch:
+            frames.append(_frame(batch))
+        return frames
+
+    def answered(self, wave: str) -> TracePart:
+        """This participant's part of `wave`, asked for (`trace.request`): not pushed
+        again unless more of the wave is recorded after it."""
+        self.due.discard(wave)
+        return self.part(wave)
+
     def record(self, wave: str, event: TraceEvent) -> None:
         """Keep an event as it is (its `seq` becomes the next one here)."""
         raw: Raw = (
@@ -199,8 +229,10 @@ class TraceRecorder:
         buf = self.waves.get(wave)
         if buf is None:
             return ()
+        # Built from what this participant recorded itself: not validated again (a part
+        # is validated where it arrives).
         return tuple(
-            TraceEvent(seq=i, **dict(zip(_FIELDS, raw, strict=True)))
+            trusted(TraceEvent, seq=i, **dict(zip(_FIELDS, raw, strict=True)))
             for i, raw in enumerate(buf.events)
         )
 
@@ -215,6 +247,10 @@ class TraceRecorder:
             truncated=truncated,
             pushed=pushed,
         )
+
+
+def _frame(batch: list[TracePart]) -> TracePart | TraceParts:
+    return batch[0] if len(batch) == 1 else trusted(TraceParts, parts=tuple(batch))
 
 
 # --- putting a wave together -----------------------------------------------------------------

@@ -85,7 +85,8 @@ class Server:
         self.task_time_s = topology.settings.task_time_s
         self.protocol = NodeProtocol(self.name, topology)
         self.trace = TraceRecorder(self.name, settings.trace_waves)
-        """This server's part of its recent waves, handed to the balancer on request."""
+        """This server's part of its recent waves, pushed to the balancer (`push_traces`)."""
+        self.trace_due = asyncio.Event()
         self.metrics = NodeMetrics(self.name)
         self.metrics.cpus.set(self.cpus)
         self.links = LinkSet()
@@ -323,7 +324,7 @@ class Server:
             # Confirmed only once on disk: the API answers 202 on this.
             return [TasksAccepted(first=msg.tasks[0].id, added=added)] if msg.tasks else []
         if isinstance(msg, TraceRequest):
-            return [self.trace.part(msg.wave)]
+            return [self.trace.answered(msg.wave)]
         if not isinstance(msg, TRANSFER_REQUESTS):
             raise RemoteProtocolError(
                 f"{msg.type} is not a request a server takes", "unexpected_type"
@@ -391,10 +392,25 @@ class Server:
                 sends.append((item.to, item.message))
                 if type(item.message) is EchoReply:
                     self.trace.done(item.message.wave)
-        # This server's part of a wave it is done with goes to the balancer unasked, after
-        # the wave's own messages and on the link it has anyway (docs/traces.md).
-        sends.extend((BALANCER, part) for part in self.trace.take_due())
+        # This server's part of a wave it is done with goes to the balancer unasked, on the
+        # link it has anyway, batched with the other waves of the push window
+        # (docs/traces.md); a window of 0 sends it now, after the wave's own messages.
+        if self.trace.due:
+            if self.settings.trace_push_s > 0:
+                self.trace_due.set()
+            else:
+                sends.extend((BALANCER, frame) for frame in self.trace.push_frames())
         return sends
+
+    async def push_traces(self) -> None:
+        """Push the parts of the waves finished within each window in as few frames as
+        fit: back-to-back waves share a frame, off the waves' path."""
+        while True:
+            await self.trace_due.wait()
+            await asyncio.sleep(self.settings.trace_push_s)
+            self.trace_due.clear()
+            for frame in self.trace.push_frames():
+                await self.links.send(BALANCER, frame)
 
     # --- background work -----------------------------------------------------------------------
 
@@ -587,6 +603,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(server.run_slots(), name=f"{server.name}-slots"),
         asyncio.create_task(server.timers.run(), name=f"{server.name}-timers"),
         asyncio.create_task(server.links.keep_alive(), name=f"{server.name}-keep-alive"),
+        asyncio.create_task(server.push_traces(), name=f"{server.name}-trace-push"),
     ]
     for child in server.topology.children(server.name):
         url = peer_url(child, settings.peer_url_template, settings.peer_urls)

@@ -33,4 +33,9 @@ class NodeSettings:
     frames are dropped and counted."""
     trace_waves: int = 64
     """How many recent waves this server keeps its part of the trace for (bounded
-    memory; 0 records nothing). The balancer asks for a part after a traced wave."""
+    memory; 0 records nothing). Each part is pushed to the balancer when the server is
+    done with the wave."""
+    trace_push_s: float = 1.0
+    """The push window: the parts of the waves this server finished within it go to the
+    balancer together, in one frame (0: each part at once, in its own frame). Keep it well
+    under the balancer's step timeout (2 s), after which the balancer asks instead."""

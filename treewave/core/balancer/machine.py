@@ -53,6 +53,7 @@ from treewave.core.messages import (
     Task,
     TasksAccepted,
     TracePart,
+    TraceParts,
 )
 from treewave.core.migration import (
     HoldServer,
@@ -309,6 +310,8 @@ class BalancerMachine:
             return self._wave_message(peer, msg, now)
         if isinstance(msg, TracePart):
             return [TraceArrived(peer, msg)]
+        if isinstance(msg, TraceParts):
+            return [TraceArrived(peer, part) for part in msg.parts]
         if isinstance(msg, TRANSFER_REPLIES):
             return self._transfer_effects(self.coordinator.receive(msg, now, peer), now)
         if isinstance(msg, TasksAccepted):
