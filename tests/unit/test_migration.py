@@ -123,6 +123,8 @@ class MigrationWorld(RuleBasedStateMachine):
         self.transfers = 0
         self.superseded = False
         self.removed_ever: set[str] = set()
+        self.done_on_retired: set[str] = set()
+        """Tasks completed on a retired server that later came back with new storage."""
         topo_a = drain_topology(a, seed, grace)
         for i, spec in enumerate(topo_a.servers):
             server = self.add_server(spec)
@@ -139,6 +141,9 @@ class MigrationWorld(RuleBasedStateMachine):
     def add_server(self, spec: ServerSpec) -> SimServer:
         server = self.servers.get(spec.name)
         if server is None or server.retired:
+            if server is not None:
+                # Its storage went with it: what it completed is done, not lost.
+                self.done_on_retired.update(server.ledger.task_ids()["completed"])
             server = SimServer(spec.name, spec.cpus)
             self.servers[spec.name] = server
         return server
@@ -330,6 +335,7 @@ class MigrationWorld(RuleBasedStateMachine):
         for s in self.servers.values():
             ids = s.ledger.task_ids()
             places.update(ids["queued"] + ids["running"] + ids["reserved"] + ids["completed"])
+        places.update(self.done_on_retired)
         assert set(places) == self.ids, (self.ids - set(places), set(places) - self.ids)
         twice = [t for t, n in places.items() if n > 1]
         assert not twice, twice
