@@ -30,7 +30,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -50,6 +49,7 @@ from treewave.generator.render import (
     find_compose_template,
     render,
 )
+from treewave.local.ports import free_port
 
 __all__ = [
     "ComposeCluster",
@@ -135,12 +135,6 @@ def _environment(image: str | None, balancer_port: int) -> dict[str, str]:
     env["TREEWAVE_BALANCER_PORT"] = str(balancer_port)
     env.pop("TREEWAVE_TOKEN_FOR_READS", None)  # the runner reads the API without the token
     return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(kw_only=True)
@@ -306,7 +300,7 @@ def compose_cluster(
     with tempfile.TemporaryDirectory(prefix="treewave-experiment-") as tmp, _sigterm_interrupts():
         directory = Path(tmp)
         render_stack(topology, directory)
-        port = _free_port()
+        port = free_port()
         cluster = ComposeCluster(
             topology,
             f"http://{HOST}:{port}",

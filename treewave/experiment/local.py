@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,8 @@ from typing import ClassVar
 
 from treewave.core.topology import Topology
 from treewave.experiment.drive import Cluster, RunError
+from treewave.local.errors import LocalRunError as PortsUnavailable
+from treewave.local.ports import free_port, free_port_block
 
 __all__ = ["LocalCluster", "LocalRunError", "local_cluster"]
 
@@ -37,31 +37,6 @@ SERVER_LINE = re.compile(r"^\s+(?P<name>\S+)\s+http://127\.0\.0\.1:(?P<port>\d+)
 
 class LocalRunError(RunError):
     """`treewave run` did not come up."""
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def _free_block(size: int) -> int:
-    """Below the kernel's ephemeral range (32768 up on Linux), where an outgoing
-    connection could take a port between this probe and the server's bind."""
-    for _ in range(200):
-        base = random.randint(20000, 30000 - size)
-        if all(_port_free(p) for p in range(base, base + size)):
-            return base
-    raise LocalRunError(f"no {size} consecutive free ports between 20000 and 30000")
 
 
 @dataclass(kw_only=True)
@@ -80,7 +55,10 @@ def local_cluster(topology: Topology, log: Path | None = None) -> Iterator[Local
     with tempfile.TemporaryDirectory(prefix="treewave-experiment-") as tmp:
         path = Path(tmp) / "topology.json"
         path.write_text(topology.dumps(), encoding="utf-8")
-        port = _free_port()
+        try:
+            port, base_port = free_port(), free_port_block(len(topology) + 2)
+        except PortsUnavailable as exc:
+            raise LocalRunError(str(exc)) from None
         cmd = [
             sys.executable,
             "-m",
@@ -91,7 +69,7 @@ def local_cluster(topology: Topology, log: Path | None = None) -> Iterator[Local
             "--port",
             str(port),
             "--base-port",
-            str(_free_block(len(topology) + 2)),
+            str(base_port),
             "--log-level",
             "WARNING",
             "--rebalance-interval",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import socket
 
 from treewave.local.errors import LocalRunError
 
-__all__ = ["HOST", "allocate_ports", "port_free"]
+__all__ = ["HOST", "allocate_ports", "free_port", "free_port_block", "port_free"]
 
 HOST = "127.0.0.1"
 
@@ -34,3 +35,22 @@ def allocate_ports(base: int, count: int, exclude: set[int]) -> list[int]:
             ports.append(port)
         port += 1
     return ports
+
+
+def free_port(host: str = HOST) -> int:
+    """A port the kernel calls free now (it can still be taken before it is bound)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def free_port_block(size: int, first: int = 20000, last: int = 30000) -> int:
+    """The first of `size` consecutive free ports, below the kernel's ephemeral range
+    (32768 up on Linux, where an outgoing connection could take one between this probe
+    and the bind), for `treewave run --base-port`. Drawn at random, so two blocks chosen
+    one after the other do not start at the same port."""
+    for _ in range(200):
+        base = random.randint(first, last - size)
+        if all(port_free(p) for p in range(base, base + size)):
+            return base
+    raise LocalRunError(f"no {size} consecutive free ports between {first} and {last}")
