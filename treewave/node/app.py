@@ -101,10 +101,9 @@ class Server:
         )
         """Where each acknowledged change is committed first (None: memory only)."""
         self._task_counter = 0
-        self.held = False
-        """Leaving the topology: start no queued task, take no new work (persisted)."""
-        self.drain_seq = 0
-        """The number of the latest drain request applied (persisted; `HoldState`)."""
+        self.hold = HoldState()
+        """Whether it is held (leaving the topology: it starts no queued task and takes no
+        new work), and the latest drain request it applied; persisted."""
         self.ledger = self._load_ledger()
         self._save_pending = False
         self.allowed_inbound = {*topology.parents(self.name), BALANCER}
@@ -126,16 +125,19 @@ class Server:
         ledger, flags = self.store.open_ledger(
             order, lambda: [self.new_task() for _ in range(self.spec.tasks)], self.cpus
         )
-        self.held = bool(flags.get("held", False))
-        self.drain_seq = int(flags.get("drain_seq", 0))
+        self.hold = HoldState(bool(flags.get("held", False)), int(flags.get("drain_seq", 0)))
         return ledger
+
+    @property
+    def held(self) -> bool:
+        return self.hold.held
 
     def save(self, point: CommitPoint) -> None:
         """Commit what the ledger changed since the last save (one SQLite transaction,
         synced) before acknowledging `point`: O(change), not O(queue)."""
         if self.store is None:
             return
-        flags = {"held": self.held, "cpus": self.cpus, "drain_seq": self.drain_seq}
+        flags = {"held": self.held, "cpus": self.cpus, "drain_seq": self.hold.seq}
         self.store.apply(point, self.ledger.take_changes(), self.ledger, flags)
 
     def save_soon(self) -> None:
@@ -350,19 +352,17 @@ class Server:
         """Hold (or release) this server, requeueing its running tasks if asked; answered
         once on disk, with what it still holds."""
         requeued = 0
-        state = HoldState(self.held, self.drain_seq)
-        if not state.applies(msg.seq):
-            log.info("%s: drain request %d ignored (%d applied)", self.name, msg.seq, state.seq)
+        if not self.hold.applies(msg.seq):
+            log.info("%s: drain request %d ignored (%d applied)", self.name, msg.seq, self.hold.seq)
         elif msg.requeue_running:
             for runner in list(self.running_tasks):
                 runner.cancel()
             requeued = self.ledger.requeue_running()
             if requeued:
                 log.info("%s: stopped and requeued %d running tasks", self.name, requeued)
-        state = state.after(msg.hold, msg.seq)
-        if state.held != self.held:
+        before, self.hold = self.held, self.hold.after(msg.hold, msg.seq)
+        if self.held != before:
             log.info("%s: %s", self.name, "held: leaving the topology" if msg.hold else "released")
-        self.held, self.drain_seq = state.held, state.seq
         self.save("drain")
         self.wakeup.set()
         return DrainReport(
