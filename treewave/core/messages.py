@@ -23,6 +23,7 @@ from treewave.core.errors import RemoteProtocolError
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "MAX_PARTS_PER_FRAME",
     "Challenge",
     "DrainReport",
     "DrainRequest",
@@ -64,6 +65,9 @@ __all__ = [
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 """Largest frame accepted; an Echo reply carries the whole tree's state (about 200 bytes
 per server), so this allows some 40,000 servers per deployment."""
+
+MAX_PARTS_PER_FRAME = 1_000
+"""Most trace parts one `trace.parts` frame carries (a server starts another past it)."""
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
 WaveId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
@@ -250,7 +254,7 @@ class TraceParts(Model):
     within one push window: back-to-back waves share a frame)."""
 
     type: Literal["trace.parts"] = "trace.parts"
-    parts: tuple[TracePart, ...] = Field(min_length=1, max_length=1_000)
+    parts: tuple[TracePart, ...] = Field(min_length=1, max_length=MAX_PARTS_PER_FRAME)
 
 
 # --- tasks and transfers (balancer <-> server) ----------------------------------------------

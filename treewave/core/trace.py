@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from treewave.core.messages import (
+    MAX_PARTS_PER_FRAME,
     EchoExplore,
     EchoReply,
     FinnSets,
@@ -154,7 +155,9 @@ class TraceRecorder:
         batch: list[TracePart] = []
         size = 0
         for part in self.take_due():
-            if batch and (size + len(part.events) > EVENTS_PER_FRAME or len(batch) >= 1_000):
+            if batch and (
+                size + len(part.events) > EVENTS_PER_FRAME or len(batch) >= MAX_PARTS_PER_FRAME
+            ):
                 frames.append(_frame(batch))
                 batch, size = [], 0
             batch.append(part)
