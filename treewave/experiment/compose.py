@@ -54,7 +54,6 @@ from treewave.local.ports import free_port
 __all__ = [
     "ComposeCluster",
     "ComposeRunError",
-    "ComposeUnavailable",
     "build_image",
     "compose_cluster",
     "compose_problem",
@@ -74,10 +73,6 @@ PROBE_TIMEOUT_S = 30.0
 LINK_TIMEOUT_S = 120.0
 
 Progress = Callable[[str], None]
-
-
-class ComposeUnavailable(Exception):
-    """Docker or Compose v2 is missing here: nothing was started."""
 
 
 class ComposeRunError(RunError):
