@@ -523,3 +523,22 @@ async def test_in_process_cluster_echo_finn_and_rebalance(
                 break
             await asyncio.sleep(0.05)
         assert done == expected
+
+
+async def test_a_child_without_a_link_does_not_hold_the_wave(aiohttp_client: Any) -> None:
+    """Alpha's children are not running, so its explores to them cannot go out: alpha
+    answers the balancer at once with its own state (the wave partial above it) instead
+    of after the explore's hour-long budget. A cluster's first wave, started before every
+    link was up, used to hold the periodic rebalancing for the whole deadline."""
+    client: Client = await aiohttp_client(node_application("alpha"))
+    ws = await open_link(client, "balancer")
+    try:
+        explore = {"type": "echo.explore", "wave": "w1", "sender": "balancer", "budget_s": 3600}
+        await ws.send_str(json.dumps(explore))
+        reply = await next_frame(ws)
+    finally:
+        await ws.close()
+    assert reply["type"] == "echo.reply", reply
+    assert [s["name"] for s in reply["states"]] == ["alpha"]
+    assert reply["sent"] == 1  # its reply: the two explores never went out
+    assert "w1" not in client.app[SERVER_KEY].protocol.echo_waves

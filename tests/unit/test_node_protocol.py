@@ -3,6 +3,8 @@ wave id: finished ids stay stale, and an id never crosses from one algorithm to 
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.waves import (
     BUDGET,
     SMALL,
@@ -11,9 +13,11 @@ from tests.support.waves import (
     started_echo,
 )
 from treewave.core.errors import StaleMessage
-from treewave.core.messages import EchoExplore, EchoReply, FinnSets, FinnWork
+from treewave.core.events import Send
+from treewave.core.messages import EchoExplore, EchoReply, FinnSets, FinnWork, ServerState
+from treewave.core.node import NodeProtocol
 from treewave.core.simulation import SimNetwork
-from treewave.core.topology import BALANCER
+from treewave.core.topology import BALANCER, Topology
 
 
 def test_finished_echo_wave_id_is_stale_everywhere() -> None:
@@ -60,3 +64,64 @@ def test_wave_ids_do_not_cross_algorithms() -> None:
     explore = EchoExplore(wave="finn-1", sender=BALANCER, budget_s=BUDGET)
     assert_rejected_unchanged(net2, "root", explore, reason="wrong_algorithm")
     finish_exactly(net)
+
+
+def _cpus(cpus: int = 1) -> ServerState:
+    return ServerState(name="mid", cpus=cpus, running=0, queued=0, completed=0)
+
+
+TWO_CHILDREN = Topology.parse(
+    {
+        "servers": [
+            {"name": "mid", "cpus": 1, "children": ["left", "right"]},
+            {"name": "left", "cpus": 1},
+            {"name": "right", "cpus": 1},
+        ]
+    }
+)
+
+
+def test_an_explore_that_cannot_go_out_gives_its_neighbour_up() -> None:
+    """No link to a child (it is not up yet, or gone): waiting for its answer would hold
+    the wave, and every wave above, until the deadline. The child is given up instead: the
+    server replies as soon as the others have answered, and counts the explore as unsent."""
+    node = NodeProtocol("mid", TWO_CHILDREN)
+    explore = EchoExplore(wave="w", sender=BALANCER, budget_s=3600.0)
+    sends = node.receive(explore, 0.0, _cpus())
+    assert sorted(s.to for s in sends if isinstance(s, Send)) == ["left", "right"]
+    to_left = next(s for s in sends if isinstance(s, Send) and s.to == "left")
+    assert isinstance(to_left.message, EchoExplore)
+    assert node.send_failed("left", to_left.message, _cpus()) == []  # right still out
+    # A late answer from the child given up is stale, not a protocol error.
+    late = EchoExplore(wave="w", sender="left", budget_s=1.0)
+    with pytest.raises(StaleMessage):
+        node.receive(late, 0.1, _cpus())
+    right = ServerState(name="right", cpus=1, running=0, queued=0, completed=0)
+    (reply,) = node.receive(
+        EchoReply(wave="w", sender="right", states=(right,), sent=1), 0.2, _cpus()
+    )
+    assert isinstance(reply, Send)
+    assert isinstance(reply.message, EchoReply)
+    assert reply.to == BALANCER
+    assert [s.name for s in reply.message.states] == ["mid", "right"]
+    # mid's explore to right, right's reply and mid's reply: the lost explore not counted.
+    assert reply.message.sent == 3
+    assert "w" not in node.echo_waves
+
+
+def test_the_last_explore_failing_answers_the_parent_at_once() -> None:
+    node = NodeProtocol("mid", TWO_CHILDREN)
+    sends = node.receive(EchoExplore(wave="w", sender=BALANCER, budget_s=3600.0), 0.0, _cpus())
+    out = []
+    for s in sends:
+        assert isinstance(s, Send)
+        assert isinstance(s.message, EchoExplore)
+        out += node.send_failed(s.to, s.message, _cpus())
+    (reply,) = out
+    assert isinstance(reply, Send)
+    assert isinstance(reply.message, EchoReply)
+    assert (reply.to, reply.message.sent, len(reply.message.states)) == (BALANCER, 1, 1)
+    assert node.next_deadline() is None  # nothing left to time out
+    # Failing again (or a reply, or Finn's sets, failing) changes nothing.
+    assert node.send_failed("left", sends[0].message, _cpus()) == []  # type: ignore[union-attr]
+    assert node.send_failed(BALANCER, reply.message, _cpus()) == []

@@ -65,8 +65,8 @@ class EchoNodeWave:
 
     # Slots: a simulated million servers each hold one while the wave passes.
     __slots__ = (
-        "budget_s", "deadline", "hop_s", "name", "parent", "pending", "phase", "sent",
-        "states", "wave",
+        "budget_s", "deadline", "gone", "hop_s", "name", "parent", "pending", "phase",
+        "sent", "states", "wave",
     )  # fmt: skip
 
     def __init__(
@@ -92,6 +92,8 @@ class EchoNodeWave:
         self.hop_s = first.hop_s
         self.deadline = now + first.budget_s
         self.phase = EchoPhase.EXPLORING
+        self.gone: frozenset[str] = frozenset()
+        """Neighbours whose explore could not go out (`unreachable`)."""
 
     def start(self, local: LocalState) -> list[Send]:
         """Explore every neighbour but the parent (or reply at once if there is none)."""
@@ -109,6 +111,8 @@ class EchoNodeWave:
         if self.phase is EchoPhase.ECHOED:
             raise StaleMessage(f"echo wave {self.wave} is already over at {self.name!r}")
         if msg.sender not in self.pending:
+            if msg.sender in self.gone:
+                raise StaleMessage(f"echo wave {self.wave}: {msg.sender!r} was given up")
             if msg.sender == self.parent:
                 what = "its parent sent again"
             else:
@@ -125,6 +129,20 @@ class EchoNodeWave:
             self.states.extend(msg.states)
             self.sent += msg.sent
         self.pending.discard(msg.sender)
+        if self.pending:
+            return []
+        return [self._reply(local)]
+
+    def unreachable(self, to: str, local: LocalState) -> list[Send]:
+        """The explore to `to` could not go out (no link to it): `to` takes no part in
+        this wave, so waiting for its answer would only hold the wave, and every wave
+        above it, until the deadline. It counts as answered with nothing (the wave is
+        partial, `to` missing) and the explore as never sent."""
+        if self.phase is not EchoPhase.EXPLORING or to not in self.pending:
+            return []
+        self.pending.discard(to)
+        self.gone |= {to}
+        self.sent -= 1
         if self.pending:
             return []
         return [self._reply(local)]

@@ -126,6 +126,23 @@ class NodeProtocol:
         self.finn_waves[msg.wave] = wave
         return out
 
+    def send_failed(
+        self, to: str, msg: EchoExplore | EchoReply | FinnSets, local: LocalState
+    ) -> list[Output]:
+        """A wave message could not go out (the shell has no link to `to`). An Echo
+        explore: `to` is given up in that wave (`EchoNodeWave.unreachable`), which may
+        complete it here at once. A reply or Finn's sets: nothing here can make up for
+        them; the wave above ends at its deadline, partial."""
+        if not isinstance(msg, EchoExplore):
+            return []
+        wave = self.echo_waves.get(msg.wave)
+        if wave is None:
+            return []
+        out: list[Output] = list(wave.unreachable(to, local))
+        if wave.phase is EchoPhase.ECHOED:
+            self._finish(msg.wave)
+        return out
+
     def handle_timer(self, now: float, local: LocalState) -> list[Output]:
         """Answer Echo waves past their deadline; forget Finn waves past theirs."""
         out: list[Output] = []

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -245,9 +246,18 @@ class Server:
             log.warning("%s: rejected a frame from %s: %s", self.name, peer, exc)
             await self.links.send(peer, ErrorReply(error=str(exc)[:2000]))
             return
-        for to, reply in replies:
-            await self.links.send(to, reply)
+        await self._send(replies)
         # No gauge refresh per frame: `/metrics` refreshes them when it is scraped.
+
+    async def _send(self, sends: list[tuple[str, MessageModel]]) -> None:
+        """Send in order; a wave message that cannot go out (no link yet, or any more)
+        goes back to the protocol, which may answer it at once (`send_failed`)."""
+        work = deque(sends)
+        while work:
+            to, msg = work.popleft()
+            sent = await self.links.send(to, msg)
+            if not sent and isinstance(msg, (EchoExplore, EchoReply, FinnSets)):
+                work += self._outputs(self.protocol.send_failed(to, msg, self.local_state))
 
     def _flood_ok(self, peer: str) -> bool:
         """Token bucket per link: a peer may not drown the server in frames."""
@@ -437,8 +447,7 @@ class Server:
 
     async def _deadline_passed(self, now: float) -> None:
         """Answer Echo waves past their deadline, forget Finn waves past theirs."""
-        for to, msg in self._outputs(self.protocol.handle_timer(now, self.local_state())):
-            await self.links.send(to, msg)
+        await self._send(self._outputs(self.protocol.handle_timer(now, self.local_state())))
 
     async def run_inbound(self, request: web.Request) -> web.WebSocketResponse:
         """A parent's or the balancer's link: hello first, then one reader until close."""
