@@ -5,6 +5,7 @@ and the `trace` / `simulate --trace` commands."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections import Counter
@@ -215,6 +216,32 @@ async def test_balancer_traces_api_waves_not_refreshes_and_samples_periodic() ->
     assert await traces.get("status-1", 0.1) is None
     await traces.close()
     assert [e["wave_id"] for e in events][-1] == "api-2"
+
+
+async def test_a_trace_is_assembled_when_first_read() -> None:
+    """Gathering keeps the parts; the trace is put together only when something reads it
+    (the listing or the trace itself), once, and the same trace either way."""
+    topo = random_topology(3, 1, TreeShape(2, 0))
+    events: list[dict[str, Any]] = []
+    traces = WaveTraces(Settings(), topo, LinkSet(), events.append, random.Random(1))
+    traces.finished(Record("api-1", "api"))
+    stored = traces.history["api-1"]
+    await asyncio.wait_for(stored.ready.wait(), 5.0)
+    assert stored.gathered is not None
+    assert stored.trace is None  # gathered, not assembled
+    assert "complete" not in stored.summary
+    assert events[-1] == {"event": "trace", "wave_id": "api-1", "algorithm": "echo"}
+    (listed,) = traces.listing()
+    assert listed["ready"] is True
+    assert listed["complete"] is False  # no server linked: none could answer
+    assert listed["missing"] == list(topo.names)
+    assert stored.gathered is None  # the parts are dropped once assembled
+    trace = await traces.get("api-1", 1.0)
+    assert trace is stored.trace
+    assert trace is not None
+    assert trace["missing"] == list(topo.names)
+    assert traces.assembled() == [trace]
+    await traces.close()
 
 
 # --- commands -----------------------------------------------------------------------------

@@ -8,12 +8,12 @@ Every server pushes its part (`trace.part`, `pushed`) on its direct link to the 
 once it is done with a wave (an Echo server replied to its parent, a Finn server decided)
 and again if it records more of it later, batched with the other waves it finished within
 its push window (`trace.parts`, one frame): the wave's messages are exactly what they are
-without tracing, and no request round follows the wave. A traced wave's trace is
-assembled once every server's part is in and every message sent is received in some
-part; a server still short of that after `step_timeout_s` (at once for a partial
-wave, or when the trace is read before then: `get`) is asked (`trace.request` ->
-`trace.part`), and one that does not answer within the step timeout is named in the
-trace's `missing` and makes it partial (docs/traces.md).
+without tracing, and no request round follows the wave. A traced wave's parts are
+gathered once every server's part is in and every message sent is received in some part;
+a server still short of that after `step_timeout_s` (at once for a partial wave, or when
+the trace is read before then: `get`) is asked (`trace.request` -> `trace.part`), and one
+that does not answer within the step timeout is named in the trace's `missing` and makes
+it partial (docs/traces.md). The trace is assembled from the parts when it is first read.
 """
 
 from __future__ import annotations
@@ -117,11 +117,48 @@ class FinishedWave(Protocol):
     def trigger(self) -> str: ...
 
 
+@dataclass(frozen=True)
+class GatheredParts:
+    """A traced wave's parts, as gathered: what `assemble` needs, kept until the trace
+    is first read."""
+
+    parts: dict[str, tuple[TraceEvent, ...]]
+    lanes: tuple[str, ...]
+    missing: list[str]
+    truncated: list[str]
+
+
 @dataclass
 class StoredTrace:
     summary: dict[str, Any]
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the gathering has ended (with the parts, or cancelled)."""
+    gathered: GatheredParts | None = None
     trace: TraceJson | None = None
+
+    def assembled(self) -> TraceJson | None:
+        """The trace, put together the first time it is read (None until its parts are
+        gathered): assembling costs as much as the rest of tracing a wave at the
+        balancer, and most traces are never read."""
+        g = self.gathered
+        if self.trace is None and g is not None:
+            summary = self.summary
+            trace = assemble(
+                summary["wave_id"],
+                summary["algorithm"],
+                g.parts,
+                lanes=g.lanes,
+                missing=g.missing,
+                wave_complete=summary["wave_complete"],
+                wave_missing=summary["wave_missing"],
+                truncated=g.truncated,
+            )
+            self.trace = {**trace, **{k: v for k, v in summary.items() if k not in trace}}
+            summary["complete"] = trace["complete"]
+            summary["missing"] = trace["missing"]
+            summary["messages"] = trace["messages"]
+            self.gathered = None
+        return self.trace
 
 
 class WaveTraces:
@@ -329,33 +366,14 @@ class WaveTraces:
                     truncated.append(name)
                 if part.events:
                     parts[name] = part.events
-            trace = assemble(
-                wave,
-                summary["algorithm"],
-                parts,
-                lanes=(BALANCER, *names),
-                missing=missing,
-                wave_complete=summary["wave_complete"],
-                wave_missing=summary["wave_missing"],
-                truncated=truncated,
-            )
-            stored.trace = {**trace, **{k: v for k, v in summary.items() if k not in trace}}
-            summary["complete"] = trace["complete"]
-            summary["missing"] = trace["missing"]
-            summary["messages"] = trace["messages"]
+            stored.gathered = GatheredParts(parts, (BALANCER, *names), missing, truncated)
             if missing:
                 log.warning("trace of %s is partial: no part from %s", wave, ", ".join(missing))
         finally:
             self.wanted.discard(wave)
             stored.ready.set()
-        self.publish(
-            {
-                "event": "trace",
-                "wave_id": wave,
-                "algorithm": summary["algorithm"],
-                "complete": summary["complete"],
-            }
-        )
+        # Whether the trace is complete is known once it is assembled, when it is read.
+        self.publish({"event": "trace", "wave_id": wave, "algorithm": summary["algorithm"]})
 
     async def get(self, wave: str, wait_s: float) -> TraceJson | None:
         """A traced wave's trace, waiting for its gathering if it is still under way;
@@ -371,13 +389,21 @@ class WaveTraces:
                 gathering[1].set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stored.ready.wait(), wait_s)
-        return stored.trace
+        return stored.assembled()
 
     def listing(self) -> list[dict[str, Any]]:
+        """Every trace kept, newest first; those gathered are assembled to say whether
+        they are complete."""
         out = []
         for stored in reversed(self.history.values()):
-            out.append({**stored.summary, "ready": stored.trace is not None})
+            ready = stored.assembled() is not None
+            out.append({**stored.summary, "ready": ready})
         return out
+
+    def assembled(self) -> list[TraceJson]:
+        """Every gathered trace kept, oldest first."""
+        traces = (s.assembled() for s in self.history.values())
+        return [t for t in traces if t is not None]
 
     async def close(self) -> None:
         for t in list(self.tasks):
@@ -437,7 +463,7 @@ async def api_waves(request: web.Request) -> web.Response:
     traces = request.app[TRACES_KEY]
     if _format(request) == "shiviz":
         # Every gathered trace kept, oldest first, one ShiViz execution each.
-        return _shiviz(s.trace for s in traces.history.values() if s.trace is not None)
+        return _shiviz(traces.assembled())
     listing = TraceList(
         enabled=traces.enabled,
         history=traces.settings.trace_history,

@@ -9,6 +9,7 @@ SIGINT/SIGTERM. The service packages only receive the finished settings object.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -192,8 +193,26 @@ def serve(
         raise ConfigError(str(exc)) from None
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
+    settle_heap()
     web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
     return 0
+
+
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations between two young collections (CPython's default: 700)."""
+
+
+def settle_heap() -> None:
+    """Once the app is built: move everything allocated so far (modules, pydantic's
+    schemas, the topology) out of the collector's sight (`gc.freeze`), and collect the
+    young generation less often. A service allocates many short-lived objects per frame
+    (parsed messages, trace parts); with the defaults, collections that walk the
+    long-lived heap took about half of the balancer's time parsing a traced wave's parts
+    (bench/README.md, "Issue 24, closing part")."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 # Each service's app is imported by its own command only: a server container imports

@@ -196,7 +196,7 @@ class Topology:
 
     # --- queries -------------------------------------------------------------------------
 
-    @property
+    @cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.servers)
 
