@@ -62,18 +62,18 @@ EXAMPLES: list[m.Model] = [
     m.TracePart(
         wave="finn-1",
         server="beta",
-        events=(
-            m.TraceEvent(seq=0, event="receive", message="finn", peer="alpha", at=1.5, inc=2),
-            m.TraceEvent(seq=1, event="decide", at=1.6, inc=3, ninc=3),
+        rows=(
+            ("receive", "finn", "alpha", 1.5, 2, None, None, None, None),
+            ("decide", "", "", 1.6, 3, 3, None, None, None),
         ),
     ),
     m.TraceParts(
         parts=(
-            m.TracePart(wave="echo-1", server="beta", events=(), pushed=True),
+            m.TracePart(wave="echo-1", server="beta", rows=(), pushed=True),
             m.TracePart(
                 wave="echo-2",
                 server="beta",
-                events=(m.TraceEvent(seq=0, event="send", message="reply", peer="alpha", at=2),),
+                rows=(("send", "reply", "alpha", 2.0, None, None, None, None, None),),
                 pushed=True,
             ),
         )

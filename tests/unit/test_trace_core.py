@@ -377,7 +377,7 @@ async def test_a_stale_or_missing_pushed_part_is_asked_for_then_named() -> None:
     assert unsettled(topo.names, own, parts) == set()
     leaf = next(n for n in topo.names if not topo.children(n))
     parent = next(n for n in topo.names if leaf in topo.children(n))
-    cut = parts[leaf].model_copy(update={"events": parts[leaf].events[:-1]})  # no reply sent
+    cut = parts[leaf].model_copy(update={"rows": parts[leaf].rows[:-1]})  # no reply sent
     assert unsettled(topo.names, own, {**parts, leaf: cut}) == {leaf}
     assert unsettled(topo.names, own, {n: p for n, p in parts.items() if n != parent}) == {parent}
     traces = WaveTraces(Settings(), topo, LinkSet(), lambda _: None)

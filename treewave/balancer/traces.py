@@ -42,6 +42,8 @@ from treewave.core.messages import (
     TraceEvent,
     TracePart,
     TraceRequest,
+    TraceRow,
+    rows_to_events,
 )
 from treewave.core.topology import BALANCER, Topology
 from treewave.core.trace import TraceJson, TraceRecorder, assemble, shiviz_file
@@ -122,7 +124,10 @@ class GatheredParts:
     """A traced wave's parts, as gathered: what `assemble` needs, kept until the trace
     is first read."""
 
-    parts: dict[str, tuple[TraceEvent, ...]]
+    own: tuple[TraceEvent, ...]
+    """The balancer's own events."""
+    rows: dict[str, tuple[TraceRow, ...]]
+    """Each server's rows (the events are built when the trace is assembled)."""
     lanes: tuple[str, ...]
     missing: list[str]
     truncated: list[str]
@@ -146,7 +151,7 @@ class StoredTrace:
             trace = assemble(
                 summary["wave_id"],
                 summary["algorithm"],
-                g.parts,
+                {BALANCER: g.own, **{n: rows_to_events(r) for n, r in g.rows.items()}},
                 lanes=g.lanes,
                 missing=g.missing,
                 wave_complete=summary["wave_complete"],
@@ -354,7 +359,7 @@ class WaveTraces:
             names = self.topology.names
             got = await self._collect(wave, names, own, summary["wave_complete"])
             self._close(wave)
-            parts: dict[str, tuple[TraceEvent, ...]] = {BALANCER: own}
+            parts: dict[str, tuple[TraceRow, ...]] = {}
             missing: list[str] = []
             truncated: list[str] = []
             for name in names:
@@ -364,9 +369,9 @@ class WaveTraces:
                     continue
                 if part.truncated:
                     truncated.append(name)
-                if part.events:
-                    parts[name] = part.events
-            stored.gathered = GatheredParts(parts, (BALANCER, *names), missing, truncated)
+                if part.rows:
+                    parts[name] = part.rows
+            stored.gathered = GatheredParts(own, parts, (BALANCER, *names), missing, truncated)
             if missing:
                 log.warning("trace of %s is partial: no part from %s", wave, ", ".join(missing))
         finally:
@@ -429,12 +434,17 @@ def unsettled(
         return short
     sent: Counter[tuple[str, str]] = Counter()
     got: Counter[tuple[str, str]] = Counter()
-    for who, events in ((BALANCER, own), *((n, p.events) for n, p in parts.items())):
-        for e in events:
-            if e.event == "send":
-                sent[who, e.peer] += 1
-            elif e.event == "receive":
-                got[e.peer, who] += 1
+    for e in own:
+        if e.event == "send":
+            sent[BALANCER, e.peer] += 1
+        elif e.event == "receive":
+            got[e.peer, BALANCER] += 1
+    for who, part in parts.items():
+        for event, _, peer, *_ in part.rows:
+            if event == "send":
+                sent[who, peer] += 1
+            elif event == "receive":
+                got[peer, who] += 1
     if sent != got:
         short.update(b for _, b in (sent - got))
         short.update(a for a, _ in (got - sent))

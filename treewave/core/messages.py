@@ -24,6 +24,7 @@ from treewave.core.errors import RemoteProtocolError
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_PARTS_PER_FRAME",
+    "TRACE_ROW_FIELDS",
     "Challenge",
     "DrainReport",
     "DrainRequest",
@@ -44,6 +45,7 @@ __all__ = [
     "TracePart",
     "TraceParts",
     "TraceRequest",
+    "TraceRow",
     "TransferAbort",
     "TransferCancel",
     "TransferCommit",
@@ -58,6 +60,7 @@ __all__ = [
     "describe_errors",
     "encode",
     "parse_message",
+    "rows_to_events",
     "trusted",
     "trusted_copy",
 ]
@@ -226,6 +229,29 @@ class TraceEvent(Model):
     known_ninc: int | None = Field(default=None, ge=0)
 
 
+SetSize = Annotated[int, Field(ge=0)] | None
+
+TraceRow = tuple[
+    Literal["send", "receive", "decide"],
+    Literal["explore", "reply", "finn", ""],
+    Annotated[str, Field(max_length=63)],
+    float,
+    SetSize,
+    SetSize,
+    SetSize,
+    SetSize,
+    SetSize,
+]
+"""A `TraceEvent` as a part carries it: its fields in order (`event`, `message`, `peer`,
+`at`, `inc`, `ninc`, `dec`, `known_inc`, `known_ninc`), its `seq` its place in the part.
+A JSON array per event is half the bytes of an object, and a tuple of plain values is
+validated without building a model per event (a 100-server wave's parts: 400 events)."""
+
+TRACE_ROW_FIELDS = (
+    "event", "message", "peer", "at", "inc", "ninc", "dec", "known_inc", "known_ninc",
+)  # fmt: skip
+
+
 class TraceRequest(Model):
     """Balancer -> server: send me your part of this wave's trace."""
 
@@ -241,12 +267,25 @@ class TracePart(Model):
     type: Literal["trace.part"] = "trace.part"
     wave: WaveId
     server: Name
-    events: tuple[TraceEvent, ...] = Field(max_length=100_000)
+    rows: tuple[TraceRow, ...] = Field(max_length=100_000)
+    """The server's events of the wave, in its own order (`TraceRow`)."""
     truncated: bool = False
     """The server hit its per-wave event limit and dropped the rest."""
     pushed: bool = False
     """Sent unasked, when the server finished its part of the wave (or recorded more of it
     after that), rather than as the answer to a `trace.request`."""
+
+    @property
+    def events(self) -> tuple[TraceEvent, ...]:
+        """The rows as events (built, not validated again: the rows were)."""
+        return rows_to_events(self.rows)
+
+
+def rows_to_events(rows: tuple[TraceRow, ...] | list[TraceRow]) -> tuple[TraceEvent, ...]:
+    return tuple(
+        trusted(TraceEvent, seq=i, **dict(zip(TRACE_ROW_FIELDS, row, strict=True)))
+        for i, row in enumerate(rows)
+    )
 
 
 class TraceParts(Model):

@@ -21,7 +21,7 @@ import json
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from treewave.core.messages import (
     MAX_PARTS_PER_FRAME,
@@ -31,6 +31,8 @@ from treewave.core.messages import (
     TraceEvent,
     TracePart,
     TraceParts,
+    TraceRow,
+    rows_to_events,
     trusted,
 )
 
@@ -70,7 +72,7 @@ WaveMessage = EchoExplore | EchoReply | FinnSets
 TraceJson = dict[str, Any]
 
 
-def message_kind(msg: WaveMessage) -> str:
+def message_kind(msg: WaveMessage) -> Literal["explore", "reply", "finn"]:
     if isinstance(msg, EchoExplore):
         return "explore"
     if isinstance(msg, EchoReply):
@@ -78,12 +80,10 @@ def message_kind(msg: WaveMessage) -> str:
     return "finn"
 
 
-Raw = tuple[str, str, str, float, int | None, int | None, int | None, int | None, int | None]
+Raw = TraceRow
 """(event, message, peer, at, inc, ninc, dec, known_inc, known_ninc): an event as kept in
-a buffer; a plain tuple takes a fifth of the memory of a `TraceEvent`, which is only built
-when a part is handed out."""
-
-_FIELDS = ("event", "message", "peer", "at", "inc", "ninc", "dec", "known_inc", "known_ninc")
+a buffer and as a part carries it; a plain tuple takes a fifth of the memory of a
+`TraceEvent`, which is only built when a trace is assembled."""
 
 
 @dataclass
@@ -156,12 +156,12 @@ class TraceRecorder:
         size = 0
         for part in self.take_due():
             if batch and (
-                size + len(part.events) > EVENTS_PER_FRAME or len(batch) >= MAX_PARTS_PER_FRAME
+                size + len(part.rows) > EVENTS_PER_FRAME or len(batch) >= MAX_PARTS_PER_FRAME
             ):
                 frames.append(_frame(batch))
                 batch, size = [], 0
             batch.append(part)
-            size += len(part.events)
+            size += len(part.rows)
         if batch:
             frames.append(_frame(batch))
         return frames
@@ -205,7 +205,7 @@ class TraceRecorder:
     def _add(
         self,
         wave: str,
-        event: str,
+        event: Literal["send", "receive"],
         msg: WaveMessage,
         peer: str,
         at: float,
@@ -230,25 +230,19 @@ class TraceRecorder:
 
     def events(self, wave: str) -> tuple[TraceEvent, ...]:
         buf = self.waves.get(wave)
-        if buf is None:
-            return ()
-        # Built from what this participant recorded itself: not validated again (a part
-        # is validated where it arrives).
-        return tuple(
-            trusted(TraceEvent, seq=i, **dict(zip(_FIELDS, raw, strict=True)))
-            for i, raw in enumerate(buf.events)
-        )
+        return () if buf is None else rows_to_events(buf.events)
 
     def part(self, wave: str, pushed: bool = False) -> TracePart:
-        """This participant's part of `wave` (empty if it never took part or forgot)."""
+        """This participant's part of `wave` (empty if it never took part or forgot):
+        its rows as recorded, nothing built per event."""
         buf = self.waves.get(wave)
-        truncated = buf.truncated if buf is not None else False
-        return TracePart(
-            wave=wave,
-            server=self.name,
-            events=self.events(wave),
-            truncated=truncated,
-            pushed=pushed,
+        if buf is None:
+            rows: tuple[Raw, ...] = ()
+            truncated = False
+        else:
+            rows, truncated = tuple(buf.events), buf.truncated
+        return trusted(
+            TracePart, wave=wave, server=self.name, rows=rows, truncated=truncated, pushed=pushed
         )
 
 
