@@ -40,6 +40,7 @@ STACK = "tw"
 BALANCER_PORT = 7999
 PROMETHEUS_PORT = 9090
 CONVERGE_TIMEOUT_S = 240
+DEPLOY_ATTEMPTS = 5
 T = TypeVar("T")
 
 _NODE_TASKS = (
@@ -148,23 +149,31 @@ class SwarmStack:
         return (self.directory / "secrets" / "api-token").read_text().strip()
 
     def deploy(self, *, prune: bool = False) -> None:
-        """`docker stack deploy`; with `prune`, services no longer in the stack file go."""
-        done = run(
-            [
-                "docker",
-                "stack",
-                "deploy",
-                *(["--prune"] if prune else []),
-                "-c",
-                str(self.directory / "stack.yml"),
-                self.name,
-            ],
-            DOCKER_HOST=self.lab.manager,
-            TREEWAVE_IMAGE=self.lab.image,
-            PROMETHEUS_IMAGE=self.lab.prometheus_image,
-            TREEWAVE_BALANCER_PORT=str(BALANCER_PORT),
-            TREEWAVE_PROMETHEUS_PORT=str(PROMETHEUS_PORT),
-        )
+        """`docker stack deploy`; with `prune`, services no longer in the stack file go.
+        Swarm refuses a service update that races one it is still making ("update out of
+        sequence", moby/moby#30794); the deploy is run again then, as a user would (and as
+        Docker's own tests do), and only then."""
+        for attempt in range(DEPLOY_ATTEMPTS):
+            done = run(
+                [
+                    "docker",
+                    "stack",
+                    "deploy",
+                    *(["--prune"] if prune else []),
+                    "-c",
+                    str(self.directory / "stack.yml"),
+                    self.name,
+                ],
+                DOCKER_HOST=self.lab.manager,
+                TREEWAVE_IMAGE=self.lab.image,
+                PROMETHEUS_IMAGE=self.lab.prometheus_image,
+                TREEWAVE_BALANCER_PORT=str(BALANCER_PORT),
+                TREEWAVE_PROMETHEUS_PORT=str(PROMETHEUS_PORT),
+            )
+            if done.returncode == 0 or "update out of sequence" not in done.stderr:
+                break
+            self.notes.append(f"deploy {attempt + 1}: update out of sequence, deployed again")
+            time.sleep(1.0)
         assert done.returncode == 0, f"docker stack deploy: {done.stderr}"
 
     def redeploy(self, topology: Topology) -> None:
