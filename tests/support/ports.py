@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import socket
 
-from treewave.local.ports import free_port_block, port_free
+from treewave.local.ports import HOST, free_port, free_port_block, port_free
 
 __all__ = ["HOST", "free_port", "free_port_block", "free_ports", "port_free"]
-
-HOST = "127.0.0.1"
 
 
 def free_ports(count: int) -> list[int]:
@@ -24,7 +22,3 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
