@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import logging
 import random
 import time
@@ -434,17 +435,16 @@ def unsettled(
         return short
     sent: Counter[tuple[str, str]] = Counter()
     got: Counter[tuple[str, str]] = Counter()
-    for e in own:
-        if e.event == "send":
-            sent[BALANCER, e.peer] += 1
-        elif e.event == "receive":
-            got[e.peer, BALANCER] += 1
-    for who, part in parts.items():
-        for event, _, peer, *_ in part.rows:
-            if event == "send":
-                sent[who, peer] += 1
-            elif event == "receive":
-                got[peer, who] += 1
+    # (participant, event, peer) of every event: the balancer's own, the servers' rows.
+    seen = itertools.chain(
+        ((BALANCER, e.event, e.peer) for e in own),
+        ((who, row[0], row[2]) for who, part in parts.items() for row in part.rows),
+    )
+    for who, event, peer in seen:
+        if event == "send":
+            sent[who, peer] += 1
+        elif event == "receive":
+            got[peer, who] += 1
     if sent != got:
         short.update(b for _, b in (sent - got))
         short.update(a for a, _ in (got - sent))
