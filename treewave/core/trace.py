@@ -80,15 +80,11 @@ def message_kind(msg: WaveMessage) -> Literal["explore", "reply", "finn"]:
     return "finn"
 
 
-Raw = TraceRow
-"""(event, message, peer, at, inc, ninc, dec, known_inc, known_ninc): an event as kept in
-a buffer and as a part carries it; a plain tuple takes a fifth of the memory of a
-`TraceEvent`, which is only built when a trace is assembled."""
-
-
 @dataclass
 class _WaveBuffer:
-    events: list[Raw] = field(default_factory=list)
+    events: list[TraceRow] = field(default_factory=list)
+    """Each event as a part carries it: a plain tuple takes a fifth of the memory of a
+    `TraceEvent`, which is only built when a trace is assembled."""
     truncated: bool = False
     done: bool = False
     """This participant finished its part: its part is pushed (and pushed again on any
@@ -174,7 +170,7 @@ class TraceRecorder:
 
     def record(self, wave: str, event: TraceEvent) -> None:
         """Keep an event as it is (its `seq` becomes the next one here)."""
-        raw: Raw = (
+        raw: TraceRow = (
             event.event,
             event.message,
             event.peer,
@@ -187,7 +183,7 @@ class TraceRecorder:
         )
         self._keep(wave, raw)
 
-    def _keep(self, wave: str, raw: Raw) -> None:
+    def _keep(self, wave: str, raw: TraceRow) -> None:
         if not self.enabled:
             return
         buf = self.waves.get(wave)
@@ -215,7 +211,7 @@ class TraceRecorder:
             return
         if type(msg) is FinnSets:
             k_inc, k_ninc = known if known is not None else (None, None)
-            raw: Raw = (
+            raw: TraceRow = (
                 event, "finn", peer, at, len(msg.inc), len(msg.ninc), len(msg.dec), k_inc, k_ninc
             )  # fmt: skip
         else:
@@ -237,7 +233,7 @@ class TraceRecorder:
         its rows as recorded, nothing built per event."""
         buf = self.waves.get(wave)
         if buf is None:
-            rows: tuple[Raw, ...] = ()
+            rows: tuple[TraceRow, ...] = ()
             truncated = False
         else:
             rows, truncated = tuple(buf.events), buf.truncated
