@@ -72,6 +72,18 @@ async def invalid_counts(client: Client) -> dict[str, float]:
     return counts
 
 
+async def wave_message_counts(client: Client) -> dict[tuple[str, str], float]:
+    """`treewave_node_wave_messages_total` by (algorithm, direction)."""
+    text = await (await client.get("/metrics")).text()
+    return {
+        (sample.labels["algorithm"], sample.labels["direction"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "treewave_node_wave_messages"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
 async def snapshot(client: Client) -> dict[str, Any]:
     """Everything observable about the server's work, plus its wave bookkeeping."""
     tasks = await (await client.get("/api/tasks")).json()
@@ -542,3 +554,18 @@ async def test_a_child_without_a_link_does_not_hold_the_wave(aiohttp_client: Any
     assert [s["name"] for s in reply["states"]] == ["alpha"]
     assert reply["sent"] == 1  # its reply: the two explores never went out
     assert "w1" not in client.app[SERVER_KEY].protocol.echo_waves
+
+
+async def test_wave_messages_are_counted_in_metrics(client: Client) -> None:
+    """Every wave message in and out shows in `/metrics`, by algorithm and direction."""
+    zero = {(a, d): 0.0 for a in ("echo", "finn") for d in ("in", "out")}
+    assert await wave_message_counts(client) == zero
+    ws = await open_link(client, "alpha")
+    try:
+        for wave in ("w1", "w2"):
+            explore = {"type": "echo.explore", "wave": wave, "sender": "alpha", "budget_s": 5}
+            await ws.send_str(json.dumps(explore))
+            assert (await next_frame(ws))["type"] == "echo.reply"
+    finally:
+        await ws.close()
+    assert await wave_message_counts(client) == {**zero, ("echo", "in"): 2, ("echo", "out"): 2}

@@ -15,7 +15,7 @@ from tests.support.waves import (
 from treewave.core.errors import StaleMessage
 from treewave.core.events import Send
 from treewave.core.messages import EchoExplore, EchoReply, FinnSets, FinnWork, ServerState
-from treewave.core.node import NodeProtocol
+from treewave.core.node import FINISHED_MEMORY, NodeProtocol
 from treewave.core.simulation import SimNetwork
 from treewave.core.topology import BALANCER, Topology
 
@@ -125,3 +125,23 @@ def test_the_last_explore_failing_answers_the_parent_at_once() -> None:
     # Failing again (or a reply, or Finn's sets, failing) changes nothing.
     assert node.send_failed("left", sends[0].message, _cpus()) == []  # type: ignore[union-attr]
     assert node.send_failed(BALANCER, reply.message, _cpus()) == []
+
+
+def test_a_leaf_remembers_its_newest_finished_waves_within_a_bound() -> None:
+    """A late explore of any of the last `FINISHED_MEMORY` waves is stale however many
+    waves passed, and the memory stays bounded (at most twice that)."""
+    topo = Topology.parse(
+        {"servers": [{"name": "a", "cpus": 1, "children": ["b"]}, {"name": "b", "cpus": 1}]}
+    )
+    leaf = NodeProtocol("b", topo)
+    state = ServerState(name="b", cpus=1, running=0, queued=0, completed=0, parents=("a",))
+    waves = 3 * FINISHED_MEMORY + 7
+    for i in range(waves):
+        out = leaf.receive(EchoExplore(wave=f"w{i}", sender="a", budget_s=5), 0.0, state)
+        assert [type(o.message) for o in out if isinstance(o, Send)] == [EchoReply]
+        assert len(leaf.finished) <= 2 * FINISHED_MEMORY
+    assert not leaf.echo_waves
+    for i in range(waves - FINISHED_MEMORY, waves):
+        with pytest.raises(StaleMessage):
+            leaf.receive(EchoExplore(wave=f"w{i}", sender="a", budget_s=5), 0.0, state)
+    assert "w0" not in leaf.finished  # the oldest were forgotten

@@ -298,12 +298,12 @@ class Server:
             out = self.protocol.receive(
                 msg, time.monotonic(), self.local_state, wall_now=time.time()
             )
-            if len(self.protocol.echo_waves) + len(self.protocol.finn_waves) > waves:
-                self.timers.moved()
+            if len(self.protocol.echo_waves) + len(self.protocol.finn_waves) != waves:
+                self.timers.moved()  # a wave began or ended here: its deadline with it
             if self.trace.enabled:
                 known = self.protocol.finn_sets(msg.wave) if algorithm == "finn" else None
                 self.trace.received(peer, msg, time.time(), known)
-            self.metrics.wave_in[algorithm].inc()
+            self.metrics.wave_messages.received[algorithm] += 1
             return self._outputs(out)
         if isinstance(msg, ErrorReply):
             log.warning("%s: %s reported an error: %s", self.name, peer, msg.error)
@@ -397,7 +397,7 @@ class Server:
                 self.wakeup.set()
             elif isinstance(item, Send):
                 algorithm = "finn" if isinstance(item.message, FinnSets) else "echo"
-                self.metrics.wave_out[algorithm].inc()
+                self.metrics.wave_messages.sent[algorithm] += 1
                 self.trace.sent(item.to, item.message, time.time())
                 sends.append((item.to, item.message))
                 if type(item.message) is EchoReply:

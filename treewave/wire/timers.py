@@ -1,5 +1,5 @@
-"""The services' timer loops: sleep until the earliest deadline, or until an earlier one
-appears; never wake up while nothing is in flight."""
+"""The services' timer: one event-loop timer handle armed for the earliest deadline, so
+nothing wakes while nothing is due."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ __all__ = ["DeadlineTimer"]
 
 class DeadlineTimer:
     """Calls `fire(now)` once the earliest of `next_deadline()` (a `time.monotonic()` time,
-    None when nothing is in flight) has passed. Whoever adds a deadline calls `moved()`:
-    the loop wakes only if the new one comes before the one it sleeps until (polling every
-    few ms was most of an idle service's CPU, times 300 containers)."""
+    None when nothing is in flight) has passed. Whoever adds or removes a deadline calls
+    `moved()`, which re-arms the loop's timer handle on the spot.
+
+    No task is woken to re-arm it, and a deadline that went away (a wave that ended in
+    time, the common case) is disarmed instead of waking the process to find nothing due.
+    A server in a wave did both before: a task switch when the wave arrived and a wake-up
+    seconds later at the deadline of a wave long over. Polling every few ms, earlier
+    still, was most of an idle service's CPU, times 300 containers."""
 
     def __init__(
         self,
@@ -23,37 +28,48 @@ class DeadlineTimer:
     ) -> None:
         self.next_deadline = next_deadline
         self.fire = fire
-        self.changed = asyncio.Event()
-        self.sleeping_until: float | None = None
+        self.armed_for: float | None = None
+        """The deadline the handle is armed for (None: not armed)."""
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = asyncio.Event()
+        self._running = False
 
     def moved(self) -> None:
-        """Wake the loop if a deadline now comes before the one it sleeps until."""
+        """Arm the handle for the earliest deadline now (or disarm it if there is none)."""
+        if not self._running:
+            return  # `run` arms it when it starts
         deadline = self.next_deadline()
-        if deadline is not None and (self.sleeping_until is None or deadline < self.sleeping_until):
-            self.changed.set()
+        if deadline == self.armed_for:
+            return
+        self._disarm()
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._handle = loop.call_later(max(0.0, deadline - time.monotonic()), self._came_due)
+            self.armed_for = deadline
+
+    def _came_due(self) -> None:
+        self._handle = None
+        self.armed_for = None
+        self._due.set()
+
+    def _disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.armed_for = None
 
     async def run(self) -> None:
-        while True:
-            self.changed.clear()
-            deadline = self.next_deadline()
-            self.sleeping_until = deadline
-            if deadline is None:
-                await self.changed.wait()
-                continue
-            if deadline > time.monotonic():
-                await self._sleep_until(deadline)
-                if time.monotonic() < deadline:
-                    continue  # woken by an earlier deadline: sleep again
-            await self.fire(time.monotonic())
-
-    async def _sleep_until(self, deadline: float) -> None:
-        """Until `deadline` or `changed`, whichever comes first. One timer handle and no
-        task: `asyncio.wait_for` wraps the wait in a new task on every call, and a
-        server's loop sleeps anew each time a wave starts there."""
-        handle = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - time.monotonic()), self.changed.set
-        )
+        """Fire whenever the handle comes due, one `fire` at a time, until cancelled."""
+        self._running = True
         try:
-            await self.changed.wait()
+            while True:
+                self.moved()
+                await self._due.wait()
+                self._due.clear()
+                now = time.monotonic()
+                deadline = self.next_deadline()
+                if deadline is not None and deadline <= now:
+                    await self.fire(now)
         finally:
-            handle.cancel()
+            self._running = False
+            self._disarm()
