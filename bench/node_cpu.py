@@ -21,6 +21,17 @@ with one fixed, pre-encoded Echo reply of the same size (no parsing, no state ma
 encoding): what reading and writing one frame costs in aiohttp and the event loop alone,
 the floor under the server's figure.
 
+`--in-process` times what the server does per explore without any socket: the same
+server (its app built as `treewave node` builds it, its start-up heap settled the same
+way) answers `--messages` explores in a loop (`Server.answer_frame`: flood check, parse,
+state machine, trace, counts) and each answer is encoded as a link would. It is the
+server's own work per explore and reply, with its caches warm.
+
+`--awake` runs a busy loop in the idle scheduling class (SCHED_IDLE) on the server's core
+while the explores run: it gets the core only when the server does not want it, so the
+core never halts between two explores, and its CPU is not the server's. The difference to
+a run without it is what waking an idle core costs the server on this machine.
+
 `--profile` also samples the server with py-spy (the `bench` extra installs it) while the
 explores run and splits its busy samples into the parts of the frame path (`PARTS`: frame
 I/O and the event loop, parse, the state machine, the server's state, encode, metrics,
@@ -161,6 +172,53 @@ def floor_reply(queued: int) -> str:
     return EchoReply(wave="w0", sender="b", states=(state,), sent=1).model_dump_json()
 
 
+def test_topology(queued: int) -> dict[str, object]:
+    """`a` -> `b`, `b` with one task running and `queued` waiting, each of an hour."""
+    return {
+        "settings": {"task_time_s": 3600, "rebalance_interval_s": 0},
+        "servers": [
+            {"name": "a", "cpus": 1, "children": ["b"]},
+            {"name": "b", "cpus": 1, "tasks": queued + 1},
+        ],
+    }
+
+
+def in_process(topology: Path, messages: int) -> float:
+    """Seconds of CPU per explore and its encoded reply, answered by server `b` in this
+    process (see `--in-process`)."""
+    from treewave.cli.services_cmd import settle_heap
+    from treewave.core.messages import encode
+    from treewave.node.app import SERVER_KEY, create_app
+    from treewave.node.settings import NodeSettings
+
+    # No flood limit: the loop answers far faster than any link may send.
+    server = create_app(NodeSettings(name="b", topology=topology, flood_rate=1e12))[SERVER_KEY]
+    server.ledger.start_next(time.monotonic())  # as `run_slots` does when the server starts
+    explores = [
+        EchoExplore(wave=f"w{i}", sender="a", budget_s=5.0).model_dump_json()
+        for i in range(messages)
+    ]
+    settle_heap()
+    start = time.process_time()
+    for text in explores:
+        for _, msg in server.answer_frame("a", text):
+            encode(msg)
+    return (time.process_time() - start) / messages
+
+
+SPIN = (
+    "import os\nos.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True:\n    pass\n"
+)
+
+
+def keep_awake(core: int) -> subprocess.Popen[bytes] | None:
+    """The `--awake` busy loop, pinned to `core`; None where it cannot be pinned."""
+    if not shutil.which("taskset") or not hasattr(os, "SCHED_IDLE"):
+        print("--awake needs taskset and SCHED_IDLE (Linux): not keeping the core awake")
+        return None
+    return subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-c", SPIN])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -175,6 +233,12 @@ def main() -> int:
         "--floor", action="store_true", help="measure a bare aiohttp server instead (see above)"
     )
     ap.add_argument("--profile", action="store_true", help="sample the server (see above)")
+    ap.add_argument(
+        "--in-process", action="store_true", help="the server's own work, no sockets (see above)"
+    )
+    ap.add_argument(
+        "--awake", action="store_true", help="keep the server's core from halting (see above)"
+    )
     ap.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -183,14 +247,14 @@ def main() -> int:
         return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="treewave-nodecpu-"))
-    topo = {
-        "settings": {"task_time_s": 3600, "rebalance_interval_s": 0},
-        "servers": [
-            {"name": "a", "cpus": 1, "children": ["b"]},
-            {"name": "b", "cpus": 1, "tasks": args.queued + 1},
-        ],
-    }
+    topo = test_topology(args.queued)
     (tmp / "topology.json").write_text(json.dumps(topo), encoding="utf-8")
+    if args.in_process:
+        try:
+            per_explore = in_process(tmp / "topology.json", args.messages)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return report_in_process(args, per_explore)
     port = free_port()
     argv = [sys.executable, "-m", "treewave.cli.main", "node", "--name", "b",
             "--topology", str(tmp / "topology.json"), "--port", str(port),
@@ -219,9 +283,15 @@ def main() -> int:
         time.sleep(args.idle)
         idle_per_s = (cpu_seconds(proc.pid) - c0) / args.idle
         spy = start_profiler(proc.pid, tmp / "profile.raw") if args.profile else None
-        c1 = cpu_seconds(proc.pid)
-        wall = asyncio.run(drive(f"ws://127.0.0.1:{port}/ws", args.messages, args.rate))
-        busy = cpu_seconds(proc.pid) - c1
+        spinner = keep_awake(args.core) if args.awake else None
+        try:
+            c1 = cpu_seconds(proc.pid)
+            wall = asyncio.run(drive(f"ws://127.0.0.1:{port}/ws", args.messages, args.rate))
+            busy = cpu_seconds(proc.pid) - c1
+        finally:
+            if spinner is not None:
+                spinner.kill()
+                spinner.wait(10)
         parts: dict[str, int] = {}
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
@@ -244,22 +314,51 @@ def main() -> int:
     breakdown = {k: round(per_msg_us * v / sampled, 2) for k, v in parts.items()} if sampled else {}
     for name, us in breakdown.items():
         print(f"  {name:38s} {us:6.2f} us per message ({parts[name]} samples)")
+    store(
+        args,
+        {
+            "messages": handled,
+            "wall_s": round(wall, 3),
+            "node_cpu_s": round(busy, 3),
+            "idle_cpu_per_s": round(idle_per_s, 4),
+            "cpu_us_per_message": round(per_msg_us, 2),
+            "queued": args.queued,
+            "server": "bare aiohttp (--floor)" if args.floor else "treewave node",
+            "loadavg": load,
+            **({"profile_us_per_message": breakdown} if breakdown else {}),
+            **({"awake": True} if args.awake else {}),
+        },
+    )
+    return 0
+
+
+def report_in_process(args: argparse.Namespace, per_explore_s: float) -> int:
+    per_msg_us = 1e6 * per_explore_s / 2
+    load = os.getloadavg()
+    print(
+        f"{args.messages} explores answered in process: {per_msg_us:.1f} us CPU per message "
+        f"({2 * per_msg_us:.1f} us per explore+reply); load average {load[0]:.1f}"
+    )
+    store(
+        args,
+        {
+            "messages": 2 * args.messages,
+            "cpu_us_per_message": round(per_msg_us, 2),
+            "queued": args.queued,
+            "server": "treewave node, in process, no sockets (--in-process)",
+            "loadavg": load,
+        },
+    )
+    return 0
+
+
+def store(args: argparse.Namespace, entry: dict[str, object]) -> None:
+    """Add `entry` to the results file under `--label`, with the command that made it."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results[args.label or "latest"] = {
-        "command": "python -m bench.node_cpu " + " ".join(sys.argv[1:]),
-        "messages": handled,
-        "wall_s": round(wall, 3),
-        "node_cpu_s": round(busy, 3),
-        "idle_cpu_per_s": round(idle_per_s, 4),
-        "cpu_us_per_message": round(per_msg_us, 2),
-        "queued": args.queued,
-        "server": "bare aiohttp (--floor)" if args.floor else "treewave node",
-        "loadavg": load,
-        **({"profile_us_per_message": breakdown} if breakdown else {}),
-    }
+    command = "python -m bench.node_cpu " + " ".join(sys.argv[1:])
+    results[args.label or "latest"] = {"command": command, **entry}
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    return 0
 
 
 if __name__ == "__main__":

@@ -229,9 +229,15 @@ class Server:
     async def on_frame(self, peer: str, text: str) -> None:
         """Validate one frame from `peer` and act on it; a bad frame is answered with an
         error and counted, and changes nothing."""
+        await self._send(self.answer_frame(peer, text))
+        # No gauge refresh per frame: `/metrics` refreshes them when it is scraped.
+
+    def answer_frame(self, peer: str, text: str) -> list[tuple[str, MessageModel]]:
+        """Everything `on_frame` does but the sending: what to send, and to whom (a bad
+        frame's error to its sender). `bench.node_cpu --in-process` times this alone."""
         if not self._flood_ok(peer):
             self.metrics.invalid.labels(self.name, "flood").inc()
-            return
+            return []
         try:
             msg = parse_message(text)
             self._maybe_crash("before", msg.type)
@@ -240,14 +246,12 @@ class Server:
         except StaleMessage as exc:
             self.metrics.invalid.labels(self.name, exc.reason).inc()
             log.debug("%s: %s", self.name, exc)
-            return
+            return []
         except ProtocolError as exc:
             self.metrics.invalid.labels(self.name, exc.reason).inc()
             log.warning("%s: rejected a frame from %s: %s", self.name, peer, exc)
-            await self.links.send(peer, ErrorReply(error=str(exc)[:2000]))
-            return
-        await self._send(replies)
-        # No gauge refresh per frame: `/metrics` refreshes them when it is scraped.
+            return [(peer, ErrorReply(error=str(exc)[:2000]))]
+        return replies
 
     async def _send(self, sends: list[tuple[str, MessageModel]]) -> None:
         """Send in order; a wave message that cannot go out (no link yet, or any more)
