@@ -179,6 +179,6 @@ class NodeProtocol:
             # The oldest half goes at once. Deleting the oldest one at a time kept the
             # dict at its size, but its first live entry then sits behind every entry
             # deleted since it was last rebuilt, and finding it scanned them all on every
-            # wave (7 % of a leaf server's time per Echo explore, bench/README.md).
+            # wave (8 % of a leaf server's time per Echo explore, bench/README.md).
             newest = list(self.finished)[-FINISHED_MEMORY:]
             self.finished = dict.fromkeys(newest)
