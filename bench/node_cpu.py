@@ -172,7 +172,7 @@ def floor_reply(queued: int) -> str:
     return EchoReply(wave="w0", sender="b", states=(state,), sent=1).model_dump_json()
 
 
-def test_topology(queued: int) -> dict[str, object]:
+def two_server_topology(queued: int) -> dict[str, object]:
     """`a` -> `b`, `b` with one task running and `queued` waiting, each of an hour."""
     return {
         "settings": {"task_time_s": 3600, "rebalance_interval_s": 0},
@@ -247,7 +247,7 @@ def main() -> int:
         return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="treewave-nodecpu-"))
-    topo = test_topology(args.queued)
+    topo = two_server_topology(args.queued)
     (tmp / "topology.json").write_text(json.dumps(topo), encoding="utf-8")
     if args.in_process:
         try:
