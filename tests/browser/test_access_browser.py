@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.browser import SMALL, all_reported, open_page, servers_on_page, wait_for
 from tests.support.http import get_json, get_text
+from tests.support.metrics import counter_by
 from treewave.wire.secretfile import ensure_secret
 
 pytestmark = pytest.mark.browser
@@ -22,13 +22,7 @@ pytestmark = pytest.mark.browser
 
 def rejected(url: str) -> dict[str, float]:
     text = get_text(url + "/metrics", timeout=10)
-    return {
-        s.labels["reason"]: s.value
-        for f in text_string_to_metric_families(text)
-        if f.name == "treewave_api_rejected"
-        for s in f.samples
-        if s.name.endswith("_total")
-    }
+    return counter_by(text, "treewave_api_rejected", "reason")
 
 
 def queued(url: str) -> dict[str, int]:

@@ -13,10 +13,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import Cluster, StartCluster
 from tests.support.commands import clean_env, treewave_command
+from tests.support.metrics import counter_by
 from treewave.wire.secretfile import ensure_secret
 
 HOUR = 3600
@@ -52,13 +52,7 @@ async def state(http: aiohttp.ClientSession, cluster: Cluster, token: str = "") 
 async def rejected(http: aiohttp.ClientSession, cluster: Cluster) -> dict[str, float]:
     async with http.get(cluster.balancer_url + "/metrics") as resp:
         text = await resp.text()
-    counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "treewave_api_rejected":
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    counts[sample.labels["reason"]] = sample.value
-    return counts
+    return counter_by(text, "treewave_api_rejected", "reason")
 
 
 async def call(

@@ -26,11 +26,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import Cluster, StartCluster
 from tests.support.commands import REPO
 from tests.support.http import fetch_json
+from tests.support.metrics import counter_by
 from tests.support.ports import free_port
 from treewave.balancer.app import BALANCER_KEY
 from treewave.balancer.app import create_app as create_balancer
@@ -63,13 +63,7 @@ async def all_tasks(http: aiohttp.ClientSession, cluster: Cluster, names: list[s
 async def invalid_counts(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
     async with http.get(url + "/metrics") as resp:
         text = await resp.text()
-    counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "treewave_node_invalid_messages":
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    counts[sample.labels["reason"]] = sample.value
-    return counts
+    return counter_by(text, "treewave_node_invalid_messages", "reason")
 
 
 # --- HTTP, real processes ---------------------------------------------------------------------

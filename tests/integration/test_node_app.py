@@ -22,9 +22,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client.parser import text_string_to_metric_families
 
 import treewave.node.app as node_app
+from tests.support.metrics import counter_by, counter_totals
 from tests.support.ports import free_port
 from tests.support.waiting import wait_until
 from treewave.balancer.app import create_app as create_balancer
@@ -63,25 +63,13 @@ async def client(aiohttp_client: Any) -> Client:
 async def invalid_counts(client: Client) -> dict[str, float]:
     """`treewave_node_invalid_messages_total` by reason."""
     text = await (await client.get("/metrics")).text()
-    counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "treewave_node_invalid_messages":
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    counts[sample.labels["reason"]] = sample.value
-    return counts
+    return counter_by(text, "treewave_node_invalid_messages", "reason")
 
 
-async def wave_message_counts(client: Client) -> dict[tuple[str, str], float]:
+async def wave_message_counts(client: Client) -> dict[tuple[str, ...], float]:
     """`treewave_node_wave_messages_total` by (algorithm, direction)."""
     text = await (await client.get("/metrics")).text()
-    return {
-        (sample.labels["algorithm"], sample.labels["direction"]): sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "treewave_node_wave_messages"
-        for sample in family.samples
-        if sample.name.endswith("_total")
-    }
+    return counter_totals(text, "treewave_node_wave_messages", "algorithm", "direction")
 
 
 async def snapshot(client: Client) -> dict[str, Any]:
