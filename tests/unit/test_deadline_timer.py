@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 
 from treewave.wire.timers import DeadlineTimer
 
@@ -25,23 +26,23 @@ class Deadlines:
         self.pending = {d for d in self.pending if d > now}
 
 
-async def started(deadlines: Deadlines) -> tuple[DeadlineTimer, asyncio.Task[None]]:
+@contextlib.asynccontextmanager
+async def running(deadlines: Deadlines) -> AsyncIterator[DeadlineTimer]:
+    """A timer over `deadlines` with its loop running; stopped (cancelled) on the way out."""
     timer = DeadlineTimer(deadlines.next, deadlines.fire)
     task = asyncio.create_task(timer.run())
     await asyncio.sleep(0)
-    return timer, task
-
-
-async def stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    try:
+        yield timer
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_fires_after_the_earliest_deadline_and_each_later_one() -> None:
     d = Deadlines()
-    timer, task = await started(d)
-    try:
+    async with running(d) as timer:
         start = time.monotonic()
         d.pending = {start + 0.05, start + 0.02}
         timer.moved()
@@ -51,14 +52,11 @@ async def test_fires_after_the_earliest_deadline_and_each_later_one() -> None:
         assert d.fired[0] >= start + 0.02
         assert d.fired[1] >= start + 0.05
         assert timer.armed_for is None  # nothing left in flight: nothing armed
-    finally:
-        await stop(task)
 
 
 async def test_an_earlier_deadline_rearms_and_a_removed_one_disarms() -> None:
     d = Deadlines()
-    timer, task = await started(d)
-    try:
+    async with running(d) as timer:
         now = time.monotonic()
         d.pending = {now + 3600}
         timer.moved()
@@ -71,30 +69,24 @@ async def test_an_earlier_deadline_rearms_and_a_removed_one_disarms() -> None:
         d.pending.clear()  # the last wave ended in time
         timer.moved()
         assert timer.armed_for is None
-    finally:
-        await stop(task)
 
 
 async def test_a_deadline_that_went_away_never_fires() -> None:
     d = Deadlines()
-    timer, task = await started(d)
-    try:
+    async with running(d) as timer:
         d.pending = {time.monotonic() + 0.02}
         timer.moved()
         d.pending.clear()
         timer.moved()
         await asyncio.sleep(0.1)
         assert d.fired == []
-    finally:
-        await stop(task)
 
 
 async def test_stopping_disarms_and_moved_then_does_nothing() -> None:
     d = Deadlines()
-    timer, task = await started(d)
-    d.pending = {time.monotonic() + 0.02}
-    timer.moved()
-    await stop(task)
+    async with running(d) as timer:
+        d.pending = {time.monotonic() + 0.02}
+        timer.moved()
     assert timer.armed_for is None
     timer.moved()
     assert timer.armed_for is None
